@@ -1,0 +1,146 @@
+"""The attention function registered as ``"plugin"``: transformers' call -> one normalised description -> one op.
+
+transformers calls ``fn(module, query, key, value, attention_mask, dropout=..., scaling=..., **kwargs)``
+with ``query`` ``[B, Hq, Sq, D]`` (a transposed view of ``[B, Sq, Hq, D]`` memory), ``key``/``value``
+``[B, Hkv, Sk, D]`` (already concatenated with the cache, never repeated for GQA) and expects
+``([B, Sq, Hq, D], None)``. :func:`describe_call` gathers everything that shapes the computation into
+an :class:`AttentionCall`; :func:`plugin_attention` runs it through :func:`hf_attn_plugin.ops.attention`.
+Nothing here branches on the model family.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import weakref
+
+import torch
+
+from .. import ops
+from .compat import is_compiling, max_length_kwarg
+from .masks import segments_from_cu_seqlens, segments_from_key_mask, segments_from_position_ids
+
+__all__ = ["AttentionCall", "describe_call", "plugin_attention"]
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionCall:
+    """Everything the kernels need to know about one attention call, model-independent."""
+
+    scale: float
+    causal: bool
+    window: int | None = None
+    softcap: float | None = None
+    sinks: torch.Tensor | None = None
+    segments: torch.Tensor | None = None  # int32 [N, 5], see hf_attn_plugin.reference
+    max_seqlen_q: int | None = None
+    max_seqlen_k: int | None = None
+
+
+def plugin_attention(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """``AttentionInterface`` entry point for ``attn_implementation="plugin"``."""
+    call = describe_call(module, query, key, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
+    q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+    if not (q.dtype == k.dtype == v.dtype):  # e.g. fp32 queries from upcast norms against a bf16 cache
+        q, v = q.to(k.dtype), v.to(k.dtype)
+    out = ops.attention(
+        q, k, v,
+        scale=call.scale, causal=call.causal, window=call.window, softcap=call.softcap, sinks=call.sinks,
+        segments=call.segments, max_seqlen_q=call.max_seqlen_q, max_seqlen_k=call.max_seqlen_k,
+    )
+    return out, None
+
+
+def describe_call(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    *,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    s_aux: torch.Tensor | None = None,
+    is_causal: bool | None = None,
+    position_ids: torch.Tensor | None = None,
+    cu_seq_lens_q: torch.Tensor | None = None,
+    cu_seq_lens_k: torch.Tensor | None = None,
+    output_attentions: bool = False,
+    **kwargs,
+) -> AttentionCall:
+    """Normalise transformers' kwargs into an :class:`AttentionCall`, refusing what we cannot do exactly."""
+    model = type(module).__name__
+    if output_attentions:
+        raise NotImplementedError(
+            f"{model}: attn_implementation='plugin' never materialises attention weights, so "
+            "output_attentions=True is not available. Load the model with attn_implementation='eager' "
+            "(or call model.set_attn_implementation('eager')) to inspect attention weights."
+        )
+    if dropout:
+        raise NotImplementedError(
+            f"{model}: attention dropout ({dropout}) is not implemented by attn_implementation='plugin'. "
+            "Set the config's attention dropout to 0 (attention_dropout, or attention_probs_dropout_prob "
+            "for BERT-style encoders), or train with attn_implementation='sdpa'."
+        )
+    if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.dtype != torch.bool):
+        raise NotImplementedError(
+            f"{model}: attn_implementation='plugin' received a custom {attention_mask.dim()}-D "
+            f"{attention_mask.dtype} attention mask. It supports 2-D padding masks (transformers builds them "
+            "through the registered 'plugin' mask function); use 'eager' or 'sdpa' for arbitrary dense masks."
+        )
+
+    batch, _, seqlen_q, head_dim = query.shape
+    seqlen_k = key.shape[2]
+    causal = bool(module.is_causal if is_causal is None else is_causal)
+    segments, max_q, max_k = None, None, None
+    if cu_seq_lens_q is not None:
+        if batch != 1:
+            raise ValueError(f"{model}: cu_seq_lens_q/k describe sequences packed into one row, got batch {batch}")
+        cu_k = cu_seq_lens_k if cu_seq_lens_k is not None else cu_seq_lens_q
+        segments = segments_from_cu_seqlens(cu_seq_lens_q, cu_k)
+        max_q = max_length_kwarg(kwargs, "q")
+        max_k = max_length_kwarg(kwargs, "k") or max_q
+    elif attention_mask is not None:
+        segments = _memoised(attention_mask, seqlen_q, lambda: segments_from_key_mask(attention_mask, seqlen_q))
+    elif position_ids is not None and seqlen_q == seqlen_k and seqlen_q > 1:
+        ids = position_ids.expand(batch, -1) if position_ids.shape[0] != batch else position_ids
+        packed = _memoised(position_ids, seqlen_q, lambda: segments_from_position_ids(ids))
+        if packed is not None:
+            segments, max_q = packed
+            max_k = max_q
+
+    return AttentionCall(
+        scale=float(head_dim**-0.5 if scaling is None else scaling),
+        causal=causal,
+        window=int(sliding_window) if sliding_window else None,
+        softcap=float(softcap) if softcap else None,
+        sinks=s_aux,
+        segments=segments,
+        max_seqlen_q=max_q,
+        max_seqlen_k=max_k,
+    )
+
+
+# Every layer of a forward pass receives the same mask / position_ids tensor: derive segments once.
+_MEMO: dict = {"ref": None, "key": None, "value": None}
+
+
+def _memoised(tensor: torch.Tensor, seqlen_q: int, compute):
+    if is_compiling():
+        return compute()
+    key = (tensor.data_ptr(), tensor._version, tuple(tensor.shape), tensor.device, seqlen_q)
+    ref = _MEMO["ref"]
+    if ref is not None and ref() is tensor and _MEMO["key"] == key:
+        return _MEMO["value"]
+    value = compute()
+    _MEMO.update(ref=weakref.ref(tensor), key=key, value=value)
+    return value

@@ -1,0 +1,139 @@
+"""Pure-PyTorch attention with exactly the semantics of the Triton kernels.
+
+This module is the test oracle and the CPU execution path. Every kernel in
+``hf_attn_plugin.kernels`` computes the function defined here; if the two ever
+disagree, this file is the specification.
+
+Layout (the "flash" layout, the one transformers' query views already have in memory):
+
+* ``q``: ``[B, Sq, Hq, D]``; ``k`` and ``v``: ``[B, Sk, Hkv, D]`` with ``Hq % Hkv == 0``.
+  Query head ``h`` reads KV head ``h // (Hq // Hkv)`` (GQA / MQA, never repeated).
+* ``out``: ``[B, Sq, Hq, D]`` in the dtype of ``q``; ``lse``: ``[B, Hq, Sq]`` float32, natural log.
+
+Segments describe padding and packing without copies. ``segments`` is an int32 tensor
+``[N, 5]`` of rows ``(batch, q_start, q_end, k_start, k_end)``: queries ``q[batch, q_start:q_end]``
+attend to keys ``k[batch, k_start:k_end]``. ``None`` means one segment per batch row covering
+everything. Positions are bottom-right aligned inside a segment: query ``i`` sits at key position
+``i + (k_end - q_end)``, which is what a KV cache (keys = past + new tokens) needs.
+
+Inside a segment, query ``i`` may see key ``j`` when (``o = k_end - q_end``)
+
+* causal: ``j <= i + o``;
+* sliding window ``W`` (transformers' convention, ``W`` keys including itself): ``j > i + o - W``.
+
+Scores are ``s = scale * q.k``, then ``softcap * tanh(s / softcap)`` when ``softcap`` is set
+(Gemma 2), then masked. ``sinks`` (``[Hq]``, GPT-OSS ``s_aux``) add one logit per head to the
+softmax denominator only, for every query row that belongs to a segment. A row with no visible key
+and no sink (padding, or outside every segment) gives a zero output and ``lse = 0`` (finite, so a
+backward pass never produces NaN); gradients through it are zero.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+__all__ = ["attention_reference", "attention_mask_from_segments", "rows_in_segments", "full_segments"]
+
+
+def full_segments(batch: int, seqlen_q: int, seqlen_k: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """Segments for an unpadded batch: each row is one sequence."""
+    seg = torch.empty(batch, 5, dtype=torch.int32, device=device)
+    seg[:, 0] = torch.arange(batch, dtype=torch.int32, device=device)
+    seg[:, 1] = 0
+    seg[:, 2] = seqlen_q
+    seg[:, 3] = 0
+    seg[:, 4] = seqlen_k
+    return seg
+
+
+def attention_mask_from_segments(
+    segments: torch.Tensor | None,
+    batch: int,
+    seqlen_q: int,
+    seqlen_k: int,
+    *,
+    causal: bool,
+    window: int | None = None,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Boolean ``[B, Sq, Sk]`` mask, True where query ``i`` may attend to key ``j``."""
+    if segments is None:
+        segments = full_segments(batch, seqlen_q, seqlen_k)
+    i = torch.arange(seqlen_q, device=device).view(1, -1, 1)
+    j = torch.arange(seqlen_k, device=device).view(1, 1, -1)
+    seg = segments.to(device=device, dtype=torch.int64)
+    b, qs, qe, ks, ke = (seg[:, c].view(-1, 1, 1) for c in range(5))
+    allowed = (i >= qs) & (i < qe) & (j >= ks) & (j < ke)  # [N, Sq, Sk]
+    pos = i + (ke - qe)  # key position of query i
+    if causal:
+        allowed &= j <= pos
+    if window is not None:
+        allowed &= j > pos - window
+    # Segments may share a batch row (packing): OR them into their rows.
+    counts = torch.zeros(batch, seqlen_q, seqlen_k, dtype=torch.int32, device=device)
+    return counts.index_add_(0, seg[:, 0], allowed.int()) > 0
+
+
+def rows_in_segments(segments: torch.Tensor | None, batch: int, seqlen_q: int, device="cpu") -> torch.Tensor:
+    """Boolean ``[B, Sq]``: True for query rows that belong to some segment."""
+    if segments is None:
+        return torch.ones(batch, seqlen_q, dtype=torch.bool, device=device)
+    seg = segments.to(device=device, dtype=torch.int64)
+    i = torch.arange(seqlen_q, device=device).view(1, -1)
+    inside = (i >= seg[:, 1:2]) & (i < seg[:, 2:3])
+    counts = torch.zeros(batch, seqlen_q, dtype=torch.int32, device=device)
+    return counts.index_add_(0, seg[:, 0], inside.int()) > 0
+
+
+def attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    causal: bool = True,
+    window: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    segments: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention in float32 (float64 for float64 inputs). Returns ``(out, lse)``; see the module doc.
+
+    Differentiable with respect to ``q``, ``k``, ``v`` and ``sinks``.
+    """
+    batch, seqlen_q, heads_q, head_dim = q.shape
+    seqlen_k, heads_kv = k.shape[1], k.shape[2]
+    if heads_q % heads_kv:
+        raise ValueError(f"query heads ({heads_q}) must be a multiple of key/value heads ({heads_kv})")
+    group = heads_q // heads_kv
+    scale = head_dim**-0.5 if scale is None else scale
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+
+    # [B, Hkv, G, Sq, D] x [B, Hkv, 1, D, Sk]: GQA by broadcasting, no repeated K/V.
+    qf = q.to(compute).permute(0, 2, 1, 3).reshape(batch, heads_kv, group, seqlen_q, head_dim)
+    kf = k.to(compute).permute(0, 2, 1, 3).unsqueeze(2)
+    vf = v.to(compute).permute(0, 2, 1, 3).unsqueeze(2)
+    scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+
+    allowed = attention_mask_from_segments(
+        segments, batch, seqlen_q, seqlen_k, causal=causal, window=window, device=q.device
+    )[:, None, None]
+    scores = scores.masked_fill(~allowed, -math.inf)
+    if sinks is not None:
+        in_segment = rows_in_segments(segments, batch, seqlen_q, device=q.device).view(batch, 1, 1, seqlen_q, 1)
+        sink = sinks.to(compute).view(1, heads_kv, group, 1, 1).expand(batch, -1, -1, seqlen_q, 1)
+        logits = torch.cat([scores, sink.masked_fill(~in_segment, -math.inf)], dim=-1)
+    else:
+        logits = scores
+
+    # Rows with no finite logit: keep logsumexp (and its gradient) away from -inf - -inf.
+    live = ~torch.isneginf(logits).all(-1, keepdim=True)
+    lse = torch.logsumexp(logits.masked_fill(~live, 0.0), dim=-1, keepdim=True).masked_fill(~live, 0.0)
+    probs = torch.exp(scores - lse)  # masked entries: exp(-inf) = 0
+    out = torch.matmul(probs, vf)  # [B, Hkv, G, Sq, D]
+    out = out.reshape(batch, heads_q, seqlen_q, head_dim).permute(0, 2, 1, 3).to(q.dtype)
+    return out, lse.reshape(batch, heads_q, seqlen_q).float()
