@@ -1,0 +1,367 @@
+"""Page allocator and per-sequence block tables for the paged KV cache (no Triton here).
+
+Memory layout
+-------------
+One K pool and one V pool per layer, preallocated once::
+
+    k_pools[layer], v_pools[layer]: [num_pages, page_size, num_kv_heads, head_dim]
+
+Token ``p`` (0-based position) of a sequence lives in page ``pages[p // page_size]`` at offset
+``p % page_size``. Its *slot* is ``page * page_size + offset``: the row of
+``pool.view(num_pages * page_size, num_kv_heads, head_dim)`` that holds it. The kernels take
+
+* ``block_tables``: int32 ``[num_seqs, max_pages_per_seq]``, row ``i`` lists sequence ``i``'s pages
+  in order (entries past the sequence's last page are padding, never read);
+* ``seq_lens``: int32 ``[num_seqs]``, tokens in the cache per sequence (new tokens included);
+* ``slot_mapping``: int64 ``[num_new_tokens]``, where each new token is written (``-1``: skip).
+
+Pages are reference counted. :meth:`PagedKVCache.fork` shares every page of a sequence (parallel
+sampling, beams, shared prompt prefixes); a write into a shared, partially filled last page first
+copies it (copy-on-write), so no sequence ever writes into a page another sequence reads. Full pages
+are never written again, so they stay shared until freed.
+
+Typical step (what an integration layer does)::
+
+    cache = PagedKVCache(num_layers, num_kv_heads, head_dim, memory_gib=20, max_seqs=256,
+                         max_seq_len=8192, dtype=torch.bfloat16, device="cuda")
+    sid = cache.add_sequence()
+    plan = cache.plan([sid, ...], [prompt_len, ...])      # allocates pages, builds the tensors
+    for layer in range(num_layers):
+        write_kv(cache.k_pools[layer], cache.v_pools[layer], k, v, plan.slot_mapping)
+        out = paged_attention(q, cache.k_pools[layer], cache.v_pools[layer], plan.block_tables,
+                              plan.seq_lens, cu_seqlens_q=plan.cu_seqlens_q,
+                              max_seqlen_q=plan.max_seqlen_q)
+    cache.free(sid)                                        # when the request finishes
+
+All bookkeeping is in Python on the host and deterministic: pages come from a LIFO free list (the
+lowest page numbers first on a fresh cache); every operation costs O(pages touched).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+__all__ = [
+    "PagedCacheError",
+    "OutOfPagesError",
+    "OutOfSequenceSlotsError",
+    "SequenceTooLongError",
+    "BlockAllocator",
+    "PagedKVCache",
+    "StepPlan",
+    "bytes_per_page",
+    "num_pages_for_budget",
+]
+
+
+class PagedCacheError(RuntimeError):
+    """Base class of the paged cache's errors."""
+
+
+class OutOfPagesError(PagedCacheError):
+    """Not enough free pages. Nothing was allocated or modified: the caller may preempt a sequence
+    (``free`` it, or keep it and retry later) and call again."""
+
+    def __init__(self, needed: int, available: int):
+        super().__init__(f"out of KV cache pages: need {needed}, {available} free")
+        self.needed = needed
+        self.available = available
+
+
+class OutOfSequenceSlotsError(PagedCacheError):
+    """All ``max_seqs`` rows of the block table are in use."""
+
+
+class SequenceTooLongError(PagedCacheError):
+    """A sequence would need more than ``max_pages_per_seq`` pages."""
+
+
+def bytes_per_page(num_layers: int, num_kv_heads: int, head_dim: int, page_size: int, dtype: torch.dtype) -> int:
+    """Bytes one page costs across all layers, K and V."""
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    return 2 * num_layers * page_size * num_kv_heads * head_dim * itemsize
+
+
+def num_pages_for_budget(
+    memory_gib: float, *, num_layers: int, num_kv_heads: int, head_dim: int, page_size: int = 16,
+    dtype: torch.dtype = torch.bfloat16,
+) -> int:
+    """How many pages fit in ``memory_gib`` GiB (K and V pools of every layer together)."""
+    per_page = bytes_per_page(num_layers, num_kv_heads, head_dim, page_size, dtype)
+    return int(memory_gib * 2**30) // per_page
+
+
+class BlockAllocator:
+    """Reference-counted pages ``0 .. num_pages-1`` with a LIFO free list."""
+
+    def __init__(self, num_pages: int):
+        if num_pages <= 0:
+            raise ValueError(f"num_pages must be positive, got {num_pages}")
+        self.num_pages = num_pages
+        self._free = list(range(num_pages - 1, -1, -1))  # pop() hands out 0, 1, 2, ...
+        self._refcount = [0] * num_pages
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    def refcount(self, page: int) -> int:
+        return self._refcount[page]
+
+    def allocate(self, n: int = 1) -> list[int]:
+        """``n`` fresh pages with refcount 1; raises :class:`OutOfPagesError` (allocating none)."""
+        if n > len(self._free):
+            raise OutOfPagesError(n, len(self._free))
+        pages = [self._free.pop() for _ in range(n)]
+        for p in pages:
+            self._refcount[p] = 1
+        return pages
+
+    def incref(self, pages: Sequence[int]) -> None:
+        for p in pages:
+            if self._refcount[p] <= 0:
+                raise PagedCacheError(f"page {p} is not allocated")
+            self._refcount[p] += 1
+
+    def decref(self, pages: Sequence[int]) -> None:
+        """Drop one reference to each page; pages reaching zero go back to the free list."""
+        for p in pages:
+            if self._refcount[p] <= 0:
+                raise PagedCacheError(f"page {p} freed twice")
+            self._refcount[p] -= 1
+            if self._refcount[p] == 0:
+                self._free.append(p)
+
+
+@dataclass
+class StepPlan:
+    """Tensors for one forward step over ``seq_ids`` (all on the cache's device).
+
+    ``slot_mapping`` int64 [T]: where each new token goes (tokens ordered sequence by sequence);
+    ``block_tables`` int32 [N, max_pages_per_seq]; ``seq_lens`` int32 [N] (after the new tokens);
+    ``cu_seqlens_q`` int32 [N+1]: new tokens of sequence ``i`` are rows
+    ``cu_seqlens_q[i]:cu_seqlens_q[i+1]`` of q; ``max_seqlen_q``: the largest count of new tokens.
+    """
+
+    seq_ids: list[int]
+    slot_mapping: torch.Tensor
+    block_tables: torch.Tensor
+    seq_lens: torch.Tensor
+    cu_seqlens_q: torch.Tensor
+    max_seqlen_q: int
+
+    @property
+    def is_decode(self) -> bool:
+        """One new token per sequence: ``cu_seqlens_q`` may be dropped (the decode kernel path)."""
+        return self.max_seqlen_q == 1 and self.slot_mapping.numel() == len(self.seq_ids)
+
+
+class PagedKVCache:
+    """K/V pools of every layer, the page allocator, and per-sequence block tables.
+
+    Size the pools with ``num_pages`` or ``memory_gib`` (one of them). ``max_seqs`` rows of the block
+    table exist; a sequence id is its row. ``max_seq_len`` (or ``max_pages_per_seq``) bounds one
+    sequence and sets the block table's width.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        head_dim: int,
+        *,
+        num_pages: int | None = None,
+        memory_gib: float | None = None,
+        page_size: int = 16,
+        max_seqs: int = 256,
+        max_seq_len: int | None = None,
+        max_pages_per_seq: int | None = None,
+        dtype: torch.dtype = torch.bfloat16,
+        device: torch.device | str = "cpu",
+    ):
+        if (num_pages is None) == (memory_gib is None):
+            raise ValueError("give exactly one of num_pages or memory_gib")
+        if page_size <= 0 or page_size & (page_size - 1):
+            raise ValueError(f"page_size must be a power of two, got {page_size}")
+        if num_pages is None:
+            num_pages = num_pages_for_budget(
+                memory_gib, num_layers=num_layers, num_kv_heads=num_kv_heads, head_dim=head_dim,
+                page_size=page_size, dtype=dtype,
+            )
+        if max_pages_per_seq is None:
+            max_pages_per_seq = -(-max_seq_len // page_size) if max_seq_len is not None else num_pages
+        self.num_layers, self.num_kv_heads, self.head_dim = num_layers, num_kv_heads, head_dim
+        self.page_size = page_size
+        self.num_pages = num_pages
+        self.max_seqs = max_seqs
+        self.max_pages_per_seq = max_pages_per_seq
+        self.dtype = dtype
+        self.device = torch.device(device)
+
+        shape = (num_pages, page_size, num_kv_heads, head_dim)
+        # Zero-filled: kernels never read unwritten slots, but garbage NaNs must not exist either.
+        self.k_pools = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        self.v_pools = [torch.zeros(shape, dtype=dtype, device=self.device) for _ in range(num_layers)]
+        self.allocator = BlockAllocator(num_pages)
+        # Host copy of the block tables; rows of live sequences are exact, others are zeros.
+        self.block_tables_host = torch.zeros(max_seqs, max_pages_per_seq, dtype=torch.int32)
+        self._free_rows = list(range(max_seqs - 1, -1, -1))
+        self._pages: dict[int, list[int]] = {}
+        self._lens: dict[int, int] = {}
+
+    # ------------------------------------------------------------------ queries
+    @property
+    def num_free_pages(self) -> int:
+        return self.allocator.num_free
+
+    @property
+    def seq_ids(self) -> list[int]:
+        return sorted(self._pages)
+
+    def seq_len(self, seq_id: int) -> int:
+        return self._lens[seq_id]
+
+    def pages(self, seq_id: int) -> list[int]:
+        return list(self._pages[seq_id])
+
+    def pages_needed(self, seq_id: int, num_new_tokens: int) -> int:
+        """Free pages an :meth:`append_slots` of ``num_new_tokens`` would take (copy-on-write included)."""
+        if num_new_tokens <= 0:
+            return 0
+        pages, length = self._pages[seq_id], self._lens[seq_id]
+        grow = -(-(length + num_new_tokens) // self.page_size) - len(pages)
+        cow = int(length % self.page_size != 0 and self.allocator.refcount(pages[-1]) > 1)
+        return grow + cow
+
+    def can_append(self, seq_id: int, num_new_tokens: int) -> bool:
+        return self.pages_needed(seq_id, num_new_tokens) <= self.num_free_pages
+
+    def waste(self) -> float:
+        """Allocated-but-unused slots / allocated slots (0.0 when nothing is allocated).
+
+        A shared page counts once, filled as far as its fullest user.
+        """
+        fill: dict[int, int] = {}
+        for sid, pages in self._pages.items():
+            length = self._lens[sid]
+            for i, p in enumerate(pages):
+                fill[p] = max(fill.get(p, 0), min(self.page_size, length - i * self.page_size))
+        if not fill:
+            return 0.0
+        allocated = len(fill) * self.page_size
+        return (allocated - sum(fill.values())) / allocated
+
+    # ------------------------------------------------------------------ lifecycle
+    def add_sequence(self) -> int:
+        """A new, empty sequence; returns its id (its block-table row)."""
+        if not self._free_rows:
+            raise OutOfSequenceSlotsError(f"all {self.max_seqs} sequence slots are in use")
+        sid = self._free_rows.pop()
+        self._pages[sid] = []
+        self._lens[sid] = 0
+        return sid
+
+    def fork(self, seq_id: int) -> int:
+        """A new sequence sharing every page (and the length) of ``seq_id``; no data is copied."""
+        child = self.add_sequence()
+        pages = self._pages[seq_id]
+        self.allocator.incref(pages)
+        self._pages[child] = list(pages)
+        self._lens[child] = self._lens[seq_id]
+        self.block_tables_host[child, : len(pages)] = self.block_tables_host[seq_id, : len(pages)]
+        return child
+
+    def free(self, seq_id: int) -> None:
+        """Release a finished (or preempted) sequence; its pages return once no one else shares them."""
+        pages = self._pages.pop(seq_id)
+        del self._lens[seq_id]
+        self.allocator.decref(pages)
+        self.block_tables_host[seq_id].zero_()
+        self._free_rows.append(seq_id)
+
+    def append_slots(self, seq_id: int, num_new_tokens: int) -> list[int]:
+        """Grow ``seq_id`` by ``num_new_tokens``; returns their slots. All-or-nothing: raises
+        :class:`OutOfPagesError` / :class:`SequenceTooLongError` without changing anything."""
+        pages, length = self._pages[seq_id], self._lens[seq_id]
+        new_len = length + num_new_tokens
+        total_pages = -(-new_len // self.page_size)
+        if total_pages > self.max_pages_per_seq:
+            raise SequenceTooLongError(
+                f"sequence {seq_id} would need {total_pages} pages (> max_pages_per_seq={self.max_pages_per_seq})"
+            )
+        needed = self.pages_needed(seq_id, num_new_tokens)
+        if needed > self.allocator.num_free:
+            raise OutOfPagesError(needed, self.allocator.num_free)
+        if num_new_tokens <= 0:
+            return []
+        if length % self.page_size and self.allocator.refcount(pages[-1]) > 1:
+            self._copy_on_write(seq_id)
+        fresh = self.allocator.allocate(total_pages - len(pages))
+        if fresh:
+            self.block_tables_host[seq_id, len(pages) : total_pages] = torch.tensor(fresh, dtype=torch.int32)
+            pages.extend(fresh)
+        self._lens[seq_id] = new_len
+        ps = self.page_size
+        return [pages[p // ps] * ps + p % ps for p in range(length, new_len)]
+
+    def _copy_on_write(self, seq_id: int) -> None:
+        pages = self._pages[seq_id]
+        old = pages[-1]
+        (new,) = self.allocator.allocate(1)
+        for pool in (*self.k_pools, *self.v_pools):
+            pool[new].copy_(pool[old])
+        self.allocator.decref([old])
+        pages[-1] = new
+        self.block_tables_host[seq_id, len(pages) - 1] = new
+
+    # ------------------------------------------------------------------ step tensors
+    def plan(self, seq_ids: Sequence[int], num_new_tokens: Sequence[int]) -> StepPlan:
+        """Append ``num_new_tokens[i]`` tokens to ``seq_ids[i]`` and build the step's tensors.
+
+        All-or-nothing: when the pages do not suffice, raises :class:`OutOfPagesError` before
+        touching any sequence (the scheduler preempts and retries).
+        """
+        seq_ids, counts = list(seq_ids), [int(n) for n in num_new_tokens]
+        if len(seq_ids) != len(counts):
+            raise ValueError("seq_ids and num_new_tokens differ in length")
+        if len(set(seq_ids)) != len(seq_ids):
+            raise ValueError("a sequence appears twice in one step")
+        needed = sum(self.pages_needed(s, n) for s, n in zip(seq_ids, counts))
+        if needed > self.num_free_pages:
+            raise OutOfPagesError(needed, self.num_free_pages)
+        slots: list[int] = []
+        for sid, n in zip(seq_ids, counts):
+            slots.extend(self.append_slots(sid, n))
+        cu = [0]
+        for n in counts:
+            cu.append(cu[-1] + n)
+        dev = self.device
+        return StepPlan(
+            seq_ids=seq_ids,
+            slot_mapping=torch.tensor(slots, dtype=torch.int64).to(dev),
+            block_tables=self.block_tables_host[seq_ids].to(dev),
+            seq_lens=torch.tensor([self._lens[s] for s in seq_ids], dtype=torch.int32).to(dev),
+            cu_seqlens_q=torch.tensor(cu, dtype=torch.int32).to(dev),
+            max_seqlen_q=max(counts, default=0),
+        )
+
+    def check_invariants(self) -> None:
+        """Raise if the bookkeeping is inconsistent (tests, debugging)."""
+        refs = [0] * self.num_pages
+        for sid, pages in self._pages.items():
+            if len(pages) != -(-self._lens[sid] // self.page_size):
+                raise AssertionError(f"sequence {sid}: {len(pages)} pages for {self._lens[sid]} tokens")
+            if self.block_tables_host[sid, : len(pages)].tolist() != pages:
+                raise AssertionError(f"sequence {sid}: block table row out of date")
+            for p in pages:
+                refs[p] += 1
+        if refs != self.allocator._refcount:
+            raise AssertionError("page refcounts do not match the sequences' pages")
+        free = self.allocator._free
+        if len(set(free)) != len(free) or any(refs[p] for p in free):
+            raise AssertionError("free list holds a page in use (or a page twice)")
+        if len(free) + sum(r > 0 for r in refs) != self.num_pages:
+            raise AssertionError("a page is neither free nor in use (leak)")
