@@ -1,0 +1,114 @@
+"""Launch configurations for the flash kernels, tuned once per small bucketed key and cached.
+
+We do not use ``@triton.autotune``: it fails under the Triton interpreter, it cannot run while a
+CUDA graph is being captured, and its key would be the raw sequence length (one tuning run per new
+length during variable-length training). Instead :func:`pick` keys on a tuple of compile-time
+features plus power-of-two buckets of the sequence lengths, benchmarks a short list of candidates
+the first time a key is seen (``triton.testing.do_bench``) and caches the winner for the process.
+
+* ``TRITON_INTERPRET=1``: a fixed small config (tiles of 16/32 rows, so that the CPU tests cross
+  many tile boundaries on short sequences).
+* ``HF_ATTN_PLUGIN_AUTOTUNE=0``: always the first (default) candidate, no benchmarking.
+* While a CUDA graph is being captured: the cached winner if there is one, else the default.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Callable, Dict, Sequence, Tuple
+
+import torch
+
+__all__ = ["Config", "interpreting", "candidates", "pick", "seq_bucket", "CACHE"]
+
+
+@dataclass(frozen=True)
+class Config:
+    """``block_m``: query rows per tile; ``block_n``: key rows per tile (in every kernel)."""
+
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# Interpreter: small tiles, block_m != block_n so that both alignments are exercised.
+_INTERPRET = {
+    "fwd": Config(32, 16, 4, 1),
+    "bwd_dq": Config(32, 16, 4, 1),
+    "bwd_dkdv": Config(16, 32, 4, 1),
+    "bwd_pre": Config(32, 16, 4, 1),
+}
+
+# Hopper candidates, default first. wgmma wants >= 64 rows per warpgroup; head_dim 128 at 128x128
+# tiles sits at the register limit, so the larger tiles are only tried where they can fit.
+_GPU: Dict[Tuple[str, int], Sequence[Config]] = {
+    ("fwd", 64): (Config(128, 128, 8, 3), Config(128, 64, 4, 3), Config(128, 128, 4, 3)),
+    ("fwd", 128): (Config(128, 64, 8, 3), Config(128, 128, 8, 2), Config(128, 64, 4, 3), Config(128, 128, 8, 3)),
+    ("fwd", 256): (Config(128, 64, 8, 2), Config(64, 64, 4, 2), Config(128, 32, 8, 2)),
+    ("bwd_dq", 64): (Config(128, 64, 8, 2), Config(64, 64, 4, 3), Config(128, 128, 8, 2)),
+    ("bwd_dq", 128): (Config(128, 64, 8, 2), Config(64, 64, 4, 3), Config(64, 128, 8, 2)),
+    ("bwd_dq", 256): (Config(64, 64, 4, 1), Config(64, 32, 4, 2), Config(128, 32, 8, 1)),
+    ("bwd_dkdv", 64): (Config(64, 128, 8, 2), Config(32, 128, 4, 2), Config(64, 64, 4, 3)),
+    ("bwd_dkdv", 128): (Config(64, 128, 8, 2), Config(32, 128, 4, 2), Config(64, 64, 4, 2)),
+    ("bwd_dkdv", 256): (Config(32, 64, 4, 1), Config(64, 64, 8, 1), Config(16, 64, 4, 1)),
+    ("bwd_pre", 64): (Config(128, 0, 4, 1),),
+    ("bwd_pre", 128): (Config(128, 0, 4, 1),),
+    ("bwd_pre", 256): (Config(64, 0, 4, 1),),
+}
+
+CACHE: Dict[tuple, Config] = {}
+
+
+def _dim_bucket(block_d: int) -> int:
+    return 64 if block_d <= 64 else (128 if block_d <= 128 else 256)
+
+
+def seq_bucket(n: int) -> int:
+    """Power-of-two bucket of a sequence length, clamped to [128, 32768]."""
+    return min(max(triton_next_pow2(max(n, 1)), 128), 32768)
+
+
+def triton_next_pow2(n: int) -> int:
+    return 1 << (int(n) - 1).bit_length()
+
+
+def candidates(kind: str, block_d: int) -> Sequence[Config]:
+    if interpreting():
+        return (_INTERPRET[kind],)
+    return _GPU[(kind, _dim_bucket(block_d))]
+
+
+def pick(kind: str, block_d: int, key: tuple, launch: Callable[[Config], None]) -> Config:
+    """The config for ``(kind, block_d, key)``, benchmarking ``launch(config)`` on first sight.
+
+    ``launch`` must be idempotent (every kernel here fully rewrites its outputs).
+    """
+    options = candidates(kind, block_d)
+    if len(options) == 1 or interpreting():
+        return options[0]
+    full_key = (kind, block_d) + tuple(key)
+    hit = CACHE.get(full_key)
+    if hit is not None:
+        return hit
+    if os.environ.get("HF_ATTN_PLUGIN_AUTOTUNE", "1") == "0" or torch.cuda.is_current_stream_capturing():
+        return options[0]
+    from triton.testing import do_bench
+
+    best, best_ms = options[0], float("inf")
+    for cfg in options:
+        try:
+            ms = do_bench(lambda: launch(cfg), warmup=5, rep=20, return_mode="median")
+        except Exception as exc:  # out of shared memory / registers for this tile shape
+            if "OutOfResources" not in type(exc).__name__ and "out of resource" not in str(exc).lower():
+                raise
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    CACHE[full_key] = best
+    return best

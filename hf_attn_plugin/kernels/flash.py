@@ -1,0 +1,703 @@
+"""FlashAttention-2 forward and backward in Triton, with the semantics of :mod:`hf_attn_plugin.reference`.
+
+Layout ``[B, S, H, D]`` with arbitrary strides (the last dimension must be unit-stride; it is made
+so otherwise). GQA/MQA is native: query head ``h`` reads KV head ``h // group``.
+
+Kernels
+
+* ``_attn_fwd``: one program per (query tile, segment x query head). Online softmax in base 2:
+  logits are prescaled by ``scale * log2(e)`` so every exponential is one ``exp2``. Saves the
+  natural-log LSE for the backward.
+* ``_bwd_preprocess``: ``delta_i = rowsum(dO_i * O_i)``.
+* ``_attn_bwd_dkdv``: one program per (key tile, segment x KV head); it loops over the group's query
+  heads, so dK/dV of a KV head are accumulated in registers and written once: no atomics,
+  deterministic.
+* ``_attn_bwd_dq``: one program per (query tile, segment x query head).
+
+Masks and loop bounds. Inside a segment, local query row ``r`` sits at key position ``r + off``
+with ``off = len_k - len_q`` (bottom-right alignment) and sees key column ``c`` iff
+``c <= r + off`` (causal) and ``c > r + off - W`` (window). For a tile of rows, the key loop is split
+in three: ``[lo, full_lo)`` window-edge tiles (masked), ``[full_lo, full_hi)`` tiles every row sees
+entirely (no mask, no bounds checks), ``[full_hi, hi)`` diagonal / ragged-end tiles (masked). ``lo``
+and ``hi`` are the first and last visible columns of the tile's rows, so tiles outside the window or
+above the diagonal are never loaded. The dK/dV kernel does the same over query tiles.
+
+Fully masked rows keep ``m = -inf`` and ``l = 0``; the masked phases substitute 0 for an all
+``-inf`` running max so that ``exp2(-inf - -inf)`` never appears, and the epilogue writes
+``out = 0, lse = 0``. Sinks start the online softmax at ``m = sink * log2(e), l = 1`` (one extra
+logit with no value row).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from . import configs
+
+__all__ = ["flash_attn_forward", "flash_attn_backward", "SUPPORTED_HEAD_DIMS"]
+
+SUPPORTED_HEAD_DIMS = (64, 80, 96, 128, 256)
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+# Tests set this to fill freshly allocated (fully overwritten) outputs with NaN.
+POISON = False
+
+
+# ----------------------------------------------------------------------------------------------
+# Small helpers (inlined by Triton)
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _segment(seg_ptr, pid_bh, heads, seqlen_q, seqlen_k, SEGMENTS: tl.constexpr):
+    """(batch, head, q_start, k_start, len_q, len_k) of program ``pid_bh = segment * heads + head``."""
+    seg = pid_bh // heads
+    head = pid_bh % heads
+    if SEGMENTS:
+        row = seg_ptr + seg * 5
+        batch = tl.load(row)
+        q_start = tl.load(row + 1)
+        len_q = tl.load(row + 2) - q_start
+        k_start = tl.load(row + 3)
+        len_k = tl.load(row + 4) - k_start
+    else:
+        batch = seg
+        q_start = seg * 0
+        k_start = seg * 0
+        len_q = seqlen_q + seg * 0
+        len_k = seqlen_k + seg * 0
+    return batch, head, q_start, k_start, len_q, len_k
+
+
+@triton.jit
+def _load_rows(base, stride, n_rows, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               CHECK_ROWS: tl.constexpr):
+    """Load a ``[BLOCK, BLOCK_D]`` tile of rows ``base + i * stride`` (zeros past ``n_rows`` / ``HEAD_DIM``)."""
+    rows = tl.arange(0, BLOCK)
+    cols = tl.arange(0, BLOCK_D)
+    ptrs = base + rows[:, None] * stride + cols[None, :]
+    if CHECK_ROWS:
+        mask = rows[:, None] < n_rows
+        if BLOCK_D != HEAD_DIM:
+            mask = mask & (cols[None, :] < HEAD_DIM)
+        x = tl.load(ptrs, mask=mask, other=0.0)
+    elif BLOCK_D != HEAD_DIM:
+        x = tl.load(ptrs, mask=cols[None, :] < HEAD_DIM, other=0.0)
+    else:
+        x = tl.load(ptrs)
+    return x
+
+
+@triton.jit
+def _store_rows(base, stride, n_rows, x, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    rows = tl.arange(0, BLOCK)
+    cols = tl.arange(0, BLOCK_D)
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM)
+    tl.store(base + rows[:, None] * stride + cols[None, :], x.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _tanh(x):
+    # 1 - 2 / (e^{2x} + 1): saturates to +-1 without NaN for large |x|.
+    return 1.0 - 2.0 / (tl.exp2(x * (2.0 * 1.4426950408889634)) + 1.0)
+
+
+@triton.jit
+def _logits(qk, sm_scale2, cap_scale, cap2, SOFTCAP: tl.constexpr):
+    """Scores in the log2 domain, ``log2(e) * s``, and ``tanh`` (for the softcap gradient).
+
+    Without softcap ``s = scale * qk``; with it ``s = cap * tanh(scale * qk / cap)``, so
+    ``log2(e) * s = (cap * log2(e)) * tanh(qk * (scale / cap))``.
+    """
+    if SOFTCAP:
+        t = _tanh(qk * cap_scale)
+        s = t * cap2
+    else:
+        t = qk
+        s = qk * sm_scale2
+    return s, t
+
+
+@triton.jit
+def _kv_range(m0, len_q, len_k, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """Key-tile loop bounds for query rows ``[m0, m0 + BLOCK_M)``: masked ``[lo, p1)``,
+    unmasked ``[full_lo, full_hi)``, masked ``[full_hi, hi)``; all starts are multiples of BLOCK_N."""
+    off = len_k - len_q
+    lo = len_k * 0
+    hi = len_k
+    if CAUSAL:  # last row's last visible key + 1
+        hi = tl.minimum(hi, m0 + BLOCK_M + off)
+    if WINDOW:  # first row's first visible key, rounded down to a tile
+        lo = tl.maximum(m0 + off - window + 1, 0) // BLOCK_N * BLOCK_N
+    full_lo = lo
+    if WINDOW:  # first tile the last row sees entirely
+        full_lo = tl.maximum(lo, tl.cdiv(tl.maximum(m0 + BLOCK_M + off - window, 0), BLOCK_N) * BLOCK_N)
+    full_hi = len_k // BLOCK_N * BLOCK_N  # no ragged end
+    if CAUSAL:  # tiles ending at or before the first row's diagonal
+        full_hi = tl.minimum(full_hi, tl.maximum(m0 + off + 1, 0) // BLOCK_N * BLOCK_N)
+    full_hi = tl.maximum(full_hi, full_lo)
+    return lo, tl.minimum(full_lo, hi), full_lo, full_hi, hi
+
+
+@triton.jit
+def _q_range(n0, len_q, len_k, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+             CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
+    """Query-tile loop bounds for key columns ``[n0, n0 + BLOCK_N)`` (same three phases)."""
+    off = len_k - len_q
+    lo = len_q * 0
+    hi = len_q
+    if CAUSAL:  # first row that sees column n0
+        lo = tl.maximum(n0 - off, 0) // BLOCK_M * BLOCK_M
+    if WINDOW:  # rows r < c - off + W see column c; c = last column of the tile
+        hi = tl.minimum(hi, n0 + BLOCK_N - 1 - off + window)
+    full_lo = lo
+    if CAUSAL:  # first tile whose rows all see the tile's last column
+        full_lo = tl.maximum(lo, tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - off, 0), BLOCK_M) * BLOCK_M)
+    full_hi = len_q // BLOCK_M * BLOCK_M
+    if WINDOW:  # tiles whose last row still sees the tile's first column
+        full_hi = tl.minimum(full_hi, tl.maximum(n0 - off + window, 0) // BLOCK_M * BLOCK_M)
+    full_hi = tl.maximum(full_hi, full_lo)
+    return lo, tl.minimum(full_lo, hi), full_lo, full_hi, hi
+
+
+@triton.jit
+def _mask_scores(s, rows, cols, off, len_k, window, CHECK_COLS: tl.constexpr, CAUSAL: tl.constexpr,
+                 WINDOW: tl.constexpr):
+    """-inf where key ``cols`` is invisible to local query ``rows`` (either may be the broadcast axis)."""
+    pos = rows + off
+    if CHECK_COLS:
+        s = tl.where(cols < len_k, s, float("-inf"))
+    if CAUSAL:
+        s = tl.where(cols <= pos, s, float("-inf"))
+    if WINDOW:
+        s = tl.where(cols > pos - window, s, float("-inf"))
+    return s
+
+
+# ----------------------------------------------------------------------------------------------
+# Forward
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, m0, start, end, len_q, len_k, window,
+               sm_scale2, cap_scale, cap2,
+               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):
+    rows = m0 + tl.arange(0, BLOCK_M)
+    off = len_k - len_q
+    for start_n in range(start, end, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        n_left = len_k - start_n
+        k = _load_rows(k_base + start_n.to(tl.int64) * stride_ks, stride_ks, n_left, BLOCK_N, HEAD_DIM, BLOCK_D,
+                       MASKED)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        s, _ = _logits(qk, sm_scale2, cap_scale, cap2, SOFTCAP)
+        if MASKED:
+            cols = start_n + tl.arange(0, BLOCK_N)
+            s = _mask_scores(s, rows[:, None], cols[None, :], off, len_k, window, True, CAUSAL, WINDOW)
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        if MASKED:  # all -inf so far: subtract 0 instead, so exp2(-inf - -inf) never happens
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_use = m_new
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = _load_rows(v_base + start_n.to(tl.int64) * stride_vs, stride_vs, n_left, BLOCK_N, HEAD_DIM, BLOCK_D,
+                       MASKED)
+        acc = acc * alpha[:, None]
+        # P in the input dtype (bf16 or fp16; fp32 stays fp32 with ieee dots).
+        acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, l_i, m_i
+
+
+@triton.jit
+def _attn_fwd(
+    Q, K, V, Out, Lse, Segments, Sinks,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_ob, stride_os, stride_oh,
+    stride_lb, stride_lh,
+    seqlen_q, seqlen_k, heads_q, group, window,
+    sm_scale2, cap_scale, cap2,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, SINKS: tl.constexpr,
+    SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    # Heaviest (last) causal tiles first: better tail behaviour.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    batch, head, q_start, k_start, len_q, len_k = _segment(Segments, pid_bh, heads_q, seqlen_q, seqlen_k, SEGMENTS)
+    m0 = pid_m * BLOCK_M
+    if m0 >= len_q:
+        return
+    kv_head = head // group
+    batch64 = batch.to(tl.int64)
+    q_base = Q + batch64 * stride_qb + head.to(tl.int64) * stride_qh + (q_start + m0).to(tl.int64) * stride_qs
+    k_base = K + batch64 * stride_kb + kv_head.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_ks
+    v_base = V + batch64 * stride_vb + kv_head.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vs
+    q = _load_rows(q_base, stride_qs, len_q - m0, BLOCK_M, HEAD_DIM, BLOCK_D, True)
+
+    if SINKS:
+        m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.load(Sinks + head).to(tl.float32) * 1.4426950408889634
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32) + 1.0
+    else:
+        m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+
+    lo, p1_end, full_lo, full_hi, hi = _kv_range(m0, len_q, len_k, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+    # window-edge tiles, then the unmasked bulk, then the diagonal band / ragged end
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, m0, lo, p1_end, len_q, len_k,
+                               window, sm_scale2, cap_scale, cap2, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True,
+                               CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, m0, full_lo, full_hi, len_q,
+                               len_k, window, sm_scale2, cap_scale, cap2, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False,
+                               CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, m0, full_hi, hi, len_q, len_k,
+                               window, sm_scale2, cap_scale, cap2, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True,
+                               CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION)
+
+    # Rows with nothing visible (l = 0): out = 0, lse = 0.
+    live = l_i > 0.0
+    l_safe = tl.where(live, l_i, 1.0)
+    out = acc / l_safe[:, None]
+    lse = tl.where(live, (m_i + tl.log2(l_safe)) * 0.6931471805599453, 0.0)
+    o_base = Out + batch64 * stride_ob + head.to(tl.int64) * stride_oh + (q_start + m0).to(tl.int64) * stride_os
+    _store_rows(o_base, stride_os, len_q - m0, out, BLOCK_M, HEAD_DIM, BLOCK_D)
+    rows = tl.arange(0, BLOCK_M)
+    l_ptrs = Lse + batch64 * stride_lb + head.to(tl.int64) * stride_lh + q_start + m0 + rows
+    tl.store(l_ptrs, lse, mask=rows < len_q - m0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Backward
+# ----------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _bwd_preprocess(Out, DO, Delta, stride_ob, stride_os, stride_oh, stride_db, stride_ds, stride_dh,
+                    stride_eb, stride_eh, seqlen_q, heads_q,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """``Delta[b, h, i] = sum_d dO[b, i, h, d] * O[b, i, h, d]`` (float32)."""
+    m0 = tl.program_id(0) * BLOCK_M
+    pid_bh = tl.program_id(1)
+    batch = (pid_bh // heads_q).to(tl.int64)
+    head = (pid_bh % heads_q).to(tl.int64)
+    o = _load_rows(Out + batch * stride_ob + head * stride_oh + m0.to(tl.int64) * stride_os, stride_os,
+                   seqlen_q - m0, BLOCK_M, HEAD_DIM, BLOCK_D, True)
+    do = _load_rows(DO + batch * stride_db + head * stride_dh + m0.to(tl.int64) * stride_ds, stride_ds,
+                    seqlen_q - m0, BLOCK_M, HEAD_DIM, BLOCK_D, True)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    rows = tl.arange(0, BLOCK_M)
+    tl.store(Delta + batch * stride_eb + head * stride_eh + m0 + rows, delta, mask=rows < seqlen_q - m0)
+
+
+@triton.jit
+def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, m0, start, end, len_q, len_k, window,
+              sm_scale2, cap_scale, cap2,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+              MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+              DOT_PRECISION: tl.constexpr):
+    rows = m0 + tl.arange(0, BLOCK_M)
+    off = len_k - len_q
+    for start_n in range(start, end, BLOCK_N):
+        start_n = tl.multiple_of(start_n, BLOCK_N)
+        n_left = len_k - start_n
+        k = _load_rows(k_base + start_n.to(tl.int64) * stride_ks, stride_ks, n_left, BLOCK_N, HEAD_DIM, BLOCK_D,
+                       MASKED)
+        v = _load_rows(v_base + start_n.to(tl.int64) * stride_vs, stride_vs, n_left, BLOCK_N, HEAD_DIM, BLOCK_D,
+                       MASKED)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        s, t = _logits(qk, sm_scale2, cap_scale, cap2, SOFTCAP)
+        if MASKED:
+            cols = start_n + tl.arange(0, BLOCK_N)
+            s = _mask_scores(s, rows[:, None], cols[None, :], off, len_k, window, True, CAUSAL, WINDOW)
+        p = tl.exp2(s - lse2[:, None])  # probabilities, exactly as the forward normalised them
+        dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])  # dL/ds (s after softcap)
+        if SOFTCAP:  # d(cap * tanh(x / cap)) / dx = 1 - tanh^2
+            ds = ds * (1.0 - t * t)
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq(
+    Q, K, V, DO, Lse, Delta, DQ, Segments,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_db, stride_ds, stride_dh,
+    stride_gb, stride_gs, stride_gh,
+    stride_lb, stride_lh,
+    seqlen_q, seqlen_k, heads_q, group, window,
+    sm_scale, sm_scale2, cap_scale, cap2,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, SEGMENTS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    batch, head, q_start, k_start, len_q, len_k = _segment(Segments, pid_bh, heads_q, seqlen_q, seqlen_k, SEGMENTS)
+    m0 = pid_m * BLOCK_M
+    if m0 >= len_q:
+        return
+    kv_head = head // group
+    batch64 = batch.to(tl.int64)
+    head64 = head.to(tl.int64)
+    row0 = (q_start + m0).to(tl.int64)
+    q = _load_rows(Q + batch64 * stride_qb + head64 * stride_qh + row0 * stride_qs, stride_qs, len_q - m0,
+                   BLOCK_M, HEAD_DIM, BLOCK_D, True)
+    do = _load_rows(DO + batch64 * stride_db + head64 * stride_dh + row0 * stride_ds, stride_ds, len_q - m0,
+                    BLOCK_M, HEAD_DIM, BLOCK_D, True)
+    rows = tl.arange(0, BLOCK_M)
+    stat = batch64 * stride_lb + head64 * stride_lh + q_start + m0 + rows
+    lse2 = tl.load(Lse + stat, mask=rows < len_q - m0, other=0.0) * 1.4426950408889634
+    delta = tl.load(Delta + stat, mask=rows < len_q - m0, other=0.0)
+    k_base = K + batch64 * stride_kb + kv_head.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_ks
+    v_base = V + batch64 * stride_vb + kv_head.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vs
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    lo, p1_end, full_lo, full_hi, hi = _kv_range(m0, len_q, len_k, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, m0, lo, p1_end, len_q, len_k,
+                   window, sm_scale2, cap_scale, cap2, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, CAUSAL, WINDOW,
+                   SOFTCAP, DOT_PRECISION)
+    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, m0, full_lo, full_hi, len_q, len_k,
+                   window, sm_scale2, cap_scale, cap2, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, CAUSAL, WINDOW,
+                   SOFTCAP, DOT_PRECISION)
+    dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, m0, full_hi, hi, len_q, len_k,
+                   window, sm_scale2, cap_scale, cap2, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, CAUSAL, WINDOW,
+                   SOFTCAP, DOT_PRECISION)
+    # s = scale * q.k  =>  dq = scale * dS @ K
+    dq = dq * sm_scale
+    _store_rows(DQ + batch64 * stride_gb + head64 * stride_gh + row0 * stride_gs, stride_gs, len_q - m0, dq,
+                BLOCK_M, HEAD_DIM, BLOCK_D)
+
+
+@triton.jit
+def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_ds, n0, start, end,
+                len_q, len_k, window, sm_scale2, cap_scale, cap2,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+                DOT_PRECISION: tl.constexpr):
+    """Transposed formulation: scores are ``[BLOCK_N keys, BLOCK_M queries]`` so that dK and dV come out
+    of ``dS^T @ Q`` and ``P^T @ dO`` without transposing P. Query rows past ``len_q`` load as zeros
+    (q = dO = lse = delta = 0) and contribute exactly 0, so only the masked phases check bounds."""
+    cols = n0 + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    off = len_k - len_q
+    for start_m in range(start, end, BLOCK_M):
+        start_m = tl.multiple_of(start_m, BLOCK_M)
+        m_left = len_q - start_m
+        q = _load_rows(q_base + start_m.to(tl.int64) * stride_qs, stride_qs, m_left, BLOCK_M, HEAD_DIM, BLOCK_D,
+                       MASKED)
+        if MASKED:
+            lse2 = tl.load(lse_base + start_m + offs_m, mask=offs_m < m_left, other=0.0) * 1.4426950408889634
+        else:
+            lse2 = tl.load(lse_base + start_m + offs_m) * 1.4426950408889634
+        qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+        sT, tT = _logits(qkT, sm_scale2, cap_scale, cap2, SOFTCAP)
+        if MASKED:
+            rows = start_m + offs_m
+            sT = _mask_scores(sT, rows[None, :], cols[:, None], off, len_k, window, False, CAUSAL, WINDOW)
+        pT = tl.exp2(sT - lse2[None, :])
+        do = _load_rows(do_base + start_m.to(tl.int64) * stride_ds, stride_ds, m_left, BLOCK_M, HEAD_DIM, BLOCK_D,
+                        MASKED)
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        if MASKED:
+            delta = tl.load(delta_base + start_m + offs_m, mask=offs_m < m_left, other=0.0)
+        else:
+            delta = tl.load(delta_base + start_m + offs_m)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        dsT = pT * (dpT - delta[None, :])
+        if SOFTCAP:
+            dsT = dsT * (1.0 - tT * tT)
+        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, DO, Lse, Delta, DK, DV, Segments,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_db, stride_ds, stride_dh,
+    stride_gkb, stride_gks, stride_gkh,
+    stride_gvb, stride_gvs, stride_gvh,
+    stride_lb, stride_lh,
+    seqlen_q, seqlen_k, heads_kv, group, window,
+    sm_scale, sm_scale2, cap_scale, cap2,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, SEGMENTS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    batch, kv_head, q_start, k_start, len_q, len_k = _segment(Segments, pid_bh, heads_kv, seqlen_q, seqlen_k,
+                                                              SEGMENTS)
+    n0 = pid_n * BLOCK_N
+    if n0 >= len_k:
+        return
+    batch64 = batch.to(tl.int64)
+    krow0 = (k_start + n0).to(tl.int64)
+    k = _load_rows(K + batch64 * stride_kb + kv_head.to(tl.int64) * stride_kh + krow0 * stride_ks, stride_ks,
+                   len_k - n0, BLOCK_N, HEAD_DIM, BLOCK_D, True)
+    v = _load_rows(V + batch64 * stride_vb + kv_head.to(tl.int64) * stride_vh + krow0 * stride_vs, stride_vs,
+                   len_k - n0, BLOCK_N, HEAD_DIM, BLOCK_D, True)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    lo, p1_end, full_lo, full_hi, hi = _q_range(n0, len_q, len_k, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+    # Every query head of the group reads this KV head: accumulate all of them here (no atomics).
+    for g in range(0, group):
+        head64 = (kv_head * group + g).to(tl.int64)
+        qrow0 = q_start.to(tl.int64)
+        q_base = Q + batch64 * stride_qb + head64 * stride_qh + qrow0 * stride_qs
+        do_base = DO + batch64 * stride_db + head64 * stride_dh + qrow0 * stride_ds
+        lse_base = Lse + batch64 * stride_lb + head64 * stride_lh + q_start
+        delta_base = Delta + batch64 * stride_lb + head64 * stride_lh + q_start
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_ds, n0, lo,
+                             p1_end, len_q, len_k, window, sm_scale2, cap_scale, cap2, HEAD_DIM, BLOCK_D, BLOCK_M,
+                             BLOCK_N, True, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_ds, n0, full_lo,
+                             full_hi, len_q, len_k, window, sm_scale2, cap_scale, cap2, HEAD_DIM, BLOCK_D, BLOCK_M,
+                             BLOCK_N, False, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION)
+        dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_ds, n0, full_hi,
+                             hi, len_q, len_k, window, sm_scale2, cap_scale, cap2, HEAD_DIM, BLOCK_D, BLOCK_M,
+                             BLOCK_N, True, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION)
+    dk = dk * sm_scale
+    _store_rows(DK + batch64 * stride_gkb + kv_head.to(tl.int64) * stride_gkh + krow0 * stride_gks, stride_gks,
+                len_k - n0, dk, BLOCK_N, HEAD_DIM, BLOCK_D)
+    _store_rows(DV + batch64 * stride_gvb + kv_head.to(tl.int64) * stride_gvh + krow0 * stride_gvs, stride_gvs,
+                len_k - n0, dv, BLOCK_N, HEAD_DIM, BLOCK_D)
+
+
+# ----------------------------------------------------------------------------------------------
+# Host side
+# ----------------------------------------------------------------------------------------------
+
+
+def _unit_last(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    head_dim = q.shape[-1]
+    if head_dim not in SUPPORTED_HEAD_DIMS:
+        raise ValueError(
+            f"head_dim {head_dim} is not supported by the Triton flash kernels "
+            f"(supported: {', '.join(map(str, SUPPORTED_HEAD_DIMS))})"
+        )
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"flash kernels support float16, bfloat16 and float32, got {q.dtype}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of key/value heads ({k.shape[2]})")
+
+
+def _alloc(shape, like: torch.Tensor, dtype, zero: bool) -> torch.Tensor:
+    """Zeros where the kernel leaves rows unwritten (segments); else uninitialised (NaN under POISON)."""
+    if zero:
+        return torch.zeros(shape, dtype=dtype, device=like.device)
+    if POISON:
+        return torch.full(shape, float("nan"), dtype=dtype, device=like.device)
+    return torch.empty(shape, dtype=dtype, device=like.device)
+
+
+def _alloc_like(x: torch.Tensor, zero: bool) -> torch.Tensor:
+    """Same strides as ``x`` (what the op's fake implementation promises via empty_like)."""
+    out = torch.empty_like(x)
+    if zero:
+        out.zero_()
+    elif POISON:
+        out.fill_(float("nan"))
+    return out
+
+
+class _Launch:
+    """Everything both directions derive from the arguments (grid extents, flags, scales)."""
+
+    def __init__(self, q, k, segments, scale, causal, window, softcap, max_seqlen_q, max_seqlen_k):
+        self.batch, self.seqlen_q, self.heads_q, self.head_dim = q.shape
+        self.seqlen_k, self.heads_kv = k.shape[1], k.shape[2]
+        self.group = self.heads_q // self.heads_kv
+        self.block_d = max(triton.next_power_of_2(self.head_dim), 16)
+        self.segmented = segments is not None
+        if self.segmented:
+            self.segments = segments.to(device=q.device, dtype=torch.int32).contiguous()
+            self.n_seg = self.segments.shape[0]
+            self.max_q = max(min(int(max_seqlen_q), self.seqlen_q), 1)
+            self.max_k = max(min(int(max_seqlen_k), self.seqlen_k), 1)
+        else:
+            self.segments = q  # dummy pointer, never read
+            self.n_seg = self.batch
+            self.max_q, self.max_k = self.seqlen_q, self.seqlen_k
+        self.causal = bool(causal)
+        self.window = int(window) if window and window > 0 else 0
+        self.softcap = float(softcap) if softcap and softcap > 0 else 0.0
+        self.scale = float(scale)
+        self.sm_scale2 = self.scale * LOG2E
+        self.cap_scale = self.scale / self.softcap if self.softcap else 0.0
+        self.cap2 = self.softcap * LOG2E
+        self.dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
+        self.empty = self.n_seg == 0 or self.seqlen_q == 0
+
+    def flags(self):
+        return dict(
+            HEAD_DIM=self.head_dim, BLOCK_D=self.block_d, CAUSAL=self.causal, WINDOW=self.window > 0,
+            SOFTCAP=self.softcap > 0, SEGMENTS=self.segmented, DOT_PRECISION=self.dot_precision,
+        )
+
+    def key(self, dtype, *extra):
+        return (str(dtype), self.causal, self.window > 0, self.softcap > 0, self.segmented,
+                configs.seq_bucket(self.max_q), configs.seq_bucket(self.max_k), min(self.group, 8)) + extra
+
+
+def flash_attn_forward(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    segments: Optional[torch.Tensor],
+    sinks: Optional[torch.Tensor],
+    scale: float,
+    causal: bool,
+    window: int,
+    softcap: float,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+):
+    """Returns ``(out [B, Sq, Hq, D] in q.dtype, lse [B, Hq, Sq] float32, natural log)``."""
+    _check(q, k, v)
+    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    L = _Launch(q, k, segments, scale, causal, window, softcap, max_seqlen_q, max_seqlen_k)
+    out = _alloc(q.shape, q, q.dtype, zero=L.segmented)
+    lse = _alloc((L.batch, L.heads_q, L.seqlen_q), q, torch.float32, zero=L.segmented)
+    if L.empty:
+        return out.zero_(), lse.zero_()
+    sinks_arg = sinks.to(device=q.device, dtype=torch.float32).contiguous() if sinks is not None else q
+
+    def launch(cfg: configs.Config) -> None:
+        grid = (triton.cdiv(L.max_q, cfg.block_m), L.n_seg * L.heads_q)
+        _attn_fwd[grid](
+            q, k, v, out, lse, L.segments, sinks_arg,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            lse.stride(0), lse.stride(1),
+            L.seqlen_q, L.seqlen_k, L.heads_q, L.group, L.window,
+            L.sm_scale2, L.cap_scale, L.cap2,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SINKS=sinks is not None,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **L.flags(),
+        )
+
+    cfg = configs.pick("fwd", L.block_d, L.key(q.dtype, sinks is not None), launch)
+    launch(cfg)
+    return out, lse
+
+
+def flash_attn_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    segments: Optional[torch.Tensor],
+    sinks: Optional[torch.Tensor],
+    scale: float,
+    causal: bool,
+    window: int,
+    softcap: float,
+    max_seqlen_q: int,
+    max_seqlen_k: int,
+):
+    """Returns ``(dq, dk, dv, dsinks)`` with ``dsinks`` float32 ``[Hq]`` (or None without sinks)."""
+    _check(q, k, v)
+    q, k, v, out = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(out)
+    dout = dout.contiguous()  # a grad of sum() has stride 0
+    lse = lse.contiguous()
+    L = _Launch(q, k, segments, scale, causal, window, softcap, max_seqlen_q, max_seqlen_k)
+    # dq for rows outside every segment and dk/dv for keys outside every segment are never written.
+    dq = _alloc_like(q, zero=L.segmented)
+    dk = _alloc_like(k, zero=L.segmented)
+    dv = _alloc_like(v, zero=L.segmented)
+    if L.empty or L.seqlen_k == 0:
+        dq.zero_(), dk.zero_(), dv.zero_()
+        dsinks = torch.zeros(L.heads_q, dtype=torch.float32, device=q.device) if sinks is not None else None
+        return dq, dk, dv, dsinks
+
+    # delta = rowsum(dO * O); rows outside every segment have O = 0, hence delta = 0.
+    delta = torch.empty((L.batch, L.heads_q, L.seqlen_q), dtype=torch.float32, device=q.device)
+    pre = configs.candidates("bwd_pre", L.block_d)[0]
+    _bwd_preprocess[(triton.cdiv(L.seqlen_q, pre.block_m), L.batch * L.heads_q)](
+        out, dout, delta,
+        out.stride(0), out.stride(1), out.stride(2),
+        dout.stride(0), dout.stride(1), dout.stride(2),
+        delta.stride(0), delta.stride(1), L.seqlen_q, L.heads_q,
+        HEAD_DIM=L.head_dim, BLOCK_D=L.block_d, BLOCK_M=pre.block_m, num_warps=pre.num_warps,
+    )
+    common = (
+        L.seqlen_q, L.seqlen_k, None, L.group, L.window,
+        L.scale, L.sm_scale2, L.cap_scale, L.cap2,
+    )
+
+    def launch_dq(cfg: configs.Config) -> None:
+        grid = (triton.cdiv(L.max_q, cfg.block_m), L.n_seg * L.heads_q)
+        args = list(common)
+        args[2] = L.heads_q
+        _attn_bwd_dq[grid](
+            q, k, v, dout, lse, delta, dq, L.segments,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            dout.stride(0), dout.stride(1), dout.stride(2),
+            dq.stride(0), dq.stride(1), dq.stride(2),
+            lse.stride(0), lse.stride(1),
+            *args,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **L.flags(),
+        )
+
+    def launch_dkdv(cfg: configs.Config) -> None:
+        grid = (triton.cdiv(L.max_k, cfg.block_n), L.n_seg * L.heads_kv)
+        args = list(common)
+        args[2] = L.heads_kv
+        _attn_bwd_dkdv[grid](
+            q, k, v, dout, lse, delta, dk, dv, L.segments,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            dout.stride(0), dout.stride(1), dout.stride(2),
+            dk.stride(0), dk.stride(1), dk.stride(2),
+            dv.stride(0), dv.stride(1), dv.stride(2),
+            lse.stride(0), lse.stride(1),
+            *args,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **L.flags(),
+        )
+
+    key = L.key(q.dtype)
+    launch_dkdv(configs.pick("bwd_dkdv", L.block_d, key, launch_dkdv))
+    launch_dq(configs.pick("bwd_dq", L.block_d, key, launch_dq))
+
+    dsinks = None
+    if sinks is not None:
+        # d lse_i / d sink = exp(sink - lse_i) and d out_i / d lse_i = -out_i, so
+        # dsink = -sum_i exp(sink - lse_i) * rowsum(dO_i * O_i). Rows outside segments: delta = 0.
+        prob_sink = torch.exp(sinks.to(device=q.device, dtype=torch.float32).view(1, -1, 1) - lse)
+        dsinks = -(prob_sink * delta).sum(dim=(0, 2))
+    return dq, dk, dv, dsinks
