@@ -117,17 +117,10 @@ def _attention_bwd(
 
 
 def _reference_backward(dout, q, k, v, segments, sinks, scale, causal, window, softcap):
-    inputs = [t.detach().requires_grad_() for t in (q, k, v)]
-    if sinks is not None:
-        inputs.append(sinks.detach().requires_grad_())
-    with torch.enable_grad():
-        out, _ = reference.attention_reference(
-            *inputs[:3], scale=scale, causal=causal, window=_window(window), softcap=_softcap(softcap),
-            sinks=inputs[3] if sinks is not None else None, segments=segments,
-        )
-        grads = torch.autograd.grad(out, inputs, dout)
-    dsinks = grads[3].float() if sinks is not None else None
-    return grads[0], grads[1], grads[2], dsinks
+    return reference.attention_reference_backward(
+        dout, q, k, v, scale=scale, causal=causal, window=_window(window), softcap=_softcap(softcap),
+        sinks=sinks, segments=segments,
+    )
 
 
 @_attention_bwd.register_fake

@@ -34,7 +34,13 @@ import math
 
 import torch
 
-__all__ = ["attention_reference", "attention_mask_from_segments", "rows_in_segments", "full_segments"]
+__all__ = [
+    "attention_reference",
+    "attention_reference_backward",
+    "attention_mask_from_segments",
+    "rows_in_segments",
+    "full_segments",
+]
 
 
 def full_segments(batch: int, seqlen_q: int, seqlen_k: int, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -103,6 +109,15 @@ def attention_reference(
 
     Differentiable with respect to ``q``, ``k``, ``v`` and ``sinks``.
     """
+    probs, _, lse, vf, _ = _probabilities(q, k, v, scale, causal, window, softcap, sinks, segments)
+    batch, seqlen_q, heads_q, head_dim = q.shape
+    out = torch.matmul(probs, vf)  # [B, Hkv, G, Sq, D]
+    out = out.reshape(batch, heads_q, seqlen_q, head_dim).permute(0, 2, 1, 3).to(q.dtype)
+    return out, lse.reshape(batch, heads_q, seqlen_q).float()
+
+
+def _probabilities(q, k, v, scale, causal, window, softcap, sinks, segments):
+    """Softmax probabilities ``[B, Hkv, G, Sq, Sk]`` plus what the backward pass reuses."""
     batch, seqlen_q, heads_q, head_dim = q.shape
     seqlen_k, heads_kv = k.shape[1], k.shape[2]
     if heads_q % heads_kv:
@@ -115,7 +130,7 @@ def attention_reference(
     qf = q.to(compute).permute(0, 2, 1, 3).reshape(batch, heads_kv, group, seqlen_q, head_dim)
     kf = k.to(compute).permute(0, 2, 1, 3).unsqueeze(2)
     vf = v.to(compute).permute(0, 2, 1, 3).unsqueeze(2)
-    scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale
+    scores = raw_scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale
     if softcap:
         scores = softcap * torch.tanh(scores / softcap)
 
@@ -134,6 +149,48 @@ def attention_reference(
     live = ~torch.isneginf(logits).all(-1, keepdim=True)
     lse = torch.logsumexp(logits.masked_fill(~live, 0.0), dim=-1, keepdim=True).masked_fill(~live, 0.0)
     probs = torch.exp(scores - lse)  # masked entries: exp(-inf) = 0
-    out = torch.matmul(probs, vf)  # [B, Hkv, G, Sq, D]
-    out = out.reshape(batch, heads_q, seqlen_q, head_dim).permute(0, 2, 1, 3).to(q.dtype)
-    return out, lse.reshape(batch, heads_q, seqlen_q).float()
+    return probs, (qf, kf, raw_scores, scale, group), lse, vf, logits
+
+
+def attention_reference_backward(
+    dout: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    causal: bool = True,
+    window: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    segments: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Gradients ``(dq, dk, dv, dsinks)`` of :func:`attention_reference`, written out (the FA2 backward maths).
+
+    With ``P`` the probabilities, ``O = P V`` and ``Delta_i = sum_d dO_id O_id``:
+    ``dV = P^T dO``, ``dS = P * (dO V^T - Delta)``, through the softcap ``dS *= 1 - tanh^2``,
+    ``dQ = scale dS K``, ``dK = scale dS^T Q``, and for a sink ``dsink_h = -sum_i P_sink,i Delta_i``.
+    """
+    probs, (qf, kf, raw_scores, scale, group), lse, vf, _ = _probabilities(
+        q, k, v, scale, causal, window, softcap, sinks, segments
+    )
+    batch, seqlen_q, heads_q, head_dim = q.shape
+    heads_kv = k.shape[2]
+    do = dout.to(probs.dtype).permute(0, 2, 1, 3).reshape(batch, heads_kv, group, seqlen_q, head_dim)
+    out = torch.matmul(probs, vf)
+    delta = (do * out).sum(-1, keepdim=True)
+    dv = torch.matmul(probs.transpose(-1, -2), do).sum(2)  # sum over the group's query heads
+    ds = probs * (torch.matmul(do, vf.transpose(-1, -2)) - delta)
+    if softcap:
+        ds = ds * (1 - torch.tanh(raw_scores / softcap) ** 2)
+    dq = torch.matmul(ds, kf) * scale
+    dk = torch.matmul(ds.transpose(-1, -2), qf).sum(2) * scale
+    dsinks = None
+    if sinks is not None:
+        sink_prob = torch.exp(sinks.to(probs.dtype).view(1, heads_kv, group, 1, 1) - lse)
+        in_segment = rows_in_segments(segments, batch, seqlen_q, device=q.device).view(batch, 1, 1, seqlen_q, 1)
+        dsinks = -(sink_prob * delta * in_segment).sum((0, 3, 4)).reshape(heads_q)
+    dq = dq.reshape(batch, heads_q, seqlen_q, head_dim).permute(0, 2, 1, 3).to(q.dtype)
+    dk = dk.permute(0, 2, 1, 3).to(k.dtype)
+    dv = dv.permute(0, 2, 1, 3).to(v.dtype)
+    return dq, dk, dv, dsinks
