@@ -1,0 +1,499 @@
+"""Paged KV cache: allocator unit tests, kernels vs the reference on the equivalent contiguous cache.
+
+Without CUDA the kernels run in the Triton interpreter (fp32/fp16, small shapes); with CUDA the same
+tests run compiled, and the ``gpu``-marked tests add bf16, large shapes and CUDA-graph capture.
+"""
+
+import math
+import os
+import random
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # must precede the first @triton.jit: the interpreter is chosen there
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from hf_attn_plugin import reference  # noqa: E402
+from hf_attn_plugin.paged import (  # noqa: E402
+    OutOfPagesError,
+    OutOfSequenceSlotsError,
+    PagedKVCache,
+    SequenceTooLongError,
+    bytes_per_page,
+    num_pages_for_budget,
+)
+from hf_attn_plugin.paged_ops import gather_kv, paged_attention, paged_attention_reference, write_kv  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+KERNELS_RUN = DEV == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+needs_kernels = pytest.mark.skipif(not KERNELS_RUN, reason="needs CUDA or TRITON_INTERPRET=1")
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    monkeypatch.setenv("HF_ATTN_PLUGIN_BACKEND", "triton")
+
+
+# =========================================================================== allocator
+def _cache(num_pages=16, page_size=4, max_seqs=8, max_seq_len=64, **kw):
+    return PagedKVCache(1, 1, 2, num_pages=num_pages, page_size=page_size, max_seqs=max_seqs,
+                        max_seq_len=max_seq_len, dtype=torch.float32, **kw)
+
+
+def _fill(cache, seq_id, values):
+    """Append tokens whose K (and V = -K) rows are constant ``values[i]``; returns the slots."""
+    slots = cache.append_slots(seq_id, len(values))
+    k = torch.tensor(values, dtype=torch.float32).view(-1, 1, 1).expand(-1, 1, cache.head_dim)
+    write_kv(cache.k_pools[0], cache.v_pools[0], k, -k, torch.tensor(slots, dtype=torch.int64))
+    return slots
+
+
+def _contents(cache, seq_id):
+    bt = cache.block_tables_host[seq_id]
+    k = gather_kv(cache.k_pools[0], bt, cache.seq_len(seq_id))[0, :, 0, 0]
+    v = gather_kv(cache.v_pools[0], bt, cache.seq_len(seq_id))[0, :, 0, 0]
+    assert torch.equal(v, -k)
+    return k.tolist()
+
+
+def test_append_allocates_pages_on_demand_in_order():
+    cache = _cache()
+    a = cache.add_sequence()
+    assert cache.append_slots(a, 3) == [0, 1, 2]
+    assert cache.pages(a) == [0]
+    assert cache.append_slots(a, 6) == [3, 4, 5, 6, 7, 8]  # fills page 0, takes pages 1 and 2
+    assert cache.pages(a) == [0, 1, 2] and cache.seq_len(a) == 9
+    assert cache.block_tables_host[a, :3].tolist() == [0, 1, 2]
+    assert cache.num_free_pages == 13
+    cache.check_invariants()
+
+
+def test_fork_shares_pages_and_copies_on_write():
+    cache = _cache()
+    parent = cache.add_sequence()
+    _fill(cache, parent, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0])  # one full page + 2 tokens
+    child = cache.fork(parent)
+    assert cache.pages(child) == cache.pages(parent)
+    assert all(cache.allocator.refcount(p) == 2 for p in cache.pages(parent))
+    free_before = cache.num_free_pages
+    _fill(cache, child, [7.0])  # shared partial last page: copied first
+    assert cache.num_free_pages == free_before - 1
+    assert cache.pages(child)[0] == cache.pages(parent)[0]  # full page still shared
+    assert cache.pages(child)[1] != cache.pages(parent)[1]
+    _fill(cache, parent, [8.0])  # parent is now the only user of its page: written in place
+    assert cache.num_free_pages == free_before - 1
+    assert _contents(cache, parent) == [1, 2, 3, 4, 5, 6, 8]
+    assert _contents(cache, child) == [1, 2, 3, 4, 5, 6, 7]
+    cache.check_invariants()
+
+
+def test_free_returns_pages_once_unshared():
+    cache = _cache()
+    a = cache.add_sequence()
+    _fill(cache, a, [float(i) for i in range(10)])
+    b = cache.fork(a)
+    cache.free(a)
+    assert cache.num_free_pages == 16 - 3  # b still holds them
+    assert _contents(cache, b) == [float(i) for i in range(10)]
+    cache.free(b)
+    assert cache.num_free_pages == 16
+    assert cache.add_sequence() in (a, b)  # rows are reused
+    cache.check_invariants()
+
+
+def test_out_of_pages_is_typed_and_changes_nothing():
+    cache = _cache(num_pages=4)
+    a = cache.add_sequence()
+    _fill(cache, a, [1.0] * 10)  # 3 pages
+    b = cache.add_sequence()
+    with pytest.raises(OutOfPagesError) as err:
+        cache.append_slots(b, 5)  # needs 2, 1 free
+    assert (err.value.needed, err.value.available) == (2, 1)
+    assert cache.seq_len(b) == 0 and cache.num_free_pages == 1
+    with pytest.raises(OutOfPagesError):  # all-or-nothing over a whole step
+        cache.plan([a, b], [3, 4])  # 1 page each, 1 free
+    assert cache.seq_len(a) == 10 and cache.seq_len(b) == 0 and cache.num_free_pages == 1
+    c = cache.fork(a)  # copy-on-write needs a page too
+    cache.append_slots(b, 1)
+    with pytest.raises(OutOfPagesError):
+        cache.append_slots(c, 1)
+    assert not cache.can_append(c, 1)
+    assert _contents(cache, a) == [1.0] * 10
+    cache.check_invariants()
+
+
+def test_limits_are_typed():
+    cache = _cache(max_seqs=2, max_seq_len=8)
+    a = cache.add_sequence()
+    cache.add_sequence()
+    with pytest.raises(OutOfSequenceSlotsError):
+        cache.add_sequence()
+    with pytest.raises(SequenceTooLongError):
+        cache.append_slots(a, 9)
+    assert cache.seq_len(a) == 0
+
+
+def test_waste_metric():
+    cache = _cache(page_size=4)
+    assert cache.waste() == 0.0
+    a = cache.add_sequence()
+    cache.append_slots(a, 5)  # 2 pages, 8 slots, 5 used
+    assert cache.waste() == pytest.approx(3 / 8)
+    b = cache.fork(a)  # shared pages count once
+    assert cache.waste() == pytest.approx(3 / 8)
+    cache.append_slots(b, 1)  # COW: 3 pages, 12 slots, 4 + 1 + 2 used
+    assert cache.waste() == pytest.approx(5 / 12)
+
+
+def test_sizing_from_budget():
+    per_page = bytes_per_page(4, 8, 128, 16, torch.bfloat16)
+    assert per_page == 2 * 4 * 16 * 8 * 128 * 2
+    assert num_pages_for_budget(1.0, num_layers=4, num_kv_heads=8, head_dim=128) == 2**30 // per_page
+    cache = PagedKVCache(2, 2, 8, memory_gib=1 / 1024, page_size=16, max_seqs=4, max_seq_len=64, dtype=torch.float16)
+    assert cache.num_pages == 2**20 // bytes_per_page(2, 2, 8, 16, torch.float16)
+    assert cache.k_pools[0].shape == (cache.num_pages, 16, 2, 8) and len(cache.v_pools) == 2
+    assert cache.block_tables_host.shape == (4, 4)
+
+
+def test_random_operations_leak_nothing_and_never_overwrite():
+    rng = random.Random(0)
+    cache = _cache(num_pages=40, page_size=4, max_seqs=12, max_seq_len=48)
+    expected: dict[int, list[float]] = {}
+    counter = 0.0
+    for step in range(1000):
+        op = rng.random()
+        live = list(expected)
+        try:
+            if op < 0.2 or not live:
+                sid = cache.add_sequence()
+                expected[sid] = []
+            elif op < 0.35:
+                src = rng.choice(live)
+                expected[cache.fork(src)] = list(expected[src])
+            elif op < 0.55:
+                sid = rng.choice(live)
+                cache.free(sid)
+                del expected[sid]
+            else:
+                sid = rng.choice(live)
+                n = rng.randint(1, 9)
+                values = [counter + i for i in range(n)]
+                _fill(cache, sid, values)
+                counter += n
+                expected[sid].extend(values)
+        except (OutOfPagesError, OutOfSequenceSlotsError, SequenceTooLongError):
+            pass
+        cache.check_invariants()
+        if step % 50 == 0:
+            for sid, vals in expected.items():
+                assert _contents(cache, sid) == vals
+    for sid, vals in expected.items():
+        assert _contents(cache, sid) == vals
+        cache.free(sid)
+    assert cache.num_free_pages == cache.num_pages
+    cache.check_invariants()
+
+
+# =========================================================================== kernels vs reference
+def _random_paged(lens, heads_kv, head_dim, page_size, dtype, spare_pages=3, k_starts=None):
+    """Pools with every sequence's pages at shuffled places; slots past each length hold NaN."""
+    counts = [-(-n // page_size) for n in lens]
+    num_pages = sum(counts) + spare_pages
+    k_pool = torch.full((num_pages, page_size, heads_kv, head_dim), math.nan, dtype=dtype)
+    v_pool = torch.full_like(k_pool, math.nan)
+    perm = torch.randperm(num_pages)
+    width = max(counts) + 2
+    block_tables = torch.randint(0, num_pages, (len(lens), width), dtype=torch.int32)  # padding: never read
+    used = 0
+    for b, (n, c) in enumerate(zip(lens, counts)):
+        pages = perm[used : used + c]
+        used += c
+        block_tables[b, :c] = pages.int()
+        flat_k = torch.randn(c * page_size, heads_kv, head_dim).to(dtype)
+        flat_v = torch.randn(c * page_size, heads_kv, head_dim).to(dtype)
+        flat_k[n:] = math.nan
+        flat_v[n:] = math.nan
+        k_pool[pages] = flat_k.view(c, page_size, heads_kv, head_dim)
+        v_pool[pages] = flat_v.view(c, page_size, heads_kv, head_dim)
+    to = dict(device=DEV)
+    return (k_pool.to(**to), v_pool.to(**to), block_tables.to(**to),
+            torch.tensor(lens, dtype=torch.int32, device=DEV),
+            torch.tensor(k_starts, dtype=torch.int32, device=DEV) if k_starts is not None else None)
+
+
+def _torch_in_dtype(q, k_pool, v_pool, block_tables, seq_lens, cu, k_starts, sinks, scale, causal, window, softcap):
+    """Plain PyTorch attention with every matmul and the softmax in q's dtype (the error baseline)."""
+    out = torch.zeros_like(q)
+    lens = seq_lens.tolist()
+    cu = cu.tolist() if cu is not None else list(range(len(lens) + 1))
+    starts = k_starts.tolist() if k_starts is not None else [0] * len(lens)
+    heads_q, heads_kv = q.shape[1], k_pool.shape[2]
+    for b, length in enumerate(lens):
+        n = cu[b + 1] - cu[b]
+        if n == 0:
+            continue
+        k = gather_kv(k_pool, block_tables[b], length)[0].repeat_interleave(heads_q // heads_kv, 1).transpose(0, 1)
+        v = gather_kv(v_pool, block_tables[b], length)[0].repeat_interleave(heads_q // heads_kv, 1).transpose(0, 1)
+        qb = q[cu[b] : cu[b + 1]].transpose(0, 1)  # [H, n, D]
+        s = (qb @ k.transpose(1, 2)) * scale
+        if softcap:
+            s = softcap * torch.tanh(s / softcap)
+        seg = torch.tensor([[0, 0, n, starts[b], length]], dtype=torch.int32)
+        mask = reference.attention_mask_from_segments(seg, 1, n, length, causal=causal, window=window or None,
+                                                       device=q.device)[0]
+        s = s.masked_fill(~mask, -math.inf)
+        if sinks is not None:
+            s = torch.cat([s, sinks.to(s.dtype).view(-1, 1, 1).expand(-1, n, 1)], -1)
+        p = torch.softmax(s, -1).nan_to_num(0.0)[..., :length]
+        out[cu[b] : cu[b + 1]] = (p @ v).transpose(0, 1)
+    return out
+
+
+def _check(q, k_pool, v_pool, block_tables, seq_lens, *, cu=None, max_q=None, k_starts=None, sinks=None,
+           causal=True, window=0, softcap=0.0, num_splits=1):
+    scale = q.shape[-1] ** -0.5
+    from hf_attn_plugin.kernels import paged as kernels
+
+    out = kernels.paged_attention(q, k_pool, v_pool, block_tables, seq_lens, cu, max_q or 1, k_starts, sinks,
+                                  scale, causal, window, softcap, num_splits)
+    f64 = [t.double() for t in (q, k_pool, v_pool)]
+    ref = paged_attention_reference(*f64, block_tables, seq_lens, cu, k_starts,
+                                    sinks.double() if sinks is not None else None, scale, causal, window, softcap)
+    base = _torch_in_dtype(q, k_pool, v_pool, block_tables, seq_lens, cu, k_starts, sinks, scale, causal, window,
+                           softcap)
+    assert torch.isfinite(out).all(), "unwritten or NaN output"
+    err = (out.double() - ref).abs().max().item()
+    err_base = (base.double() - ref).abs().max().item()
+    assert err <= 2 * err_base + 1e-5, (err, err_base)
+    return out
+
+
+def _sinks(heads_q):
+    return torch.randn(heads_q, device=DEV)
+
+
+DECODE_CASES = [
+    # lens, Hq, Hkv, D, page, splits, dtype, features
+    ([5, 37, 70], 8, 2, 32, 16, 1, torch.float32, {}),
+    ([5, 37, 70], 8, 2, 32, 16, 3, torch.float32, {}),
+    ([1, 130, 64], 4, 4, 32, 64, 2, torch.float32, {}),
+    ([9, 100], 6, 2, 16, 16, 4, torch.float32, {}),  # group of 3 (not a power of two)
+    ([33, 90], 8, 1, 64, 16, 3, torch.float16, {}),  # MQA, fp16
+    ([20, 77], 4, 2, 32, 16, 2, torch.float32, {"window": 24}),
+    ([20, 77], 4, 2, 32, 64, 1, torch.float16, {"window": 5, "softcap": 3.0}),
+    ([20, 77, 3], 4, 2, 32, 16, 3, torch.float32, {"sinks": True}),
+    ([20, 77, 40], 4, 2, 32, 16, 2, torch.float32, {"k_starts": [3, 50, 0], "sinks": True}),
+    ([0, 45], 4, 2, 32, 16, 2, torch.float32, {"sinks": True}),  # an empty (padding) sequence
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("lens,hq,hkv,d,page,splits,dtype,feat", DECODE_CASES)
+def test_decode_matches_reference(lens, hq, hkv, d, page, splits, dtype, feat):
+    pools = _random_paged([max(n, 0) for n in lens], hkv, d, page, dtype, k_starts=feat.get("k_starts"))
+    k_pool, v_pool, bt, seq_lens, k_starts = pools
+    q = torch.randn(len(lens), hq, d, device=DEV).to(dtype)
+    sinks = _sinks(hq) if feat.get("sinks") else None
+    _check(q, k_pool, v_pool, bt, seq_lens, k_starts=k_starts, sinks=sinks, window=feat.get("window", 0),
+           softcap=feat.get("softcap", 0.0), num_splits=splits)
+
+
+PREFILL_CASES = [
+    # cached lens (new tokens included), new tokens per sequence, Hq, Hkv, page, splits, dtype, features
+    ([12, 40, 7], [12, 40, 7], 4, 2, 16, 1, torch.float32, {}),  # plain prefill
+    ([50, 90, 7], [3, 20, 7], 8, 2, 16, 1, torch.float16, {}),  # chunked prefill over cached prefixes
+    ([50, 130], [17, 1], 4, 1, 64, 2, torch.float32, {}),  # split-K in prefill; a decode row mixed in
+    ([60, 33], [25, 33], 6, 2, 16, 1, torch.float32, {"window": 9}),
+    ([60, 33], [25, 0], 4, 2, 16, 1, torch.float32, {"softcap": 2.5, "sinks": True}),  # zero-length query
+    ([60, 45], [30, 10], 4, 4, 16, 1, torch.float32, {"k_starts": [8, 30], "window": 20}),
+    ([40], [40], 4, 2, 16, 1, torch.float32, {"causal": False}),
+]
+
+
+@needs_kernels
+@pytest.mark.parametrize("lens,new,hq,hkv,page,splits,dtype,feat", PREFILL_CASES)
+def test_prefill_matches_reference(lens, new, hq, hkv, page, splits, dtype, feat):
+    d = 32
+    k_pool, v_pool, bt, seq_lens, k_starts = _random_paged(lens, hkv, d, page, dtype, k_starts=feat.get("k_starts"))
+    cu = torch.tensor([0] + list(torch.tensor(new).cumsum(0)), dtype=torch.int32, device=DEV)
+    q = torch.randn(sum(new), hq, d, device=DEV).to(dtype)
+    sinks = _sinks(hq) if feat.get("sinks") else None
+    _check(q, k_pool, v_pool, bt, seq_lens, cu=cu, max_q=max(new), k_starts=k_starts, sinks=sinks,
+           causal=feat.get("causal", True), window=feat.get("window", 0), softcap=feat.get("softcap", 0.0),
+           num_splits=splits)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_write_kv_kernel(dtype, triton_backend):
+    k_pool = torch.randn(6, 16, 2, 8, device=DEV).to(dtype)
+    v_pool = torch.randn_like(k_pool)
+    expect_k, expect_v = k_pool.clone(), v_pool.clone()
+    slots = torch.tensor([5, -1, 40, 95, 17], device=DEV)
+    k_new = torch.randn(5, 2, 8, device=DEV).to(dtype)
+    v_new = torch.randn(5, 2, 8, device=DEV).to(dtype)
+    write_kv(k_pool, v_pool, k_new, v_new, slots)
+    keep = slots >= 0
+    expect_k.view(-1, 2, 8)[slots[keep]] = k_new[keep]
+    expect_v.view(-1, 2, 8)[slots[keep]] = v_new[keep]
+    assert torch.equal(k_pool, expect_k) and torch.equal(v_pool, expect_v)
+
+
+def _generate_with_cache(backend_env, monkeypatch):
+    """Prefill three prompts (one forked twice), then decode steps, against the contiguous reference."""
+    monkeypatch.setenv("HF_ATTN_PLUGIN_BACKEND", backend_env)
+    hq, hkv, d = 4, 2, 16
+    cache = PagedKVCache(1, hkv, d, num_pages=40, page_size=16, max_seqs=8, max_seq_len=128, dtype=torch.float32,
+                         device=DEV)
+    history: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+    seqs = [cache.add_sequence() for _ in range(3)]
+    counts = [21, 5, 34]
+    for step in range(4):
+        if step == 1:  # parallel sampling: fork a partially filled sequence
+            seqs.append(cache.fork(seqs[0]))
+            history[seqs[-1]] = history[seqs[0]]
+        if step > 0:
+            counts = [1] * len(seqs)
+        plan = cache.plan(seqs, counts)
+        total = sum(counts)
+        q = torch.randn(total, hq, d, device=DEV)
+        k = torch.randn(total, hkv, d, device=DEV)
+        v = torch.randn(total, hkv, d, device=DEV)
+        write_kv(cache.k_pools[0], cache.v_pools[0], k, v, plan.slot_mapping)
+        if plan.is_decode:
+            out = paged_attention(q, cache.k_pools[0], cache.v_pools[0], plan.block_tables, plan.seq_lens,
+                                  window=20, num_splits=2)
+        else:
+            out = paged_attention(q, cache.k_pools[0], cache.v_pools[0], plan.block_tables, plan.seq_lens,
+                                  cu_seqlens_q=plan.cu_seqlens_q, max_seqlen_q=plan.max_seqlen_q, window=20)
+        offsets = plan.cu_seqlens_q.tolist()
+        for i, sid in enumerate(seqs):
+            sl = slice(offsets[i], offsets[i + 1])
+            pk, pv = history.get(sid, (k[:0], v[:0]))
+            history[sid] = (torch.cat([pk, k[sl]]), torch.cat([pv, v[sl]]))
+            ref, _ = reference.attention_reference(q[sl][None], history[sid][0][None], history[sid][1][None],
+                                                   window=20)
+            torch.testing.assert_close(out[sl], ref[0], atol=1e-5, rtol=1e-5)
+    cache.check_invariants()
+    for sid in seqs:
+        cache.free(sid)
+    assert cache.num_free_pages == cache.num_pages
+
+
+def test_cache_end_to_end_reference_backend(monkeypatch):
+    _generate_with_cache("reference", monkeypatch)
+
+
+@needs_kernels
+def test_cache_end_to_end_triton_backend(monkeypatch):
+    _generate_with_cache("triton", monkeypatch)
+
+
+def test_ops_opcheck_and_fake(reference_backend):
+    k_pool, v_pool, bt, seq_lens, _ = _random_paged([10, 20], 2, 8, 16, torch.float32)
+    k_pool, v_pool = k_pool.nan_to_num(0.0), v_pool.nan_to_num(0.0)
+    q = torch.randn(2, 4, 8, device=DEV)
+    args = (q, k_pool, v_pool, bt, seq_lens, None, None, None, 8**-0.5, True, 0, 0.0, 1, 1)
+    torch.library.opcheck(torch.ops.hf_attn_plugin.paged_attention.default, args)
+    slots = torch.tensor([3, 17], device=DEV)
+    kv = torch.randn(2, 2, 8, device=DEV)
+    torch.library.opcheck(torch.ops.hf_attn_plugin.paged_write_kv.default, (k_pool, v_pool, kv, kv.clone(), slots))
+
+
+def test_api_rejects_bad_inputs():
+    k_pool = torch.zeros(4, 16, 2, 8)
+    q = torch.zeros(3, 4, 8)
+    bt = torch.zeros(2, 2, dtype=torch.int32)
+    with pytest.raises(ValueError, match="one query per sequence"):
+        paged_attention(q, k_pool, k_pool, bt, torch.ones(2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="int32"):
+        paged_attention(q[:2], k_pool, k_pool, bt.long(), torch.ones(2, dtype=torch.int32))
+    with pytest.raises(ValueError, match="GQA"):
+        paged_attention(torch.zeros(2, 3, 8), k_pool, k_pool, bt, torch.ones(2, dtype=torch.int32))
+
+
+# =========================================================================== GPU only
+@pytest.mark.gpu
+@pytest.mark.parametrize("num_splits", [None, 1, 7])
+@pytest.mark.parametrize("feat", [{}, {"window": 1000, "sinks": True}, {"softcap": 30.0, "k_starts": True}])
+def test_gpu_decode_bf16_large(num_splits, feat):
+    lens = [1, 17, 300, 4096, 8191, 2000, 6000, 5]
+    starts = [0, 3, 100, 0, 4000, 7, 0, 0] if feat.get("k_starts") else None
+    k_pool, v_pool, bt, seq_lens, k_starts = _random_paged(lens, 8, 128, 16, torch.bfloat16, k_starts=starts)
+    q = torch.randn(len(lens), 32, 128, device=DEV, dtype=torch.bfloat16)
+    sinks = _sinks(32) if feat.get("sinks") else None
+    out = paged_attention(q, k_pool, v_pool, bt, seq_lens, k_starts=k_starts, sinks=sinks,
+                          window=feat.get("window"), softcap=feat.get("softcap"), num_splits=num_splits)
+    scale = 128**-0.5
+    ref = paged_attention_reference(q.double(), k_pool.double(), v_pool.double(), bt, seq_lens, None, k_starts,
+                                    sinks.double() if sinks is not None else None, scale, True,
+                                    feat.get("window", 0), feat.get("softcap", 0.0))
+    base = _torch_in_dtype(q, k_pool, v_pool, bt, seq_lens, None, k_starts, sinks, scale, True,
+                           feat.get("window", 0), feat.get("softcap", 0.0))
+    err, err_base = (out.double() - ref).abs().max().item(), (base.double() - ref).abs().max().item()
+    assert torch.isfinite(out).all() and err <= 2 * err_base + 1e-5, (err, err_base)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d,hq,hkv", [(128, 32, 8), (64, 16, 16), (256, 8, 2)])
+@pytest.mark.parametrize("feat", [{}, {"window": 100, "sinks": True, "softcap": 20.0}])
+def test_gpu_prefill_bf16(d, hq, hkv, feat):
+    lens, new = [700, 1500, 64, 3000], [700, 333, 1, 1024]
+    k_pool, v_pool, bt, seq_lens, _ = _random_paged(lens, hkv, d, 16, torch.bfloat16)
+    cu = torch.tensor([0] + list(torch.tensor(new).cumsum(0)), dtype=torch.int32, device=DEV)
+    q = torch.randn(sum(new), hq, d, device=DEV, dtype=torch.bfloat16)
+    sinks = _sinks(hq) if feat.get("sinks") else None
+    _check(q, k_pool, v_pool, bt, seq_lens, cu=cu, max_q=max(new), sinks=sinks, window=feat.get("window", 0),
+           softcap=feat.get("softcap", 0.0))
+
+
+@pytest.mark.gpu
+def test_gpu_decode_cuda_graph_capture_and_replay():
+    batch, hq, hkv, d, page, width = 8, 32, 8, 128, 16, 64
+    num_pages = batch * width
+    k_pool = torch.randn(num_pages, page, hkv, d, device=DEV, dtype=torch.bfloat16)
+    v_pool = torch.randn_like(k_pool)
+    bt = torch.randperm(num_pages, device=DEV).int().view(batch, width)
+    seq_lens = torch.randint(1, width * page, (batch,), device=DEV, dtype=torch.int32)
+    q = torch.randn(batch, hq, d, device=DEV, dtype=torch.bfloat16)
+    sinks = _sinks(hq)
+
+    def step():
+        return paged_attention(q, k_pool, v_pool, bt, seq_lens, sinks=sinks, num_splits=4)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()  # compile outside the capture
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for _ in range(3):  # new lengths, tables and queries in the same buffers
+        seq_lens.copy_(torch.randint(0, width * page, (batch,), device=DEV, dtype=torch.int32))
+        bt.copy_(torch.randperm(num_pages, device=DEV).int().view(batch, width))
+        q.copy_(torch.randn_like(q))
+        out.fill_(math.nan)
+        graph.replay()
+        ref = paged_attention_reference(q.double(), k_pool.double(), v_pool.double(), bt, seq_lens, None, None,
+                                        sinks.double(), d**-0.5, True, 0, 0.0)
+        assert torch.isfinite(out).all()
+        assert (out.double() - ref).abs().max().item() < 2e-2
+
+
+@pytest.mark.gpu
+def test_gpu_torch_compile_fullgraph():
+    k_pool, v_pool, bt, seq_lens, _ = _random_paged([100, 900], 8, 128, 16, torch.bfloat16)
+    k_pool, v_pool = k_pool.nan_to_num(0.0), v_pool.nan_to_num(0.0)
+    q = torch.randn(2, 32, 128, device=DEV, dtype=torch.bfloat16)
+    k_new = torch.randn(2, 8, 128, device=DEV, dtype=torch.bfloat16)
+    slots = torch.tensor([bt[0, 6].item() * 16 + 3, bt[1, 56].item() * 16 + 3], device=DEV)
+
+    def step(q, k_new):
+        write_kv(k_pool, v_pool, k_new, k_new, slots)
+        return paged_attention(q, k_pool, v_pool, bt, seq_lens)
+
+    expect = step(q, k_new)
+    got = torch.compile(step, fullgraph=True)(q, k_new)
+    torch.testing.assert_close(got, expect)
