@@ -73,13 +73,13 @@ def _attention_fwd(
         q, k, v, scale=scale, causal=causal, window=_window(window), softcap=_softcap(softcap),
         sinks=sinks, segments=segments,
     )
-    return out, lse
+    return out.contiguous(), lse.contiguous()
 
 
 @_attention_fwd.register_fake
 def _(q, k, v, segments, sinks, scale, causal, window, softcap, max_seqlen_q, max_seqlen_k):
     batch, seqlen_q, heads_q, _ = q.shape
-    out = q.new_empty(q.shape[:-1] + (v.shape[-1],))
+    out = q.new_empty(q.shape)
     lse = q.new_empty((batch, heads_q, seqlen_q), dtype=torch.float32)
     return out, lse
 
@@ -113,7 +113,7 @@ def _attention_bwd(
         dq, dk, dv, dsinks = _reference_backward(dout, q, k, v, segments, sinks, scale, causal, window, softcap)
     if dsinks is None:
         dsinks = q.new_empty(0, dtype=torch.float32)
-    return dq, dk, dv, dsinks
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), dsinks.float()
 
 
 def _reference_backward(dout, q, k, v, segments, sinks, scale, causal, window, softcap):
@@ -126,7 +126,8 @@ def _reference_backward(dout, q, k, v, segments, sinks, scale, causal, window, s
 @_attention_bwd.register_fake
 def _(dout, q, k, v, out, lse, segments, sinks, scale, causal, window, softcap, max_seqlen_q, max_seqlen_k):
     dsinks = torch.empty_like(sinks, dtype=torch.float32) if sinks is not None else q.new_empty(0, dtype=torch.float32)
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v), dsinks
+    grads = (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
+    return *grads, dsinks
 
 
 def _setup_context(ctx, inputs, output):
