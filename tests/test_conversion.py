@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -354,8 +355,10 @@ def test_failure_while_writing_leaves_no_partial_output(checkpoints, tmp_path, m
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
+    repo = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), os.environ.get("PYTHONPATH", "")])}
     return subprocess.run(
-        [sys.executable, "-m", "hf_attn_plugin.conversion", *args], capture_output=True, text=True, timeout=120
+        [sys.executable, "-m", "hf_attn_plugin.conversion", *args], capture_output=True, text=True, timeout=120, env=env
     )
 
 
