@@ -10,7 +10,7 @@ split): its M rows are ``BLOCK_Q`` query tokens x ``HEAD_PAD`` query heads of on
 (``row = token * HEAD_PAD + head``), so every K/V tile is loaded once for the whole group. Decode
 uses ``BLOCK_Q = 1`` (the group's heads padded to >= 16 rows for ``tl.dot``). Keys are walked in
 tiles of ``BLOCK_N`` positions; each position finds its page through the block table, so a tile may
-span several pages or part of one. With ``NUM_SPLITS > 1`` the key range is cut into that many
+span several pages or part of one. With ``num_splits > 1`` the key range is cut into that many
 contiguous pieces (split-K); each writes a normalised partial output and its log-sum-exp, and
 :func:`_combine_kernel` merges them (and the sinks). The grid depends only on shapes and
 ``num_splits``, never on sequence lengths, so a decode step can be captured in a CUDA graph.
@@ -95,17 +95,21 @@ def _paged_attention_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
     stride_bt,
-    scale_log2, softcap, window,
+    scale_log2, softcap, window, num_splits,
     GROUP: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr, SPLIT_K: tl.constexpr,
     VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
     HAS_SINKS: tl.constexpr, HAS_K_STARTS: tl.constexpr, PRECISION: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = BLOCK_Q * HEAD_PAD
     seq = tl.program_id(0)
     kv_head = tl.program_id(1)
-    q_tile = tl.program_id(2) // NUM_SPLITS
-    split = tl.program_id(2) % NUM_SPLITS
+    if SPLIT_K:
+        q_tile = tl.program_id(2) // num_splits
+        split = tl.program_id(2) % num_splits
+    else:
+        q_tile = tl.program_id(2)
+        split = 0
 
     seq_len = tl.load(seq_lens_ptr + seq)
     if VARLEN:
@@ -131,7 +135,7 @@ def _paged_attention_kernel(
     d_ok = d < HEAD_DIM
     token = (q_first + tok).to(tl.int64)
 
-    # Keys this query tile may see, [lo, hi), cut into NUM_SPLITS runs of whole BLOCK_N tiles.
+    # Keys this query tile may see, [lo, hi), cut into num_splits runs of whole BLOCK_N tiles.
     first_pos = seq_len - num_q + q_tile * BLOCK_Q
     last_pos = tl.minimum(first_pos + BLOCK_Q, seq_len) - 1
     if CAUSAL:
@@ -143,7 +147,7 @@ def _paged_attention_kernel(
         lo = tl.maximum(lo, first_pos - window + 1)
     tile_lo = lo // BLOCK_N
     num_tiles = tl.maximum(tl.cdiv(hi, BLOCK_N) - tile_lo, 0)
-    tiles_per_split = tl.cdiv(num_tiles, NUM_SPLITS)
+    tiles_per_split = tl.cdiv(num_tiles, num_splits)
     start = (tile_lo + split * tiles_per_split) * BLOCK_N
     end = tl.minimum(start + tiles_per_split * BLOCK_N, hi)
 
@@ -183,12 +187,12 @@ def _paged_attention_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
-    if NUM_SPLITS == 1:
+    if not SPLIT_K:
         out = _normalize(acc, m_i, l_i, sinks_ptr, head, row_ok, HAS_SINKS)
         tl.store(out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    else:  # partials [T, Hq, NUM_SPLITS, (D)]: normalised output and base-2 log-sum-exp
-        part = (token * (GROUP * tl.num_programs(1)) + head) * NUM_SPLITS + split
+    else:  # partials [T, Hq, num_splits, (D)]: normalised output and base-2 log-sum-exp
+        part = (token * (GROUP * tl.num_programs(1)) + head) * num_splits + split
         lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
         tl.store(part_lse_ptr + part, lse, mask=row_ok)
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -197,17 +201,17 @@ def _paged_attention_kernel(
 
 @triton.jit
 def _combine_kernel(
-    part_out_ptr, part_lse_ptr, out_ptr, sinks_ptr, stride_ot, stride_oh,
-    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    BLOCK_S: tl.constexpr, HAS_SINKS: tl.constexpr,
+    part_out_ptr, part_lse_ptr, out_ptr, sinks_ptr, stride_ot, stride_oh, num_splits,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
 ):
     """Merge the splits of one (token, query head): out = sum_s 2^(lse_s - lse) * out_s."""
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     s = tl.arange(0, BLOCK_S)
     d = tl.arange(0, BLOCK_D)
-    s_ok = s < NUM_SPLITS
-    part = (token * NUM_HEADS + head) * NUM_SPLITS + s
+    s_ok = s < num_splits
+    part = (token * NUM_HEADS + head) * num_splits + s
     lse = tl.load(part_lse_ptr + part, mask=s_ok, other=float("-inf"))
     parts = tl.load(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :], mask=s_ok[:, None] & (d < HEAD_DIM)[None, :],
                     other=0.0)
@@ -256,14 +260,17 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def default_num_splits(num_programs: int, max_context: int, device: torch.device) -> int:
-    """Split-K factor from shapes only (CUDA-graph safe): about four programs per SM, each split
-    at least 512 keys of the largest possible context, at most 128 splits."""
+def default_num_splits(num_programs: int, max_context: int, device: torch.device,
+                       programs_per_sm: int = 4, keys_per_split: int = 4096) -> int:
+    """Split-K factor from shapes only (CUDA-graph safe; ``max_context`` is the block table's
+    capacity, not a length). Enough programs to fill every SM ``programs_per_sm`` times, and no
+    split longer than ``keys_per_split`` keys, so one long sequence in a batch of short ones does
+    not become the tail; each split keeps at least 256 keys; at most 128 splits."""
     if device.type != "cuda":
         return 1
-    target = 4 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
-    want = -(-target // max(num_programs, 1))
-    return int(max(1, min(want, max_context // 512, 128)))
+    target = programs_per_sm * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    want = max(-(-target // max(num_programs, 1)), -(-max_context // keys_per_split))
+    return int(max(1, min(want, max_context // 256, 128)))
 
 
 def paged_attention(
@@ -323,9 +330,9 @@ def paged_attention(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), v_pool.stride(0), v_pool.stride(1), v_pool.stride(2),
         block_tables.stride(0),
-        scale * LOG2E, float(softcap), int(window),
+        scale * LOG2E, float(softcap), int(window), num_splits,
         GROUP=group, HEAD_PAD=head_pad, BLOCK_Q=block_q, BLOCK_N=cfg.block_n,
-        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), PAGE_SIZE=page_size, NUM_SPLITS=num_splits,
+        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), PAGE_SIZE=page_size, SPLIT_K=num_splits > 1,
         VARLEN=not decode, CAUSAL=bool(causal), HAS_WINDOW=window > 0, HAS_SOFTCAP=softcap > 0,
         HAS_SINKS=sinks is not None, HAS_K_STARTS=k_starts is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
@@ -333,9 +340,9 @@ def paged_attention(
     )
     if num_splits > 1:
         _combine_kernel[(num_tokens, heads_q)](
-            part_out, part_lse, out, sinks if sinks is not None else dummy, out.stride(0), out.stride(1),
+            part_out, part_lse, out, sinks if sinks is not None else dummy, out.stride(0), out.stride(1), num_splits,
             NUM_HEADS=heads_q, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
-            NUM_SPLITS=num_splits, BLOCK_S=triton.next_power_of_2(num_splits), HAS_SINKS=sinks is not None,
+            BLOCK_S=triton.next_power_of_2(num_splits), HAS_SINKS=sinks is not None,
             num_warps=4,
         )
     return out
