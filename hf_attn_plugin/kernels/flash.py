@@ -138,7 +138,7 @@ def _kv_range(m0, len_q, len_k, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.const
         lo = tl.maximum(m0 + off - window + 1, 0) // BLOCK_N * BLOCK_N
     full_lo = lo
     if WINDOW:  # first tile the last row sees entirely
-        full_lo = tl.maximum(lo, tl.cdiv(tl.maximum(m0 + BLOCK_M + off - window, 0), BLOCK_N) * BLOCK_N)
+        full_lo = tl.maximum(lo, (tl.maximum(m0 + BLOCK_M + off - window, 0) + BLOCK_N - 1) // BLOCK_N * BLOCK_N)
     full_hi = len_k // BLOCK_N * BLOCK_N  # no ragged end
     if CAUSAL:  # tiles ending at or before the first row's diagonal
         full_hi = tl.minimum(full_hi, tl.maximum(m0 + off + 1, 0) // BLOCK_N * BLOCK_N)
@@ -159,7 +159,7 @@ def _q_range(n0, len_q, len_k, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.conste
         hi = tl.minimum(hi, n0 + BLOCK_N - 1 - off + window)
     full_lo = lo
     if CAUSAL:  # first tile whose rows all see the tile's last column
-        full_lo = tl.maximum(lo, tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - off, 0), BLOCK_M) * BLOCK_M)
+        full_lo = tl.maximum(lo, (tl.maximum(n0 + BLOCK_N - 1 - off, 0) + BLOCK_M - 1) // BLOCK_M * BLOCK_M)
     full_hi = len_q // BLOCK_M * BLOCK_M
     if WINDOW:  # tiles whose last row still sees the tile's first column
         full_hi = tl.minimum(full_hi, tl.maximum(n0 - off + window, 0) // BLOCK_M * BLOCK_M)
@@ -250,12 +250,12 @@ def _attn_fwd(
     q = _load_rows(q_base, stride_qs, len_q - m0, BLOCK_M, HEAD_DIM, BLOCK_D, True)
 
     if SINKS:
-        m_i = tl.zeros([BLOCK_M], dtype=tl.float32) + tl.load(Sinks + head).to(tl.float32) * 1.4426950408889634
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32) + 1.0
+        m_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32) + tl.load(Sinks + head).to(tl.float32) * 1.4426950408889634
+        l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32) + 1.0
     else:
-        m_i = tl.zeros([BLOCK_M], dtype=tl.float32) - float("inf")
-        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+        m_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32) - float("inf")
+        l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
 
     lo, p1_end, full_lo, full_hi, hi = _kv_range(m0, len_q, len_k, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
     # window-edge tiles, then the unmasked bulk, then the diagonal band / ragged end
@@ -369,7 +369,7 @@ def _attn_bwd_dq(
     k_base = K + batch64 * stride_kb + kv_head.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_ks
     v_base = V + batch64 * stride_vb + kv_head.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vs
 
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
     lo, p1_end, full_lo, full_hi, hi = _kv_range(m0, len_q, len_k, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
     dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, m0, lo, p1_end, len_q, len_k,
                    window, sm_scale2, cap_scale, cap2, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, CAUSAL, WINDOW,
@@ -457,8 +457,8 @@ def _attn_bwd_dkdv(
                    len_k - n0, BLOCK_N, HEAD_DIM, BLOCK_D, True)
     v = _load_rows(V + batch64 * stride_vb + kv_head.to(tl.int64) * stride_vh + krow0 * stride_vs, stride_vs,
                    len_k - n0, BLOCK_N, HEAD_DIM, BLOCK_D, True)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dk = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=tl.float32)
+    dv = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=tl.float32)
     lo, p1_end, full_lo, full_hi, hi = _q_range(n0, len_q, len_k, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
     # Every query head of the group reads this KV head: accumulate all of them here (no atomics).
     for g in range(0, group):

@@ -1,0 +1,217 @@
+"""Side-by-side attention benchmark: ours vs SDPA (cuDNN, flash) vs compiled FlexAttention.
+
+One process, ``triton.testing.do_bench`` medians, bf16. FLOPs: ``4 * B * Hq * S^2 * D`` (/2 causal,
+x3.5 for forward+backward); sliding window counts only the visible (query, key) pairs.
+
+    python benchmarks/bench_flash.py --out DIR [--quick]
+
+writes ``DIR/flash_fwd.csv``, ``DIR/flash_fwdbwd.csv``, ``DIR/flash_window.csv`` (columns gpu, torch,
+triton, date, impl, mode, S, B, Hq, Hkv, D, ms, tflops) and ``DIR/flash.png``, and prints a table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import sys
+import traceback
+
+import torch
+import torch.nn.functional as F
+import triton
+from triton.testing import do_bench
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+from hf_attn_plugin import ops  # noqa: E402
+
+FIELDS = ["gpu", "torch", "triton", "date", "impl", "mode", "S", "B", "Hq", "Hkv", "D", "ms", "tflops"]
+
+
+def visible_pairs(s: int, causal: bool, window: int) -> float:
+    if window:
+        w = min(window, s)
+        return w * (w + 1) / 2 + (s - w) * w
+    return s * (s + 1) / 2 if causal else float(s * s)
+
+
+def flops(b, hq, s, d, causal, window, mode):
+    f = 4.0 * b * hq * d * (visible_pairs(s, causal, window) if window else (s * s / 2 if causal else s * s))
+    return f * (3.5 if mode == "fwdbwd" else 1.0)
+
+
+def make_impls(b, s, hq, hkv, d, causal, window):
+    """name -> (inputs, fn(q, k, v) -> out). Inputs are fresh random bf16 tensors per impl."""
+    dev, dt = "cuda", torch.bfloat16
+    impls = {}
+
+    def bshd():
+        return (torch.randn(b, s, hq, d, device=dev, dtype=dt), torch.randn(b, s, hkv, d, device=dev, dtype=dt),
+                torch.randn(b, s, hkv, d, device=dev, dtype=dt))
+
+    def bhsd():
+        return (torch.randn(b, hq, s, d, device=dev, dtype=dt), torch.randn(b, hkv, s, d, device=dev, dtype=dt),
+                torch.randn(b, hkv, s, d, device=dev, dtype=dt))
+
+    impls["ours"] = (bshd, lambda q, k, v: ops.attention(q, k, v, causal=causal, window=window or None))
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    if not window:
+        for name, backend in (("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa_flash", SDPBackend.FLASH_ATTENTION)):
+            def sdpa(q, k, v, backend=backend):
+                with sdpa_kernel(backend):
+                    if hq != hkv:  # the flash backend has no native GQA: repeat (what HF sdpa does too)
+                        k = k.repeat_interleave(hq // hkv, dim=1)
+                        v = v.repeat_interleave(hq // hkv, dim=1)
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+            impls[name] = (bhsd, sdpa)
+    else:
+        i = torch.arange(s, device=dev)
+        mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
+
+        def sdpa_mask(q, k, v):
+            k = k.repeat_interleave(hq // hkv, dim=1)
+            v = v.repeat_interleave(hq // hkv, dim=1)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        impls["sdpa_mask"] = (bhsd, sdpa_mask)
+
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    def mask_mod(bi, hi, qi, ki):
+        keep = qi >= ki
+        if window:
+            keep = keep & (ki > qi - window)
+        return keep
+
+    block_mask = create_block_mask(mask_mod, None, None, s, s, device=dev) if (causal or window) else None
+    flex = torch.compile(flex_attention, dynamic=False)
+    impls["flex"] = (bhsd, lambda q, k, v: flex(q, k, v, block_mask=block_mask, enable_gqa=hq != hkv))
+    return impls
+
+
+def measure(inputs_fn, fn, mode):
+    q, k, v = inputs_fn()
+    if mode == "fwd":
+        with torch.no_grad():
+            return do_bench(lambda: fn(q, k, v), warmup=25, rep=100, return_mode="median")
+    q, k, v = (x.requires_grad_() for x in (q, k, v))
+    dout = torch.randn_like(fn(q, k, v))
+
+    def step():
+        out = fn(q, k, v)
+        torch.autograd.grad(out, (q, k, v), dout)
+    return do_bench(step, warmup=25, rep=100, return_mode="median")
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default="benchmarks/results")
+    ap.add_argument("--quick", action="store_true", help="fewer shapes")
+    ap.add_argument("--seqlens", default="1024,2048,4096,8192,16384")
+    ap.add_argument("--modes", default="fwd,fwdbwd")
+    ap.add_argument("--no-window", action="store_true")
+    args = ap.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    torch._dynamo.config.cache_size_limit = 256
+    torch._dynamo.config.accumulated_cache_size_limit = 4096
+    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                date=datetime.date.today().isoformat())
+    d, tokens = 128, 16384
+    seqlens = [int(x) for x in args.seqlens.split(",")]
+    heads = [(32, 8), (16, 16)]
+    rows = {"fwd": [], "fwdbwd": [], "window": []}
+
+    def record(table, impl, mode, s, b, hq, hkv, ms, causal=True, window=0):
+        tf = flops(b, hq, s, d, causal, window, "fwdbwd" if mode.endswith("fwdbwd") else "fwd") / ms / 1e9
+        row = dict(meta, impl=impl, mode=mode, S=s, B=b, Hq=hq, Hkv=hkv, D=d, ms=round(ms, 4), tflops=round(tf, 1))
+        rows[table].append(row)
+        print(f"{mode:14s} {impl:11s} S={s:6d} B={b:3d} H={hq}/{hkv} {ms:9.3f} ms {tf:7.1f} TFLOP/s", flush=True)
+
+    for hq, hkv in heads:
+        for s in seqlens:
+            b = max(tokens // s, 1)
+            impls = make_impls(b, s, hq, hkv, d, True, 0)
+            for mode in args.modes.split(","):
+                for name, (inputs_fn, fn) in impls.items():
+                    try:
+                        record(mode, name, "causal_" + mode, s, b, hq, hkv, measure(inputs_fn, fn, mode))
+                    except Exception as exc:  # keep going: one failing backend must not lose the run
+                        print(f"FAILED {name} {mode} S={s}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+            del impls
+            torch.cuda.empty_cache()
+    if not args.no_window:
+        for s in (16384, 32768):
+            impls = make_impls(1, s, 32, 8, d, True, 4096)
+            for mode in ("fwd", "fwdbwd"):
+                for name, (inputs_fn, fn) in impls.items():
+                    if name == "sdpa_mask" and (mode == "fwdbwd" or s > 16384):
+                        continue  # a [S, S] mask path: slow and memory hungry; one point is enough
+                    try:
+                        record("window", name, "window4096_" + mode, s, 1, 32, 8, measure(inputs_fn, fn, mode),
+                               window=4096)
+                    except Exception as exc:
+                        print(f"FAILED {name} window {mode} S={s}: {type(exc).__name__}: {str(exc)[:200]}")
+            del impls
+            torch.cuda.empty_cache()
+
+    for table, data in rows.items():
+        if data:
+            with open(os.path.join(args.out, f"flash_{table}.csv"), "w", newline="") as f:
+                w = csv.DictWriter(f, FIELDS)
+                w.writeheader()
+                w.writerows(data)
+    summarize(rows)
+    try:
+        plot(rows, os.path.join(args.out, "flash.png"))
+    except Exception:
+        traceback.print_exc()
+
+
+def summarize(rows):
+    print("\nratios (ours / other, TFLOP/s):")
+    for table, data in rows.items():
+        by = {}
+        for r in data:
+            by.setdefault((r["mode"], r["S"], r["Hq"], r["Hkv"]), {})[r["impl"]] = r["tflops"]
+        for key, vals in sorted(by.items()):
+            if "ours" not in vals:
+                continue
+            ratios = " ".join(f"{k}={vals['ours'] / v:.2f}x" for k, v in vals.items() if k != "ours" and v)
+            print(f"{key[0]:20s} S={key[1]:6d} H={key[2]}/{key[3]} ours={vals['ours']:6.1f}  {ratios}")
+
+
+def plot(rows, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [(t, m, h) for t in ("fwd", "fwdbwd") for m in (t,) for h in ((32, 8), (16, 16))]
+    fig, axes = plt.subplots(1, len(panels) + 1, figsize=(5 * (len(panels) + 1), 4))
+    for ax, (table, mode, (hq, hkv)) in zip(axes, panels):
+        data = [r for r in rows[table] if r["Hq"] == hq and r["Hkv"] == hkv]
+        for impl in sorted({r["impl"] for r in data}):
+            pts = sorted((r["S"], r["tflops"]) for r in data if r["impl"] == impl)
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=impl)
+        ax.set_xscale("log", base=2)
+        ax.set_title(f"causal {mode}, Hq/Hkv={hq}/{hkv}, D=128")
+        ax.set_xlabel("S (B*S=16k)")
+        ax.set_ylabel("TFLOP/s")
+        ax.legend()
+    ax = axes[-1]
+    data = rows["window"]
+    labels = sorted({(r["impl"], r["mode"]) for r in data})
+    for i, (impl, mode) in enumerate(labels):
+        pts = sorted((r["S"], r["tflops"]) for r in data if r["impl"] == impl and r["mode"] == mode)
+        ax.bar([f"{p[0] // 1024}k\n{mode.split('_')[1]}" for p in pts], [p[1] for p in pts], alpha=0.5,
+               label=impl if mode.endswith("fwd") else None)
+    ax.set_title("window 4096, useful TFLOP/s")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+if __name__ == "__main__":
+    main()

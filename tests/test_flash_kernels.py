@@ -1,0 +1,412 @@
+"""Flash kernels vs the reference (hf_attn_plugin/reference.py).
+
+Tolerance rule (FA2's): ``err(kernel vs fp64 reference) <= 2 * err(PyTorch at the kernel's dtype vs
+fp64 reference) + 1e-5`` (max abs error) for out, lse, dq, dk, dv and dsinks. "PyTorch at the
+kernel's dtype" is :func:`lowp_attention`: the reference's semantics with every op (matmuls,
+softmax, backward) carried out in that dtype.
+
+CPU: the Triton interpreter (fp32, fp16; small shapes). Without CUDA, ``TRITON_INTERPRET=1`` is set
+before the first ``@triton.jit`` is imported (here and in conftest.py): the interpreter is chosen
+when triton and the kernels are imported, so it cannot be switched on later in the process. With
+CUDA the interpreter tests are skipped (the GPU tests cover them). bf16 ``tl.dot`` is broken in the
+interpreter: bf16 runs on the GPU only (``pytest -m gpu``).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # must precede the first @triton.jit import
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from hf_attn_plugin import reference
+from hf_attn_plugin.reference import attention_mask_from_segments, rows_in_segments
+
+HAS_CUDA = torch.cuda.is_available()
+gpu = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (run `pytest -m gpu` there)")]
+
+
+# ----------------------------------------------------------------------------------------------
+# Oracles
+# ----------------------------------------------------------------------------------------------
+
+
+def lowp_attention(q, k, v, *, scale, causal, window, softcap, sinks, segments):
+    """reference.attention_reference's function, computed entirely in ``q.dtype``."""
+    batch, seqlen_q, heads_q, head_dim = q.shape
+    seqlen_k, heads_kv = k.shape[1], k.shape[2]
+    group = heads_q // heads_kv
+    qf = q.permute(0, 2, 1, 3).reshape(batch, heads_kv, group, seqlen_q, head_dim)
+    kf = k.permute(0, 2, 1, 3).unsqueeze(2)
+    vf = v.permute(0, 2, 1, 3).unsqueeze(2)
+    scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    allowed = attention_mask_from_segments(segments, batch, seqlen_q, seqlen_k, causal=causal, window=window,
+                                           device=q.device)[:, None, None]
+    scores = scores.masked_fill(~allowed, -math.inf)
+    logits = scores
+    if sinks is not None:
+        inside = rows_in_segments(segments, batch, seqlen_q, device=q.device).view(batch, 1, 1, seqlen_q, 1)
+        sink = sinks.to(q.dtype).view(1, heads_kv, group, 1, 1).expand(batch, -1, -1, seqlen_q, 1)
+        logits = torch.cat([scores, sink.masked_fill(~inside, -math.inf)], dim=-1)
+    live = ~torch.isneginf(logits).all(-1, keepdim=True)
+    lse = torch.logsumexp(logits.masked_fill(~live, 0.0), dim=-1, keepdim=True).masked_fill(~live, 0.0)
+    out = torch.matmul(torch.exp(scores - lse), vf)
+    return out.reshape(batch, heads_q, seqlen_q, head_dim).permute(0, 2, 1, 3), lse.reshape(batch, heads_q, seqlen_q)
+
+
+def run_case(flash, *, B=1, Sq=96, Sk=None, Hq=4, Hkv=2, D=64, dtype=torch.float32, device="cpu", causal=True,
+             window=0, softcap=0.0, sinks=False, segments=None, q_transposed=False, kv_transposed=False,
+             scale=None):
+    """Run forward + backward through ``flash`` and check everything against the oracles."""
+    Sk = Sq if Sk is None else Sk
+    scale = D**-0.5 if scale is None else scale
+    if q_transposed:  # what transformers hands over: a [B, S, H, D] view of [B, H, S, D] memory
+        q = torch.randn(B, Hq, Sq, D, device=device, dtype=dtype).transpose(1, 2)
+    else:
+        q = torch.randn(B, Sq, Hq, D, device=device, dtype=dtype)
+    if kv_transposed:
+        k = torch.randn(B, Hkv, Sk, D, device=device, dtype=dtype).transpose(1, 2)
+        v = torch.randn(B, Hkv, Sk, D, device=device, dtype=dtype).transpose(1, 2)
+    else:
+        k = torch.randn(B, Sk, Hkv, D, device=device, dtype=dtype)
+        v = torch.randn(B, Sk, Hkv, D, device=device, dtype=dtype)
+    s = torch.randn(Hq, device=device, dtype=torch.float32) if sinks else None
+    seg = None if segments is None else torch.tensor(segments, dtype=torch.int32, device=device)
+    max_q = Sq if seg is None else int((seg[:, 2] - seg[:, 1]).max().item()) if len(seg) else 1
+    max_k = Sk if seg is None else int((seg[:, 4] - seg[:, 3]).max().item()) if len(seg) else 1
+    kw = dict(scale=scale, causal=causal, window=window or None, softcap=softcap or None, segments=seg)
+
+    out, lse = flash.flash_attn_forward(q, k, v, seg, s, scale, causal, window, softcap, max_q, max_k)
+    dout = torch.randn_like(out)
+    dq, dk, dv, dsinks = flash.flash_attn_backward(dout, q, k, v, out, lse, seg, s, scale, causal, window, softcap,
+                                                   max_q, max_k)
+
+    def grads(fn, dt):
+        xs = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
+        sk = s.detach().to(dt).requires_grad_() if sinks else None
+        o, l = fn(*xs, sinks=sk, **kw)
+        g = torch.autograd.grad(o, xs + ([sk] if sinks else []), dout.to(dt))
+        return [o, l, *g]
+
+    ref = grads(reference.attention_reference, torch.float64)
+    low = grads(lowp_attention, dtype)
+    got = [out, lse, dq, dk, dv] + ([dsinks] if sinks else [])
+    names = ["out", "lse", "dq", "dk", "dv", "dsinks"]
+    assert out.dtype == dtype and lse.dtype == torch.float32 and lse.shape == (B, Hq, Sq)
+    assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
+    for name, g, r, lo in zip(names, got, ref, low):
+        assert torch.isfinite(g).all(), f"{name}: non-finite values (unwritten or NaN)"
+        err = (g.double() - r.double()).abs().max().item()
+        base = (lo.double() - r.double()).abs().max().item()
+        assert err <= 2 * base + 1e-5, f"{name}: err {err:.3e} > 2 * {base:.3e} + 1e-5"
+    if seg is not None:  # rows / keys outside every segment: exactly zero
+        inside_q = rows_in_segments(seg, B, Sq, device=device)
+        inside_k = rows_in_segments(seg[:, [0, 3, 4, 1, 2]], B, Sk, device=device)
+        assert (out[~inside_q] == 0).all() and (lse[~inside_q.unsqueeze(1).expand(-1, Hq, -1)] == 0).all()
+        assert (dq[~inside_q] == 0).all()
+        assert (dk[~inside_k] == 0).all() and (dv[~inside_k] == 0).all()
+    return got
+
+
+# ----------------------------------------------------------------------------------------------
+# CPU: Triton interpreter
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def flash_cpu():
+    """The kernel module, interpreted, with NaN-poisoned allocations."""
+    from hf_attn_plugin.kernels import flash
+
+    if type(flash._attn_fwd).__name__ != "InterpretedFunction":
+        pytest.skip("interpreter tests need TRITON_INTERPRET=1 before triton is imported (CPU-only machines)")
+    old, flash.POISON = flash.POISON, True
+    yield flash
+    flash.POISON = old
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("Hq,Hkv", [(2, 2), (4, 2), (8, 2), (8, 1)], ids=["mha", "gqa2", "gqa4", "mqa8"])
+def test_gqa_ratios(flash_cpu, Hq, Hkv, causal):
+    run_case(flash_cpu, Hq=Hq, Hkv=Hkv, Sq=100, causal=causal)
+
+
+@pytest.mark.parametrize("D", [64, 80, 96, 128])
+def test_head_dims_fp16(flash_cpu, D):
+    run_case(flash_cpu, D=D, dtype=torch.float16, Sq=70, Hq=2, Hkv=1)
+
+
+def test_head_dim_256(flash_cpu):
+    run_case(flash_cpu, D=256, Sq=40, Hq=2, Hkv=1)
+
+
+@pytest.mark.parametrize("Sq,Sk", [(37, 150), (150, 37), (1, 90), (64, 64)])
+@pytest.mark.parametrize("causal", [True, False])
+def test_q_len_ne_kv_len(flash_cpu, Sq, Sk, causal):
+    # Sq > Sk with causal: the top rows see no key at all (out 0, lse 0).
+    run_case(flash_cpu, Sq=Sq, Sk=Sk, causal=causal, Hq=2, Hkv=1)
+
+
+@pytest.mark.parametrize("window,Sq,Sk", [(1, 80, 80), (17, 100, 100), (40, 60, 130), (24, 120, 80)])
+def test_sliding_window(flash_cpu, window, Sq, Sk):
+    # (24, 120, 80): 40 rows sit before the first key, fully outside the window.
+    run_case(flash_cpu, window=window, Sq=Sq, Sk=Sk, Hq=4, Hkv=2)
+
+
+def test_window_bidirectional(flash_cpu):
+    run_case(flash_cpu, window=20, causal=False, Sq=90, Hq=2, Hkv=1)
+
+
+def test_window_fp16(flash_cpu):
+    run_case(flash_cpu, window=33, Sq=130, dtype=torch.float16, Hq=4, Hkv=1)
+
+
+PACKED = [[0, 0, 13, 0, 13], [0, 13, 13, 13, 13], [0, 13, 50, 13, 50], [0, 50, 51, 50, 51], [0, 51, 100, 51, 100]]
+LEFT_PAD = [[0, 7, 64, 7, 64], [1, 0, 64, 0, 64], [2, 31, 64, 31, 64]]
+CACHE = [[0, 60, 64, 3, 90], [1, 0, 0, 0, 0], [1, 10, 40, 20, 77]]  # q shorter than k, an empty segment
+
+
+@pytest.mark.parametrize("segments,B,Sq,Sk", [(PACKED, 1, 100, 100), (LEFT_PAD, 3, 64, 64), (CACHE, 2, 64, 90)],
+                         ids=["packed", "left_pad", "cache"])
+@pytest.mark.parametrize("causal", [True, False])
+def test_segments(flash_cpu, segments, B, Sq, Sk, causal):
+    run_case(flash_cpu, segments=segments, B=B, Sq=Sq, Sk=Sk, causal=causal, Hq=2, Hkv=1)
+
+
+def test_segments_window_fp16(flash_cpu):
+    run_case(flash_cpu, segments=PACKED, Sq=100, window=9, dtype=torch.float16, Hq=2, Hkv=1)
+
+
+def test_no_segments_at_all(flash_cpu):
+    seg = torch.zeros(0, 5, dtype=torch.int32)
+    q = torch.randn(1, 8, 2, 64)
+    out, lse = flash_cpu.flash_attn_forward(q, q[:, :, :1], q[:, :, :1], seg, None, 0.1, True, 0, 0.0, 8, 8)
+    assert (out == 0).all() and (lse == 0).all()
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_softcap(flash_cpu, causal):
+    run_case(flash_cpu, softcap=2.0, scale=0.5, causal=causal, Sq=80, Hq=4, Hkv=2)
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_sinks(flash_cpu, causal):
+    run_case(flash_cpu, sinks=True, causal=causal, Sq=80, Sk=100, Hq=4, Hkv=2)
+
+
+def test_everything_at_once(flash_cpu):
+    run_case(flash_cpu, sinks=True, softcap=5.0, window=21, segments=CACHE, B=2, Sq=64, Sk=90, Hq=4, Hkv=1,
+             q_transposed=True)
+
+
+def test_everything_fp16(flash_cpu):
+    run_case(flash_cpu, sinks=True, softcap=5.0, window=21, segments=PACKED, Sq=100, Hq=4, Hkv=2,
+             dtype=torch.float16, q_transposed=True)
+
+
+def test_non_contiguous(flash_cpu):
+    run_case(flash_cpu, q_transposed=True, kv_transposed=True, Sq=70, Hq=4, Hkv=2)
+
+
+def test_unsupported_head_dim_is_refused(flash_cpu):
+    q = torch.randn(1, 8, 2, 48)
+    with pytest.raises(ValueError, match="head_dim 48"):
+        flash_cpu.flash_attn_forward(q, q, q, None, None, 0.1, True, 0, 0.0, 8, 8)
+
+
+def test_op_end_to_end_interpreter(flash_cpu, monkeypatch):
+    """The custom op on the Triton backend (interpreter), autograd included, vs the reference op."""
+    from hf_attn_plugin import ops
+
+    monkeypatch.setenv("HF_ATTN_PLUGIN_BACKEND", "triton")
+    q = torch.randn(1, 4, 40, 64).transpose(1, 2).requires_grad_()  # [B, S, H, D] view
+    k = torch.randn(1, 40, 2, 64, requires_grad=True)
+    v = torch.randn(1, 40, 2, 64, requires_grad=True)
+    sinks = torch.randn(4, requires_grad=True)
+    out = ops.attention(q, k, v, causal=True, window=16, sinks=sinks)
+    out.sum().backward()  # stride-0 incoming grad
+    got = [out.detach(), q.grad, k.grad, v.grad, sinks.grad]
+    xs = [t.detach().double().requires_grad_() for t in (q, k, v, sinks)]
+    ref, _ = reference.attention_reference(*xs[:3], causal=True, window=16, sinks=xs[3])
+    ref.sum().backward()
+    for g, r in zip(got, [ref] + [x.grad for x in xs]):
+        torch.testing.assert_close(g.double(), r, atol=2e-5, rtol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU (H200): bf16, large shapes, compile, CUDA graphs, opcheck
+# ----------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def flash_gpu():
+    from hf_attn_plugin.kernels import flash
+
+    if type(flash._attn_fwd).__name__ == "InterpretedFunction":
+        pytest.skip("TRITON_INTERPRET=1: GPU tests need compiled kernels")
+    old = flash.POISON
+    flash.POISON = True
+    yield flash
+    flash.POISON = old
+
+
+GPU_CASES = {
+    "causal_gqa_d64": dict(D=64, Sq=1000, Hq=8, Hkv=2),
+    "causal_gqa_d96": dict(D=96, Sq=777, Hq=8, Hkv=2),
+    "causal_gqa_d128": dict(D=128, Sq=1500, Hq=8, Hkv=2),
+    "causal_mqa_d256": dict(D=256, Sq=700, Hq=4, Hkv=1),
+    "bidir_d128": dict(D=128, Sq=900, Hq=4, Hkv=4, causal=False),
+    "bidir_d80": dict(D=80, Sq=500, Hq=4, Hkv=2, causal=False),
+    "chunked_prefill": dict(D=128, Sq=333, Sk=2100, Hq=8, Hkv=2),
+    "q_longer_than_k": dict(D=128, Sq=1100, Sk=600, Hq=4, Hkv=2),
+    "window": dict(D=128, Sq=3000, Hq=8, Hkv=2, window=512),
+    "window_rows_outside": dict(D=64, Sq=1200, Sk=800, Hq=4, Hkv=1, window=100),
+    "window_bidir": dict(D=128, Sq=1000, Hq=4, Hkv=2, window=300, causal=False),
+    "softcap_sinks": dict(D=256, Sq=800, Hq=4, Hkv=2, softcap=30.0, sinks=True),
+    "sinks_window_gqa8": dict(D=64, Sq=1500, Hq=8, Hkv=1, sinks=True, window=128),
+    "packed": dict(D=128, B=1, Sq=3000, Hq=8, Hkv=2, segments=[[0, 0, 1000, 0, 1000], [0, 1000, 1000, 1000, 1000],
+                                                                [0, 1000, 2999, 1000, 2999]]),
+    "left_pad": dict(D=128, B=3, Sq=1024, Hq=4, Hkv=2, segments=[[0, 100, 1024, 100, 1024], [1, 0, 1024, 0, 1024],
+                                                                 [2, 1023, 1024, 1023, 1024]]),
+    "everything": dict(D=96, B=2, Sq=700, Sk=1500, Hq=8, Hkv=2, sinks=True, softcap=20.0, window=200,
+                       q_transposed=True, kv_transposed=True,
+                       segments=[[0, 0, 700, 0, 1500], [1, 50, 650, 100, 1000], [1, 650, 650, 1000, 1000]]),
+    "long_16k": dict(D=128, Sq=16384, Hq=2, Hkv=1),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (run `pytest -m gpu` there)")
+@pytest.mark.parametrize("case", list(GPU_CASES))
+def test_gpu_bf16(flash_gpu, case):
+    run_case(flash_gpu, device="cuda", dtype=torch.bfloat16, **GPU_CASES[case])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (run `pytest -m gpu` there)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_gpu_other_dtypes(flash_gpu, dtype):
+    run_case(flash_gpu, device="cuda", dtype=dtype, D=128, Sq=1000, Hq=4, Hkv=2, window=300, sinks=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (run `pytest -m gpu` there)")
+def test_gpu_every_tuning_candidate(flash_gpu, monkeypatch):
+    """Each candidate config (not just the default) computes the right thing."""
+    from hf_attn_plugin.kernels import configs
+
+    for i in range(4):
+        def one(kind, block_d, i=i):
+            opts = configs._GPU[(kind, configs._dim_bucket(block_d))]
+            return (opts[min(i, len(opts) - 1)],)
+        monkeypatch.setattr(configs, "candidates", one)
+        run_case(flash_gpu, device="cuda", dtype=torch.bfloat16, D=128, Sq=1100, Sk=1300, Hq=4, Hkv=2, window=400)
+        run_case(flash_gpu, device="cuda", dtype=torch.bfloat16, D=256, Sq=300, Hq=2, Hkv=1)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (run `pytest -m gpu` there)")
+def test_gpu_int64_offsets(flash_gpu):
+    """B*S*H*D >= 2^31 elements: the last batch row must still be right."""
+    B, S, Hq, Hkv, D = 130, 2048, 64, 8, 128
+    assert B * S * Hq * D >= 2**31
+    q = torch.randn(B, S, Hq, D, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(B, S, Hkv, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(B, S, Hkv, D, device="cuda", dtype=torch.bfloat16)
+    out, lse = flash_gpu.flash_attn_forward(q, k, v, None, None, D**-0.5, True, 0, 0.0, S, S)
+    dout = torch.randn_like(out)
+    dq, dk, dv, _ = flash_gpu.flash_attn_backward(dout, q, k, v, out, lse, None, None, D**-0.5, True, 0, 0.0, S, S)
+    for b in (0, B - 1):
+        xs = [t[b:b + 1].float().requires_grad_() for t in (q, k, v)]
+        ro, rl = reference.attention_reference(*xs, causal=True)
+        g = torch.autograd.grad(ro, xs, dout[b:b + 1].float())
+        for got, ref in zip((out, lse, dq, dk, dv), (ro, rl) + g):
+            got = got[b:b + 1].float()
+            assert torch.isfinite(got).all()
+            assert (got - ref).abs().max() <= 0.05 * ref.abs().max() + 1e-3
+    del q, k, v, out, dq, dk, dv
+    torch.cuda.empty_cache()
+
+
+def _attn_fn(q, k, v, sinks):
+    from hf_attn_plugin import ops
+
+    return ops.attention(q, k, v, causal=True, window=256, sinks=sinks, softcap=30.0)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (run `pytest -m gpu` there)")
+def test_gpu_torch_compile_fullgraph(flash_gpu, monkeypatch):
+    monkeypatch.setenv("HF_ATTN_PLUGIN_BACKEND", "triton")
+    q = torch.randn(2, 8, 600, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+    k = torch.randn(2, 600, 2, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(2, 600, 2, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    sinks = torch.randn(8, device="cuda", requires_grad=True)
+
+    def step(q, k, v, sinks):
+        out = _attn_fn(q, k, v, sinks)
+        return (out.float() ** 2).sum()
+
+    compiled = torch.compile(step, fullgraph=True)
+    loss = compiled(q, k, v, sinks)
+    grads = torch.autograd.grad(loss, (q, k, v, sinks))
+    ref_loss = step(q, k, v, sinks)
+    ref_grads = torch.autograd.grad(ref_loss, (q, k, v, sinks))
+    torch.testing.assert_close(loss, ref_loss, rtol=1e-3, atol=1e-2)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r, rtol=0, atol=0)  # same kernels, deterministic
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (run `pytest -m gpu` there)")
+def test_gpu_cuda_graph_forward(flash_gpu, monkeypatch):
+    monkeypatch.setenv("HF_ATTN_PLUGIN_BACKEND", "triton")
+    q = torch.randn(2, 700, 8, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.randn(2, 700, 2, 128, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(2, 700, 2, 128, device="cuda", dtype=torch.bfloat16)
+    from hf_attn_plugin import ops
+
+    with torch.no_grad():
+        expected = ops.attention(q, k, v, causal=True)  # warm-up: compiles and tunes outside capture
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            ops.attention(q, k, v, causal=True)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            static_out = ops.attention(q, k, v, causal=True)
+        for _ in range(2):
+            q.copy_(torch.randn_like(q))
+            graph.replay()
+            torch.cuda.synchronize()
+            torch.testing.assert_close(static_out, ops.attention(q, k, v, causal=True), rtol=0, atol=0)
+        assert not torch.equal(static_out, expected)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (run `pytest -m gpu` there)")
+@pytest.mark.parametrize("features", ["plain", "all"])
+def test_gpu_opcheck(flash_gpu, monkeypatch, features):
+    from hf_attn_plugin import ops
+
+    monkeypatch.setenv("HF_ATTN_PLUGIN_BACKEND", "triton")
+    q = torch.randn(1, 4, 300, 64, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+    k = torch.randn(1, 300, 2, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(1, 300, 2, 64, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    if features == "plain":
+        args = (q, k, v, None, None, 0.125, True, 0, 0.0, 300, 300)
+    else:
+        seg = torch.tensor([[0, 0, 100, 0, 120], [0, 120, 300, 120, 300]], dtype=torch.int32, device="cuda")
+        sinks = torch.randn(4, device="cuda", requires_grad=True)
+        args = (q, k, v, seg, sinks, 0.125, True, 64, 20.0, 180, 180)
+    torch.library.opcheck(ops._attention_fwd, args)
+    out, lse = ops._attention_fwd(*args)
+    bwd_args = (torch.randn_like(out), q.detach(), k.detach(), v.detach(), out.detach(), lse) + args[3:]
+    torch.library.opcheck(ops._attention_bwd, bwd_args)
