@@ -100,14 +100,22 @@ def pick(kind: str, block_d: int, key: tuple, launch: Callable[[Config], None]) 
         return options[0]
     from triton.testing import do_bench
 
+    verbose = os.environ.get("HF_ATTN_PLUGIN_VERBOSE") == "1"
     best, best_ms = options[0], float("inf")
     for cfg in options:
         try:
+            compiled = launch(cfg)
             ms = do_bench(lambda: launch(cfg), warmup=5, rep=20, return_mode="median")
         except Exception as exc:  # out of shared memory / registers for this tile shape
             if "OutOfResources" not in type(exc).__name__ and "out of resource" not in str(exc).lower():
                 raise
+            if verbose:
+                print(f"[hf_attn_plugin tune] {full_key} {cfg}: {type(exc).__name__}", flush=True)
             continue
+        if verbose:
+            regs = getattr(compiled, "n_regs", "?")
+            spills = getattr(compiled, "n_spills", "?")
+            print(f"[hf_attn_plugin tune] {full_key} {cfg}: {ms:.4f} ms regs={regs} spills={spills}", flush=True)
         if ms < best_ms:
             best, best_ms = cfg, ms
     CACHE[full_key] = best

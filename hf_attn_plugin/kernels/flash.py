@@ -589,9 +589,9 @@ def flash_attn_forward(
         return out.zero_(), lse.zero_()
     sinks_arg = sinks.to(device=q.device, dtype=torch.float32).contiguous() if sinks is not None else q
 
-    def launch(cfg: configs.Config) -> None:
+    def launch(cfg: configs.Config):
         grid = (triton.cdiv(L.max_q, cfg.block_m), L.n_seg * L.heads_q)
-        _attn_fwd[grid](
+        return _attn_fwd[grid](
             q, k, v, out, lse, L.segments, sinks_arg,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
@@ -655,11 +655,11 @@ def flash_attn_backward(
         L.scale, L.sm_scale2, L.cap_scale, L.cap2,
     )
 
-    def launch_dq(cfg: configs.Config) -> None:
+    def launch_dq(cfg: configs.Config):
         grid = (triton.cdiv(L.max_q, cfg.block_m), L.n_seg * L.heads_q)
         args = list(common)
         args[2] = L.heads_q
-        _attn_bwd_dq[grid](
+        return _attn_bwd_dq[grid](
             q, k, v, dout, lse, delta, dq, L.segments,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
@@ -672,11 +672,11 @@ def flash_attn_backward(
             **L.flags(),
         )
 
-    def launch_dkdv(cfg: configs.Config) -> None:
+    def launch_dkdv(cfg: configs.Config):
         grid = (triton.cdiv(L.max_k, cfg.block_n), L.n_seg * L.heads_kv)
         args = list(common)
         args[2] = L.heads_kv
-        _attn_bwd_dkdv[grid](
+        return _attn_bwd_dkdv[grid](
             q, k, v, dout, lse, delta, dk, dv, L.segments,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
