@@ -51,7 +51,7 @@ def train(model: torch.nn.Module, data: torch.Tensor, steps: int, seq: int, batc
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         if step % 100 == 0 or step == steps - 1:
-            print(f"step {step:5d}  loss {loss.item():.3f}")
+            print(f"step {step:5d}  loss {loss.item():.3f}", flush=True)
 
 
 @torch.no_grad()

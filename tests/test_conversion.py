@@ -280,6 +280,13 @@ def _corrupt(src: Path, tmp_path: Path, how: str) -> Path:
         next(bad.glob("model-*.safetensors")).unlink()
     elif how == "shape":
         config["head_dim"] = 4
+    elif how == "corrupt shard":
+        next(bad.glob("model-*.safetensors")).write_bytes(b"not a safetensors file")
+    elif how == "index":
+        index_path = bad / "model.safetensors.index.json"
+        index = json.loads(index_path.read_text())
+        index["weight_map"]["model.layers.9.self_attn.k_proj.weight"] = min(index["weight_map"].values())
+        index_path.write_text(json.dumps(index))
     elif how == "family":
         config["model_type"] = "gpt2"
     elif how == "dtype":
@@ -307,6 +314,8 @@ def _tensors_of_file(path: Path) -> dict[str, torch.Tensor]:
         (None, 16, "more than the checkpoint's 8 KV heads"),
         (None, 0, ">= 1"),
         ("missing shard", 2, "missing shard"),
+        ("corrupt shard", 2, "not a readable safetensors file"),
+        ("index", 2, "missing from their shard: model.layers.9.self_attn.k_proj.weight"),
         ("shape", 2, "shape mismatch"),
         ("family", 2, "unsupported model_type 'gpt2'; supported: gemma, gemma2"),
         ("dtype", 2, "unsupported dtype torch.int8"),

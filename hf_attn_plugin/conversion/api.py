@@ -237,7 +237,11 @@ def _plan(
     geometry = HeadGeometry.from_config(family, config)
     pooling.check_num_groups(geometry, num_groups)
 
-    infos = {i.name: i for shard in checkpoint.shards for i in shard_tensor_infos(checkpoint, shard)}
+    per_shard = {shard: shard_tensor_infos(checkpoint, shard) for shard in checkpoint.shards}
+    infos = {info.name: info for shard_infos in per_shard.values() for info in shard_infos}
+    present = {(info.name, shard) for shard, shard_infos in per_shard.items() for info in shard_infos}
+    if missing := [f"{n} ({s})" for n, s in checkpoint.weight_map.items() if (n, s) not in present]:
+        raise ConversionError(f"tensors listed in the index are missing from their shard: {', '.join(missing[:5])}")
     attention = {name: entry for name in infos if (entry := family.classify(name)) is not None}
     if not attention:
         raise ConversionError(f"no attention tensors with the {family.name} naming were found in {src}")
@@ -246,7 +250,7 @@ def _plan(
         _check_tensor(infos[name], entry, geometry)
 
     kv_perms: dict[str, list[int] | None] = {}
-    if grouping == "similarity" and num_groups < geometry.num_kv_heads:
+    if grouping == "similarity" and 1 < num_groups < geometry.num_kv_heads:  # else there is nothing to choose
         moments = _calibration_moments(src, family, layers, calibration_text, config)
         for layer, tensors in layers.items():
             groups = similarity_groups_for_layer(checkpoint, tensors, geometry, num_groups, moments.get(layer))

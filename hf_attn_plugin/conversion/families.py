@@ -62,7 +62,6 @@ class Family:
     kv_heads_key: str = "num_key_value_heads"
     head_dim_key: str = "head_dim"
     hidden_key: str = "hidden_size"
-    notes: str = ""
 
     @property
     def kv_projection(self) -> str:
@@ -106,15 +105,15 @@ class Family:
 
 
 FAMILIES: tuple[Family, ...] = (
-    Family("llama", ("llama",)),
+    Family("llama", ("llama",)),  # optional attention biases are pooled like the weights
     Family("mistral", ("mistral",)),
-    Family("mixtral", ("mixtral",), notes="experts untouched; attention as Llama"),
-    Family("qwen2", ("qwen2",), notes="q/k/v biases pooled like their weights"),
+    Family("mixtral", ("mixtral",)),  # experts are untouched
+    Family("qwen2", ("qwen2",)),  # q/k/v biases
     Family("qwen3", ("qwen3",), head_norms={"q_norm": "head_dim", "k_norm": "head_dim"}),
-    Family("gemma", ("gemma",), notes="explicit head_dim (256 != hidden/heads)"),
+    Family("gemma", ("gemma",)),  # explicit head_dim (256 != hidden / heads)
     Family("gemma2", ("gemma2",)),
     Family("gemma3", ("gemma3_text",), head_norms={"q_norm": "head_dim", "k_norm": "head_dim"}),
-    Family("phi3", ("phi3",), projections={"qkv": "qkv_proj", "o": "o_proj"}, notes="fused qkv_proj"),
+    Family("phi3", ("phi3",), projections={"qkv": "qkv_proj", "o": "o_proj"}),  # fused [q; k; v] rows
     Family("olmo2", ("olmo2",), head_norms={"q_norm": "all_heads", "k_norm": "all_heads"}),
 )
 

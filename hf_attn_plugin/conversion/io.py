@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Iterator, Mapping, Protocol
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from .errors import ConversionError
@@ -76,7 +77,14 @@ class Checkpoint:
         path = self.root / "config.json"
         if not path.is_file():
             raise ConversionError(f"{self.root} has no config.json")
+        return read_json(path)
+
+
+def read_json(path: Path) -> dict:
+    try:
         return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise ConversionError(f"{path} is not valid JSON: {err}") from err
 
 
 def open_checkpoint(root: Path, allow_bin: bool = False) -> Checkpoint:
@@ -85,7 +93,9 @@ def open_checkpoint(root: Path, allow_bin: bool = False) -> Checkpoint:
         raise ConversionError(f"source {root} is not a directory")
     for index_name, single, is_bin in ((SAFE_INDEX, SAFE_SINGLE, False), (BIN_INDEX, BIN_SINGLE, True)):
         if (root / index_name).is_file():
-            index = json.loads((root / index_name).read_text())
+            index = read_json(root / index_name)
+            if not isinstance(index.get("weight_map"), dict):
+                raise ConversionError(f"{root / index_name} has no weight_map")
             weight_map = dict(index["weight_map"])
             metadata = dict(index.get("metadata", {}))
         elif (root / single).is_file():
@@ -110,7 +120,10 @@ def open_checkpoint(root: Path, allow_bin: bool = False) -> Checkpoint:
 
 
 def _load_bin(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError) as err:  # weights_only refusals and corrupt archives
+        raise ConversionError(f"cannot load {path} with weights_only=True: {err}") from err
 
 
 def shard_tensor_infos(checkpoint: Checkpoint, shard: str) -> list[TensorInfo]:
@@ -119,10 +132,13 @@ def shard_tensor_infos(checkpoint: Checkpoint, shard: str) -> list[TensorInfo]:
     if checkpoint.is_bin:
         return [TensorInfo(n, tuple(t.shape), t.dtype) for n, t in _load_bin(path).items()]
     infos = []
-    with safe_open(path, framework="pt") as f:
-        for name in f.keys():
-            shape = tuple(f.get_slice(name).get_shape())
-            infos.append(TensorInfo(name, shape, _dtype_of(f, name, shape)))
+    try:
+        with safe_open(path, framework="pt") as f:
+            for name in f.keys():
+                shape = tuple(f.get_slice(name).get_shape())
+                infos.append(TensorInfo(name, shape, _dtype_of(f, name, shape)))
+    except SafetensorError as err:
+        raise ConversionError(f"{path} is not a readable safetensors file: {err}") from err
     return infos
 
 
