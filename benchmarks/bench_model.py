@@ -1,0 +1,100 @@
+"""Model-level training throughput: a ~1B Llama-style GQA model, "plugin" vs "sdpa" vs "flex_attention".
+
+One training step = forward + backward with ``use_cache=False`` (what Trainer does), bf16, random weights,
+16k tokens either as one sequence or packed as 16 documents (``position_ids`` restarts, no attention mask).
+All implementations run in one process, on the same model weights, timed with CUDA events.
+
+    python benchmarks/bench_model.py --out DIR [--layers 16] [--tokens 16384] [--docs 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import statistics
+
+import torch
+import transformers
+
+import hf_attn_plugin  # noqa: F401  (registers "plugin")
+
+
+def make_model(layers: int) -> transformers.PreTrainedModel:
+    config = transformers.LlamaConfig(
+        vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768, use_cache=False,
+    )
+    torch.manual_seed(0)
+    return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).cuda()
+
+
+def batch_for(tokens: int, docs: int, vocab: int) -> dict[str, torch.Tensor]:
+    ids = torch.randint(0, vocab, (1, tokens), device="cuda")
+    doc_len = tokens // docs
+    position_ids = (torch.arange(tokens, device="cuda") % doc_len)[None] if docs > 1 else None
+    batch = {"input_ids": ids, "labels": ids}
+    if position_ids is not None:
+        batch["position_ids"] = position_ids
+    return batch
+
+
+def time_steps(model, batch, steps: int, warmup: int) -> float:
+    """Median milliseconds of one forward+backward step."""
+    times = []
+    for i in range(warmup + steps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        loss = model(**batch).loss
+        loss.backward()
+        end.record()
+        torch.cuda.synchronize()
+        model.zero_grad(set_to_none=True)
+        if i >= warmup:
+            times.append(start.elapsed_time(end))
+    return statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="benchmarks/results")
+    parser.add_argument("--layers", type=int, default=16)
+    parser.add_argument("--tokens", type=int, default=16384)
+    parser.add_argument("--docs", type=int, default=16)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--impls", default="plugin,sdpa,flex_attention")
+    args = parser.parse_args()
+
+    torch._dynamo.config.cache_size_limit = 64  # flex attention recompiles per mask shape
+    os.makedirs(args.out, exist_ok=True)
+    model = make_model(args.layers)
+    model.gradient_checkpointing_disable()
+    meta = dict(
+        gpu=torch.cuda.get_device_name(), torch=torch.__version__, transformers=transformers.__version__,
+        date=datetime.date.today().isoformat(), layers=args.layers, tokens=args.tokens,
+    )
+    rows = []
+    for layout, docs in (("one_sequence", 1), ("packed", args.docs)):
+        batch = batch_for(args.tokens, docs, model.config.vocab_size)
+        for impl in args.impls.split(","):
+            model.set_attn_implementation(impl)
+            try:
+                ms = time_steps(model, batch, args.steps, args.warmup)
+            except Exception as error:  # report and continue: one failing anchor must not hide the others
+                print(f"{layout:12s} {impl:15s} FAILED: {type(error).__name__}: {str(error)[:200]}")
+                continue
+            tokens_per_s = args.tokens / (ms / 1e3)
+            rows.append(dict(meta, layout=layout, docs=docs, impl=impl, ms=round(ms, 3), tokens_per_s=round(tokens_per_s)))
+            print(f"{layout:12s} {impl:15s} {ms:9.1f} ms/step {tokens_per_s:10.0f} tokens/s", flush=True)
+    path = os.path.join(args.out, "model_training.csv")
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
