@@ -251,12 +251,12 @@ def _torch_in_dtype(q, k_pool, v_pool, block_tables, seq_lens, cu, k_starts, sin
 
 
 def _check(q, k_pool, v_pool, block_tables, seq_lens, *, cu=None, max_q=None, k_starts=None, sinks=None,
-           causal=True, window=0, softcap=0.0, num_splits=1):
+           causal=True, window=0, softcap=0.0, num_splits=1, config=None):
     scale = q.shape[-1] ** -0.5
     from hf_attn_plugin.kernels import paged as kernels
 
     out = kernels.paged_attention(q, k_pool, v_pool, block_tables, seq_lens, cu, max_q or 1, k_starts, sinks,
-                                  scale, causal, window, softcap, num_splits)
+                                  scale, causal, window, softcap, num_splits, config)
     f64 = [t.double() for t in (q, k_pool, v_pool)]
     ref = paged_attention_reference(*f64, block_tables, seq_lens, cu, k_starts,
                                     sinks.double() if sinks is not None else None, scale, causal, window, softcap)
@@ -297,6 +297,18 @@ def test_decode_matches_reference(lens, hq, hkv, d, page, splits, dtype, feat):
     sinks = _sinks(hq) if feat.get("sinks") else None
     _check(q, k_pool, v_pool, bt, seq_lens, k_starts=k_starts, sinks=sinks, window=feat.get("window", 0),
            softcap=feat.get("softcap", 0.0), num_splits=splits)
+
+
+@needs_kernels
+@pytest.mark.parametrize("sinks", [False, True])
+def test_decode_split_count_adapts_to_length(sinks):
+    """A fixed grid of 5 splits; with >= 48 keys per split, short sequences use fewer of them."""
+    from hf_attn_plugin.kernels.paged import LaunchConfig
+
+    k_pool, v_pool, bt, seq_lens, _ = _random_paged([7, 100, 300, 0], 2, 32, 16, torch.float32)
+    q = torch.randn(4, 4, 32, device=DEV)
+    _check(q, k_pool, v_pool, bt, seq_lens, sinks=_sinks(4) if sinks else None, num_splits=5,
+           config=LaunchConfig(1, 16, 4, 1, min_split_keys=48))
 
 
 PREFILL_CASES = [

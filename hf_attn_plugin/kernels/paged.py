@@ -95,7 +95,7 @@ def _paged_attention_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
     stride_bt,
-    scale_log2, softcap, window, num_splits,
+    scale_log2, softcap, window, num_splits, min_split_tiles,
     GROUP: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr, SPLIT_K: tl.constexpr,
     VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -135,7 +135,8 @@ def _paged_attention_kernel(
     d_ok = d < HEAD_DIM
     token = (q_first + tok).to(tl.int64)
 
-    # Keys this query tile may see, [lo, hi), cut into num_splits runs of whole BLOCK_N tiles.
+    # Keys this query tile may see, [lo, hi), cut into at most num_splits runs of whole BLOCK_N tiles,
+    # each at least min_split_tiles long: short sequences use fewer splits (the rest exit at once).
     first_pos = seq_len - num_q + q_tile * BLOCK_Q
     last_pos = tl.minimum(first_pos + BLOCK_Q, seq_len) - 1
     if CAUSAL:
@@ -147,9 +148,14 @@ def _paged_attention_kernel(
         lo = tl.maximum(lo, first_pos - window + 1)
     tile_lo = lo // BLOCK_N
     num_tiles = tl.maximum(tl.cdiv(hi, BLOCK_N) - tile_lo, 0)
-    tiles_per_split = tl.cdiv(num_tiles, num_splits)
+    tiles_per_split = tl.maximum(tl.cdiv(num_tiles, num_splits), min_split_tiles)
     start = (tile_lo + split * tiles_per_split) * BLOCK_N
     end = tl.minimum(start + tiles_per_split * BLOCK_N, hi)
+    if SPLIT_K:  # partials [T, Hq, num_splits, (D)]: normalised output and base-2 log-sum-exp
+        part = (token * (GROUP * tl.num_programs(1)) + head) * num_splits + split
+        if start >= end:  # nothing to read: the combine skips a split whose lse is -inf
+            tl.store(part_lse_ptr + part, tl.full([BLOCK_M], float("-inf"), tl.float32), mask=row_ok)
+            return
 
     q = tl.load(q_ptr + token[:, None] * stride_qt + head[:, None] * stride_qh + d[None, :],
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
@@ -191,8 +197,7 @@ def _paged_attention_kernel(
         out = _normalize(acc, m_i, l_i, sinks_ptr, head, row_ok, HAS_SINKS)
         tl.store(out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
-    else:  # partials [T, Hq, num_splits, (D)]: normalised output and base-2 log-sum-exp
-        part = (token * (GROUP * tl.num_programs(1)) + head) * num_splits + split
+    else:
         lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
         tl.store(part_lse_ptr + part, lse, mask=row_ok)
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
@@ -213,7 +218,8 @@ def _combine_kernel(
     s_ok = s < num_splits
     part = (token * NUM_HEADS + head) * num_splits + s
     lse = tl.load(part_lse_ptr + part, mask=s_ok, other=float("-inf"))
-    parts = tl.load(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :], mask=s_ok[:, None] & (d < HEAD_DIM)[None, :],
+    live = s_ok & (lse > float("-inf"))  # empty splits wrote no output
+    parts = tl.load(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :], mask=live[:, None] & (d < HEAD_DIM)[None, :],
                     other=0.0)
     m = tl.max(lse, 0)
     m_safe = tl.where(m == float("-inf"), 0.0, m)
@@ -229,15 +235,21 @@ def _combine_kernel(
 
 
 class LaunchConfig:
-    """Tile and launch parameters of the attention kernel (``BLOCK_M = BLOCK_Q * HEAD_PAD``)."""
+    """Tile and launch parameters of the attention kernel (``BLOCK_M = block_q * HEAD_PAD``).
 
-    __slots__ = ("block_q", "block_n", "num_warps", "num_stages")
+    ``min_split_keys``: with split-K, a sequence is cut into at most ``num_splits`` pieces of at
+    least this many keys (a data-dependent split count inside a fixed grid).
+    """
 
-    def __init__(self, block_q: int, block_n: int, num_warps: int, num_stages: int):
+    __slots__ = ("block_q", "block_n", "num_warps", "num_stages", "min_split_keys")
+
+    def __init__(self, block_q: int, block_n: int, num_warps: int, num_stages: int, min_split_keys: int = 1024):
         self.block_q, self.block_n, self.num_warps, self.num_stages = block_q, block_n, num_warps, num_stages
+        self.min_split_keys = min_split_keys
 
     def __repr__(self) -> str:
-        return f"LaunchConfig(block_q={self.block_q}, block_n={self.block_n}, num_warps={self.num_warps}, num_stages={self.num_stages})"
+        return (f"LaunchConfig(block_q={self.block_q}, block_n={self.block_n}, num_warps={self.num_warps}, "
+                f"num_stages={self.num_stages}, min_split_keys={self.min_split_keys})")
 
 
 def _head_pad(group: int, decode: bool) -> int:
@@ -246,13 +258,14 @@ def _head_pad(group: int, decode: bool) -> int:
 
 
 def default_config(group: int, head_dim: int, decode: bool, interpret: bool = False) -> LaunchConfig:
-    """Tiles by case. Decode streams K/V once: moderate key tiles, deep pipelining. Prefill packs
-    ~64 query rows (tokens x group heads) per program."""
+    """Tiles by case (H200 sweep in benchmarks/NOTES_paged.md). Decode streams K/V once: 64-key
+    tiles, 4 warps, 2 stages. Prefill packs ~64 query rows (tokens x group heads) per program."""
+    if interpret:  # small tiles keep the interpreter quick; min_split_keys small so tests split
+        return LaunchConfig(1 if decode else max(1, 32 // _head_pad(group, False)), 32, 4, 1, min_split_keys=32)
     if decode:
-        return LaunchConfig(1, 32 if interpret else 64, 4, 1 if interpret else 3)
+        return LaunchConfig(1, 64, 4, 2)
     block_m = 64 if head_dim <= 128 else 32
-    block_q = max(1, block_m // _head_pad(group, False))
-    return LaunchConfig(block_q, 32 if interpret else 64, 4, 1 if interpret else 2)
+    return LaunchConfig(max(1, block_m // _head_pad(group, False)), 64, 4, 3)
 
 
 @functools.lru_cache(maxsize=None)
@@ -260,16 +273,20 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def default_num_splits(num_programs: int, max_context: int, device: torch.device,
-                       programs_per_sm: int = 4, keys_per_split: int = 4096) -> int:
-    """Split-K factor from shapes only (CUDA-graph safe; ``max_context`` is the block table's
-    capacity, not a length). Enough programs to fill every SM ``programs_per_sm`` times, and no
-    split longer than ``keys_per_split`` keys, so one long sequence in a batch of short ones does
-    not become the tail; each split keeps at least 256 keys; at most 128 splits."""
+def default_num_splits(num_programs: int, max_context: int, device: torch.device, keys_per_split: int = 4096) -> int:
+    """Split-K factor from shapes only, so a decode step keeps one grid (CUDA graphs).
+
+    ``num_programs`` = sequences x KV heads (x query tiles); ``max_context`` is the block table's
+    capacity, not a length. No split when the programs already fill every SM twice; else about
+    four programs per SM. At least ``max_context / keys_per_split`` splits, so that one long
+    sequence among short ones does not become the tail (short ones use fewer splits anyway, see
+    ``LaunchConfig.min_split_keys``). At most 128 and at most one split per 256 keys.
+    """
     if device.type != "cuda":
         return 1
-    target = programs_per_sm * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
-    want = max(-(-target // max(num_programs, 1)), -(-max_context // keys_per_split))
+    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
+    occupancy = 1 if num_programs >= 2 * sms else -(-4 * sms // max(num_programs, 1))
+    want = max(occupancy, -(-max_context // keys_per_split))
     return int(max(1, min(want, max_context // 256, 128)))
 
 
@@ -330,7 +347,7 @@ def paged_attention(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1),
         k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), v_pool.stride(0), v_pool.stride(1), v_pool.stride(2),
         block_tables.stride(0),
-        scale * LOG2E, float(softcap), int(window), num_splits,
+        scale * LOG2E, float(softcap), int(window), num_splits, max(1, cfg.min_split_keys // cfg.block_n),
         GROUP=group, HEAD_PAD=head_pad, BLOCK_Q=block_q, BLOCK_N=cfg.block_n,
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), PAGE_SIZE=page_size, SPLIT_K=num_splits > 1,
         VARLEN=not decode, CAUSAL=bool(causal), HAS_WINDOW=window > 0, HAS_SOFTCAP=softcap > 0,
