@@ -8,7 +8,7 @@ same two lines:
     convert-to-gqa ./my-mha-model ./my-gqa-model --num-kv-heads 8 --grouping similarity --verify
     # then uptrain ./my-gqa-model with Trainer (about 5% of the pretraining steps in the GQA paper)
 
-    python examples/convert_walkthrough.py --steps 600 --kv-heads 1 2 4
+    python examples/convert_walkthrough.py --steps 300 --kv-heads 1 2 4
 """
 
 from __future__ import annotations
@@ -64,7 +64,8 @@ def perplexity(path: Path, data: torch.Tensor, seq: int = 256) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=600)
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--kv-heads", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--workdir", type=Path, default=None)
     args = parser.parse_args()
@@ -78,7 +79,7 @@ def main() -> None:
     model = AutoModelForCausalLM.from_config(config)
     train_data, held_out = stdlib_bytes(TRAIN_FILES), stdlib_bytes(HELD_OUT_FILES)
     start = time.perf_counter()
-    train(model, train_data, args.steps, seq=256, batch=16)
+    train(model, train_data, args.steps, seq=256, batch=args.batch)
     print(f"trained in {time.perf_counter() - start:.0f}s")
     model.save_pretrained(work / "mha")
     calibration = bytes(train_data[:4096].tolist()).decode("utf-8", errors="replace")

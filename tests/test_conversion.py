@@ -386,3 +386,18 @@ def test_cli(checkpoints, tmp_path):
         "convert-to-gqa: error: --num-kv-heads 3 does not divide the 8 attention heads"
     )
     assert not (tmp_path / "bad").exists()
+
+
+def test_conversion_imports_nothing_from_kernels():
+    import ast
+
+    package = Path(__file__).resolve().parents[1] / "hf_attn_plugin" / "conversion"
+    for source in package.glob("*.py"):
+        for node in ast.walk(ast.parse(source.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                names = [("." * node.level) + (node.module or "")]
+            elif isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            else:
+                continue
+            assert not any("kernels" in name for name in names), f"{source.name} imports {names}"
