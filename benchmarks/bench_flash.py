@@ -95,14 +95,14 @@ def measure(inputs_fn, fn, mode):
     q, k, v = inputs_fn()
     if mode == "fwd":
         with torch.no_grad():
-            return do_bench(lambda: fn(q, k, v), warmup=25, rep=100, return_mode="median")
+            return do_bench(lambda: fn(q, k, v), warmup=20, rep=80, return_mode="median")
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     dout = torch.randn_like(fn(q, k, v))
 
     def step():
         out = fn(q, k, v)
         torch.autograd.grad(out, (q, k, v), dout)
-    return do_bench(step, warmup=25, rep=100, return_mode="median")
+    return do_bench(step, warmup=20, rep=80, return_mode="median")
 
 
 def main():
@@ -114,6 +114,9 @@ def main():
     ap.add_argument("--no-window", action="store_true")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    for table in ("fwd", "fwdbwd", "window"):
+        if os.path.exists(os.path.join(args.out, f"flash_{table}.csv")):
+            os.remove(os.path.join(args.out, f"flash_{table}.csv"))
     torch._dynamo.config.cache_size_limit = 256
     torch._dynamo.config.accumulated_cache_size_limit = 4096
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
@@ -127,6 +130,13 @@ def main():
         tf = flops(b, hq, s, d, causal, window, "fwdbwd" if mode.endswith("fwdbwd") else "fwd") / ms / 1e9
         row = dict(meta, impl=impl, mode=mode, S=s, B=b, Hq=hq, Hkv=hkv, D=d, ms=round(ms, 4), tflops=round(tf, 1))
         rows[table].append(row)
+        path = os.path.join(args.out, f"flash_{table}.csv")  # written as we go: a timeout keeps what ran
+        fresh = not os.path.exists(path)
+        with open(path, "a", newline="") as f:
+            w = csv.DictWriter(f, FIELDS)
+            if fresh:
+                w.writeheader()
+            w.writerow(row)
         print(f"{mode:14s} {impl:11s} S={s:6d} B={b:3d} H={hq}/{hkv} {ms:9.3f} ms {tf:7.1f} TFLOP/s", flush=True)
 
     for hq, hkv in heads:
@@ -156,12 +166,6 @@ def main():
             del impls
             torch.cuda.empty_cache()
 
-    for table, data in rows.items():
-        if data:
-            with open(os.path.join(args.out, f"flash_{table}.csv"), "w", newline="") as f:
-                w = csv.DictWriter(f, FIELDS)
-                w.writeheader()
-                w.writerows(data)
     summarize(rows)
     try:
         plot(rows, os.path.join(args.out, "flash.png"))
@@ -202,12 +206,15 @@ def plot(rows, path):
         ax.legend()
     ax = axes[-1]
     data = rows["window"]
-    labels = sorted({(r["impl"], r["mode"]) for r in data})
-    for i, (impl, mode) in enumerate(labels):
-        pts = sorted((r["S"], r["tflops"]) for r in data if r["impl"] == impl and r["mode"] == mode)
-        ax.bar([f"{p[0] // 1024}k\n{mode.split('_')[1]}" for p in pts], [p[1] for p in pts], alpha=0.5,
-               label=impl if mode.endswith("fwd") else None)
-    ax.set_title("window 4096, useful TFLOP/s")
+    groups = sorted({(r["S"], r["mode"].split("_")[1]) for r in data})
+    impls = sorted({r["impl"] for r in data})
+    width = 0.8 / max(len(impls), 1)
+    for j, impl in enumerate(impls):
+        vals = {(r["S"], r["mode"].split("_")[1]): r["tflops"] for r in data if r["impl"] == impl}
+        ax.bar([i + j * width for i in range(len(groups))], [vals.get(g, 0) for g in groups], width, label=impl)
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(groups))])
+    ax.set_xticklabels([f"{s // 1024}k {m}" for s, m in groups])
+    ax.set_title("window 4096, Hq/Hkv=32/8: useful TFLOP/s")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)

@@ -55,8 +55,12 @@ _GPU: Dict[Tuple[str, int], Sequence[Config]] = {
     ("bwd_dq", 128): (Config(128, 64, 8, 2), Config(64, 64, 4, 3), Config(64, 128, 8, 2)),
     ("bwd_dq", 256): (Config(64, 64, 4, 1), Config(64, 32, 4, 2), Config(128, 32, 8, 1)),
     ("bwd_dkdv", 64): (Config(64, 128, 8, 2), Config(32, 128, 4, 2), Config(64, 64, 4, 3)),
-    ("bwd_dkdv", 128): (Config(64, 128, 8, 2), Config(32, 128, 4, 2), Config(64, 64, 4, 2)),
-    ("bwd_dkdv", 256): (Config(32, 64, 4, 1), Config(64, 64, 8, 1), Config(16, 64, 4, 1)),
+    # dK and dV accumulate in registers for the whole program: [BLOCK_N, D] fp32 each. At D=128 a
+    # 128-row KV tile (128 KB of accumulators) spills on 8 warps (run 1: 114-310 spilled registers),
+    # so 64-row KV tiles with 8 warps lead here.
+    ("bwd_dkdv", 128): (Config(64, 64, 8, 2), Config(64, 64, 8, 3), Config(128, 64, 8, 2), Config(32, 64, 4, 3),
+                        Config(64, 128, 8, 2)),
+    ("bwd_dkdv", 256): (Config(64, 64, 8, 1), Config(32, 64, 8, 2), Config(64, 32, 8, 2)),
     ("bwd_pre", 64): (Config(128, 0, 4, 1),),
     ("bwd_pre", 128): (Config(128, 0, 4, 1),),
     ("bwd_pre", 256): (Config(64, 0, 4, 1),),
