@@ -18,6 +18,7 @@ import torch
 from .. import ops
 from .compat import is_compiling, max_length_kwarg
 from .masks import segments_from_cu_seqlens, segments_from_key_mask, segments_from_position_ids
+from .paged_cache import paged_reader_of
 
 __all__ = ["AttentionCall", "describe_call", "plugin_attention"]
 
@@ -47,6 +48,12 @@ def plugin_attention(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """``AttentionInterface`` entry point for ``attn_implementation="plugin"``."""
+    reader = paged_reader_of(key)
+    if reader is not None:  # a paged cache handed us its page pools: attend through its block tables in place
+        for layout_only in ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k"):  # the reader knows the layout
+            kwargs.pop(layout_only, None)
+        call = describe_call(module, query, query, None, dropout=dropout, scaling=scaling, **kwargs)
+        return reader.attend(call, query, attention_mask), None
     call = describe_call(module, query, key, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     if not (q.dtype == k.dtype == v.dtype):  # e.g. fp32 queries from upcast norms against a bf16 cache

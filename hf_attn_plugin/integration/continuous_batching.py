@@ -1,0 +1,273 @@
+"""Continuous batching (``generate_batch``) through our paged kernels, on transformers' own pages.
+
+transformers >= 5.19 only lets ``"paged|eager"``, ``"sdpa"`` and flash names run continuous batching,
+and its non-flash path gathers each sequence's whole KV history with ``index_select`` in every layer
+and step. This module gives ``"plugin"`` models an explicit, supported entry point instead::
+
+    import hf_attn_plugin
+    outputs = hf_attn_plugin.generate_batch(model, prompts, generation_config, max_new_tokens=128)
+
+    with hf_attn_plugin.continuous_batching_context(model):  # model.generate_batch, init_continuous_batching,
+        outputs = model.generate_batch(prompts)  # continuous_batching_context_manager: our manager
+
+Nothing global changes: the model keeps ``attn_implementation="plugin"``, and only the manager this
+module creates (a :class:`PluginContinuousBatchingManager`) accepts it. That manager replaces the
+``update`` of *its own* ``PagedAttentionCache`` with :class:`InPlacePagedUpdate`, which writes the new
+K/V into HF's pages (:func:`~hf_attn_plugin.paged_ops.write_kv` at HF's write slots) and hands
+``plugin_attention`` the layer's page views (``[pages, page_size, H_kv, D]``, HF's own memory) tagged
+with a reader that calls :func:`~hf_attn_plugin.paged_ops.paged_attention` over block tables
+derived from HF's indices. No K/V copy is made per step.
+
+HF's layout (``FullAttentionCacheAllocator``): one flat buffer; a layer's K (and V) tokens form a view
+whose rows are slots ``page * page_size + offset``; ``write_index`` holds the new tokens' slots,
+``read_index`` the slots of every cached token of each sequence in position order (sequences
+concatenated along ``cu_seq_lens_k``); block tables are derived from them on the device, once per step.
+transformers enables its decode fast path (``block_table``) for flash attention only, so it never
+reaches us. Sliding-window layers use a rolling buffer whose slots are not in position order: refused
+with a ``NotImplementedError`` that names the alternative (``PagedCache`` + ``generate``).
+
+transformers 5.17-5.18 switch a ``"plugin"`` model to ``"paged|plugin"`` themselves and hand that
+attention function the new K/V plus ``cache=``; :func:`paged_plugin_attention`, registered under that
+name on import (those versions only), writes and attends in place the same way. The entry points
+above work unchanged there, and so does a plain ``model.generate_batch``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import weakref
+
+import torch
+
+from ..paged_ops import paged_attention, write_kv
+from .attention import describe_call
+from .compat import TRANSFORMERS_VERSION
+from .paged_cache import tag_pool
+from .registration import ATTN_IMPLEMENTATION
+
+__all__ = [
+    "InPlacePagedUpdate", "PAGED_ATTN_IMPLEMENTATION", "continuous_batching_context", "generate_batch",
+    "init_continuous_batching", "paged_plugin_attention",
+]
+
+PAGED_ATTN_IMPLEMENTATION = "paged|" + ATTN_IMPLEMENTATION  # what transformers 5.17-5.18 switch "plugin" to
+_CACHE_TAKES_OVER = TRANSFORMERS_VERSION.release >= (5, 19)  # 5.19+: the model calls cache.update itself
+
+
+@dataclasses.dataclass
+class _Step:
+    """One step's paged-attention inputs for one allocator (shared by the layers of its group)."""
+
+    slots: torch.Tensor  # int64 [T]: where the new tokens go (page-view slots)
+    block_tables: torch.Tensor  # int32 [N, max_pages]
+    seq_lens: torch.Tensor  # int32 [N]
+    cu_seqlens_q: torch.Tensor  # int32 [N + 1]
+    max_seqlen_q: int
+
+
+class InPlacePagedUpdate:
+    """Replacement for one ``PagedAttentionCache.update``: write in place, return tagged page views."""
+
+    def __init__(self, cache):
+        if set(cache.cache_allocators) != {"full_attention"}:
+            raise NotImplementedError(_sliding_refusal())
+        self.cache = cache
+        self._memo: tuple = (None, None)  # (step key, _Step)
+        self._current: tuple | None = None  # (k_pages, v_pages, _Step) of the layer being run
+
+    def __call__(self, key_states, value_states, layer_idx: int, kwargs: dict):
+        allocator = self.cache.layer_to_allocator[layer_idx]
+        kwargs["cu_seq_lens_k"] = kwargs["cu_seq_lens_k"][allocator.layer_type].to(torch.int32)
+        kwargs["max_length_k"] = kwargs["max_length_k"][allocator.layer_type]
+        k_pages, v_pages = allocator.get_cache_for_block_table(layer_idx)
+        step = self._step(allocator.index, k_pages.shape[1], kwargs)
+        as_tokens = lambda t: t[0].transpose(0, 1)  # noqa: E731  [1, H_kv, T, D] -> [T, H_kv, D]
+        write_kv(k_pages, v_pages, as_tokens(key_states), as_tokens(value_states), step.slots)
+        self._current = (k_pages, v_pages, step)
+        tag_pool(k_pages, self)
+        return k_pages, v_pages
+
+    def attend(self, call, query: torch.Tensor, attention_mask) -> torch.Tensor:
+        return _attend(call, query, *self._current)
+
+    def _step(self, group: int, page_size: int, kwargs: dict) -> _Step:
+        if kwargs.get("block_table") is not None:
+            raise NotImplementedError(
+                "transformers' decode fast path (block_table) is only enabled for flash attention; it was not expected "
+                "with attn_implementation='plugin'. Pass ContinuousBatchingConfig(max_blocks_per_request=0)."
+            )
+        max_q, max_k = kwargs["max_length_q"], kwargs["max_length_k"]
+        self._memo = _memoised_step(self._memo, group, page_size, kwargs, max_q, max_k)
+        return self._memo[1]
+
+
+def _attend(call, query: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, step: _Step) -> torch.Tensor:
+    """``query`` ``[1, Hq, T, D]`` (sequences packed along T) over the pages -> ``[1, T, Hq, D]``."""
+    q = query[0].transpose(0, 1).to(k_pages.dtype)
+    out = paged_attention(
+        q, k_pages, v_pages, step.block_tables, step.seq_lens,
+        cu_seqlens_q=step.cu_seqlens_q, max_seqlen_q=step.max_seqlen_q,
+        scale=call.scale, causal=call.causal, window=call.window, softcap=call.softcap, sinks=call.sinks,
+    )
+    return out.unsqueeze(0)
+
+
+def _memoised_step(memo: tuple, group: int, page_size: int, kwargs: dict, max_q: int, max_k: int) -> tuple:
+    """``(key, _Step)`` for this step and layer group: every layer of the group reuses the first layer's."""
+    key = (group, kwargs["cu_seq_lens_q"], kwargs["write_index"][group])
+    if memo[0] is not None and all(a is b for a, b in zip(memo[0], key)):
+        return memo
+    return key, _step_from_indices(
+        page_size, kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"], kwargs["read_index"][group],
+        kwargs["write_index"][group], int(max_q), int(max_k),
+    )
+
+
+def _step_from_indices(page_size, cu_q, cu_k, read_index, write_index, max_q: int, max_k: int) -> _Step:
+    """Block tables from HF's slot indices, on the device (no host sync, a few small ops).
+
+    Token ``j`` of sequence ``b`` sits at slot ``by_position[cu_k[b] + j]`` (``read_index``; when nothing
+    is cached yet, ``write_index``), so page ``p`` of ``b`` is ``by_position[cu_k[b] + p * page_size] //
+    page_size``.
+    """
+    cu_k = cu_k.to(torch.int32)
+    by_position = read_index if read_index.numel() else write_index
+    max_pages = -(-max_k // page_size)
+    first = cu_k[:-1, None] + page_size * torch.arange(max_pages, device=cu_k.device, dtype=torch.int32)
+    rows = first.clamp(max=max(by_position.numel() - 1, 0)).long()
+    tables = torch.where(first < cu_k[1:, None], by_position[rows] // page_size, 0).to(torch.int32)
+    seq_lens = cu_k[1:] - cu_k[:-1]
+    return _Step(write_index.long(), tables, seq_lens, cu_q.to(torch.int32), max_q)
+
+
+_LEGACY_MEMO = weakref.WeakKeyDictionary()  # 5.17 PagedAttentionCache -> (step key, _Step)
+_FEATURE_KWARGS = ("sliding_window", "softcap", "s_aux", "is_causal", "output_attentions")
+
+
+def paged_plugin_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, cache=None, **kwargs):
+    """``"paged|plugin"`` for transformers 5.17-5.18, whose continuous batching hands the attention
+    function the new K/V and the ``PagedAttentionCache``: write them into its pages and attend in place.
+
+    5.17 layout: ``cache.key_cache[i]`` is ``[(num_blocks + 2) * block_size, H_kv, D]`` per layer of a
+    group; viewed as ``[num_blocks + 2, block_size, H_kv, D]`` its slots are those of ``read_index`` /
+    ``write_index``.
+    """
+    if cache is None:
+        raise ValueError(
+            f"{PAGED_ATTN_IMPLEMENTATION!r} runs under continuous batching only; use {ATTN_IMPLEMENTATION!r}"
+        )
+    layer = module.layer_idx
+    group, index = cache.layer_index_to_group_indices[layer]
+    if cache.sliding_windows[layer] != 1:
+        raise NotImplementedError(_sliding_refusal())
+    if kwargs.get("block_table") is not None:
+        raise NotImplementedError("transformers' decode fast path (block_table) is not supported: "
+                                  "pass ContinuousBatchingConfig(max_blocks_per_request=0)")
+    for name in ("cu_seq_lens_k", "max_seqlen_k"):  # one entry per layer type when the model mixes them
+        if isinstance(kwargs[name], dict):
+            kwargs[name] = kwargs[name]["full_attention"]
+    memo = _memoised_step(_LEGACY_MEMO.get(cache, (None, None)), group, cache.block_size, kwargs,
+                          kwargs["max_seqlen_q"], kwargs["max_seqlen_k"])
+    _LEGACY_MEMO[cache] = memo
+    shape = (-1, cache.block_size, *cache.key_cache[index].shape[1:])
+    k_pages, v_pages = cache.key_cache[index].view(shape), cache.value_cache[index].view(shape)
+    as_tokens = lambda t: t[0].transpose(0, 1)  # noqa: E731  [1, H_kv, T, D] -> [T, H_kv, D]
+    write_kv(k_pages, v_pages, as_tokens(key), as_tokens(value), memo[1].slots)
+    features = {name: kwargs[name] for name in _FEATURE_KWARGS if name in kwargs}
+    call = describe_call(module, query, query, None, dropout=dropout, scaling=scaling, **features)
+    return _attend(call, query, k_pages, v_pages, memo[1]), None
+
+
+def _sliding_refusal() -> str:
+    return (
+        "continuous batching through attn_implementation='plugin' supports full-attention layers; transformers "
+        f"{TRANSFORMERS_VERSION} stores sliding-window layers in a rolling buffer out of position order. Use "
+        "model.generate(..., past_key_values=hf_attn_plugin.PagedCache(...)) (sliding windows supported), or "
+        "attn_implementation='sdpa' for generate_batch."
+    )
+
+
+@functools.cache
+def _manager_class():
+    """:class:`PluginContinuousBatchingManager`, defined lazily (the base class needs transformers >= 5.19)."""
+    from transformers.generation.continuous_batching import ContinuousBatchingManager
+
+    class PluginContinuousBatchingManager(ContinuousBatchingManager):
+        """transformers' manager, accepting ``"plugin"`` and reading its cache's pages in place."""
+
+        def switch_to_cb_friendly_attn(self, model, auto_switch_to_flash: bool = True) -> None:
+            impl = model.config._attn_implementation
+            if impl != ATTN_IMPLEMENTATION:
+                raise ValueError(
+                    f"hf_attn_plugin continuous batching runs models loaded with attn_implementation="
+                    f"{ATTN_IMPLEMENTATION!r}; this one uses {impl!r} (call model.generate_batch directly for it)"
+                )
+
+        def _create_batch_processor(self):
+            processor = super()._create_batch_processor()
+            if not isinstance(processor.cache.update, InPlacePagedUpdate):
+                processor.cache.update = InPlacePagedUpdate(processor.cache)
+            return processor
+
+    return PluginContinuousBatchingManager
+
+
+def init_continuous_batching(model, generation_config=None, continuous_batching_config=None, workload_hints=None):
+    """Like ``model.init_continuous_batching``, returning a manager that runs on our paged kernels."""
+    if not _CACHE_TAKES_OVER:  # 5.17-5.18: transformers' own manager switches "plugin" to "paged|plugin"
+        return type(model).init_continuous_batching(model, generation_config, workload_hints=workload_hints,
+                                                    continuous_batching_config=continuous_batching_config)
+    from transformers import ContinuousBatchingConfig
+
+    manager_cls = _manager_class()
+    cached = getattr(model, "_cached_continuous_batching_manager", None)
+    if isinstance(cached, manager_cls):
+        return cached
+    gen_config = generation_config if generation_config is not None else model.generation_config
+    if gen_config.eos_token_id is None:
+        gen_config.eos_token_id = -1  # as transformers does: no EOS, generation stops at max_new_tokens
+    return manager_cls(
+        model=model,
+        generation_config=gen_config,
+        continuous_batching_config=continuous_batching_config or ContinuousBatchingConfig(),
+        workload_hints=workload_hints,
+    )
+
+
+@contextlib.contextmanager
+def continuous_batching_context(model):
+    """Within the block, ``model``'s continuous batching entry points run through our paged kernels.
+
+    Only this model object is affected (its ``init_continuous_batching`` is shadowed by an instance
+    attribute, removed on exit).
+    """
+    if model.config._attn_implementation != ATTN_IMPLEMENTATION:
+        raise ValueError(
+            "hf_attn_plugin.continuous_batching_context needs a model with attn_implementation="
+            f"{ATTN_IMPLEMENTATION!r}, got {model.config._attn_implementation!r}"
+        )
+    if not _CACHE_TAKES_OVER:  # transformers' manager already runs "paged|plugin", registered on import
+        yield model
+        return
+    model.init_continuous_batching = functools.partial(init_continuous_batching, model)
+    try:
+        yield model
+    finally:
+        del model.init_continuous_batching
+
+
+def generate_batch(model, inputs: list[list[int]], generation_config=None, **kwargs):
+    """``model.generate_batch(inputs, generation_config, **kwargs)`` on our paged kernels.
+
+    Returns transformers' ``{request_id: GenerationOutput}``; see ``ContinuousMixin.generate_batch``.
+    """
+    with continuous_batching_context(model):
+        return model.generate_batch(inputs, generation_config=generation_config, **kwargs)
+
+
+if not _CACHE_TAKES_OVER:
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(PAGED_ATTN_IMPLEMENTATION, paged_plugin_attention)

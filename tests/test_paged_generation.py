@@ -1,0 +1,244 @@
+"""Model-level paged generation: ``generate()`` with our PagedCache and ``generate_batch`` on our paged kernels,
+token-identical to eager generation (tiny random configs, CPU reference backend; GPU variants behind ``gpu``)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import transformers
+from packaging.version import Version
+
+import hf_attn_plugin
+from hf_attn_plugin import PagedCache, paged_ops
+from hf_attn_plugin.paged import OutOfPagesError, num_pages_for_budget
+from tests.models import COMMON, DECODERS, make_pair
+
+# transformers 5.24 renamed generate's cache argument; 5.17 only knows the old name.
+CACHE_KWARG = "cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values"
+PAGE = 4
+NEW_TOKENS = 12  # past Mistral's / Qwen2's sliding window of 4
+
+
+def _prompts(lengths=(9, 5, 2), vocab=128, seed=1):
+    """Left-padded batch: ``input_ids``, ``attention_mask``."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(3, vocab, (len(lengths), max(lengths)), generator=gen)
+    mask = torch.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        mask[row, ids.shape[1] - n :] = 1
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def _greedy(model, ids, mask, **kwargs):
+    return model.generate(
+        input_ids=ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, do_sample=False, pad_token_id=0, **kwargs
+    )
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    return {family: make_pair(DECODERS[family]()) for family in ("llama", "mistral", "qwen2")}
+
+
+# --------------------------------------------------------------------------- (a) generate() with PagedCache
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_generate_matches_eager_left_padded(pairs, family):
+    ours, eager = pairs[family]
+    ids, mask = _prompts()
+    cache = PagedCache(ours, max_batch_size=4, num_pages=32, page_size=PAGE)
+    out = _greedy(ours, ids, mask, **{CACHE_KWARG: cache})
+    assert torch.equal(out, _greedy(eager, ids, mask))
+
+    # Memory: every row holds its padded prompt + all but the last new token, in ceil(len / PAGE) pages.
+    length = ids.shape[1] + NEW_TOKENS - 1
+    assert cache.get_seq_length() == length
+    assert cache.pages_in_use == ids.shape[0] * -(-length // PAGE)
+    assert cache.waste() < PAGE / length
+    cache.kv.check_invariants()
+
+    # reset() returns every page; the same cache serves the next generate() exactly.
+    cache.reset()
+    assert cache.pages_in_use == 0 and cache.get_seq_length() == 0
+    assert torch.equal(_greedy(ours, ids, mask, **{CACHE_KWARG: cache}), out)
+
+
+def test_generate_unpadded_batch(pairs):
+    ours, eager = pairs["llama"]
+    ids, mask = _prompts(lengths=(6, 6))
+    cache = PagedCache(ours, max_batch_size=2, num_pages=16, page_size=PAGE)
+    assert torch.equal(_greedy(ours, ids, None, **{CACHE_KWARG: cache}), _greedy(eager, ids, None))
+
+
+def test_beam_search_forks_pages(pairs):
+    ours, eager = pairs["llama"]
+    ids, mask = _prompts(lengths=(7, 4))
+    cache = PagedCache(ours, max_batch_size=6, num_pages=64, page_size=PAGE)
+    out = _greedy(ours, ids, mask, num_beams=3, **{CACHE_KWARG: cache})
+    assert torch.equal(out, _greedy(eager, ids, mask, num_beams=3))
+    cache.kv.check_invariants()
+
+
+def test_attention_reads_the_pools_in_place(pairs, monkeypatch):
+    """The attention call gets the cache's own pools (no gathered copy) and never the dense op."""
+    ours, _ = pairs["llama"]
+    ids, mask = _prompts()
+    cache = PagedCache(ours, max_batch_size=4, num_pages=32, page_size=PAGE)
+    pools = {p.data_ptr() for p in cache.kv.k_pools + cache.kv.v_pools}
+    calls = []
+    real = paged_ops.paged_attention
+
+    def spy(q, k_pool, v_pool, *args, **kwargs):
+        calls.append((k_pool.data_ptr(), v_pool.data_ptr()))
+        return real(q, k_pool, v_pool, *args, **kwargs)
+
+    def dense(*args, **kwargs):
+        raise AssertionError("dense attention called on a paged step")
+
+    monkeypatch.setattr("hf_attn_plugin.integration.paged_cache.paged_attention", spy)
+    monkeypatch.setattr("hf_attn_plugin.ops.attention", dense)
+    _greedy(ours, ids, mask, **{CACHE_KWARG: cache})
+    assert len(calls) == NEW_TOKENS * ours.config.num_hidden_layers
+    assert all(k in pools and v in pools for k, v in calls)
+
+
+def test_out_of_pages_raises_typed_error(pairs):
+    ours, _ = pairs["llama"]
+    ids, mask = _prompts()
+    cache = PagedCache(ours, max_batch_size=4, num_pages=8, page_size=PAGE)  # 3 rows need 3 x 6 pages
+    with pytest.raises(OutOfPagesError):
+        _greedy(ours, ids, mask, **{CACHE_KWARG: cache})
+    cache.kv.check_invariants()  # nothing leaked or overwritten
+    cache.reset()
+    assert cache.pages_in_use == 0
+
+
+def test_batch_larger_than_cache_refused(pairs):
+    ours, _ = pairs["llama"]
+    ids, mask = _prompts()
+    with pytest.raises(ValueError, match="max_batch_size"):
+        _greedy(ours, ids, mask, **{CACHE_KWARG: PagedCache(ours, max_batch_size=2, num_pages=32)})
+
+
+def test_memory_budget_sizing(pairs):
+    ours, _ = pairs["llama"]
+    cache = PagedCache(ours, max_batch_size=2, memory_gib=0.001, page_size=16)
+    cfg = ours.config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    expected = num_pages_for_budget(0.001, num_layers=cfg.num_hidden_layers, num_kv_heads=cfg.num_key_value_heads,
+                                    head_dim=head_dim, page_size=16, dtype=ours.dtype)
+    assert cache.num_pages == expected and cache.page_size == 16 and cache.pages_in_use == 0
+
+
+# --------------------------------------------------------------------------- (b) continuous batching
+CB_PROMPT_LENGTHS = (5, 17, 9, 33, 3)
+
+
+def _cb_config(**kwargs):
+    return transformers.ContinuousBatchingConfig(**kwargs)
+
+
+@pytest.fixture
+def no_gather(monkeypatch):
+    """Make transformers' own gathering cache update fail: our path must never use it."""
+    def gather(*args, **kwargs):
+        raise AssertionError("transformers gathered the KV history")
+
+    try:  # 5.19+: the allocators' update (write + index_select)
+        from transformers.generation.continuous_batching.cache_allocators.full_attention import (
+            FullAttentionCacheAllocator,
+        )
+        monkeypatch.setattr(FullAttentionCacheAllocator, "update", gather)
+    except ImportError:  # 5.17-5.18: the cache's update
+        from transformers.generation.continuous_batching import PagedAttentionCache
+        monkeypatch.setattr(PagedAttentionCache, "update", gather)
+
+
+def _expected(eager, prompts, new_tokens):
+    outputs = (eager.generate(torch.tensor([p]), max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+               for p in prompts)
+    return [out[0, len(p):].tolist() for out, p in zip(outputs, prompts)]
+
+
+def _cb_pair(family):
+    if family == "qwen2":  # full attention only: transformers' sliding-window CB layout is refused
+        return make_pair(transformers.Qwen2Config(**COMMON, num_attention_heads=4, num_key_value_heads=2))
+    return make_pair(DECODERS[family]())
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+@pytest.mark.parametrize("max_batch_tokens", [16, None], ids=["chunked_prefill", "default"])
+def test_generate_batch_matches_eager(family, max_batch_tokens, no_gather):
+    ours, eager = _cb_pair(family)
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in CB_PROMPT_LENGTHS]
+    config = transformers.GenerationConfig(max_new_tokens=10, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    cb_config = _cb_config(max_batch_tokens=max_batch_tokens) if max_batch_tokens else None
+    results = hf_attn_plugin.generate_batch(ours, prompts, config, continuous_batching_config=cb_config)
+    assert [r.error for r in results.values()] == [None] * len(prompts)
+    assert [r.generated_tokens for r in results.values()] == _expected(eager, prompts, 10)
+    assert ours.config._attn_implementation == "plugin"  # nothing left switched
+
+
+def test_continuous_batching_context_manager(no_gather):
+    ours, eager = _cb_pair("llama")
+    prompts = [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15]]
+    config = transformers.GenerationConfig(max_new_tokens=6, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    with hf_attn_plugin.continuous_batching_context(ours) as model:
+        results = model.generate_batch(prompts, config)
+    assert [r.generated_tokens for r in results.values()] == _expected(eager, prompts, 6)
+    assert "init_continuous_batching" not in vars(ours)  # the shadowing attribute is gone
+
+
+def test_continuous_batching_refuses_sliding_window():
+    ours, _ = make_pair(DECODERS["mistral"]())
+    config = transformers.GenerationConfig(max_new_tokens=4, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    with pytest.raises(NotImplementedError, match="PagedCache"):
+        if CACHE_KWARG == "cache":  # 5.19+: refused when our manager builds its cache
+            with hf_attn_plugin.continuous_batching_context(ours) as model:
+                manager = model.init_continuous_batching(config)
+                manager._create_batch_processor()
+        else:  # 5.17: refused by the first sliding layer's attention call
+            hf_attn_plugin.integration.continuous_batching.paged_plugin_attention(
+                _FakeModule(0), *([torch.zeros(1, 2, 1, 16)] * 3), None,
+                cache=_FakeLegacyCache(), write_index=[], read_index=[],
+            )
+
+
+def test_continuous_batching_needs_plugin_model():
+    _, eager = make_pair(DECODERS["llama"]())
+    with pytest.raises(ValueError, match="plugin"):
+        with hf_attn_plugin.continuous_batching_context(eager):
+            pass
+
+
+class _FakeModule(torch.nn.Module):
+    def __init__(self, layer_idx):
+        super().__init__()
+        self.layer_idx, self.is_causal = layer_idx, True
+
+
+class _FakeLegacyCache:
+    layer_index_to_group_indices = {0: (0, 0)}
+    sliding_windows = {0: 4}
+
+
+# --------------------------------------------------------------------------- GPU (Triton paged kernels)
+@pytest.mark.gpu
+@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
+def test_generate_paged_cache_gpu(pairs, family):
+    ours, eager = (copy.deepcopy(m).cuda() for m in pairs[family])
+    ids, mask = (t.cuda() for t in _prompts())
+    cache = PagedCache(ours, max_batch_size=4, num_pages=64, page_size=16)
+    assert torch.equal(_greedy(ours, ids, mask, **{CACHE_KWARG: cache}), _greedy(eager, ids, mask))
+
+
+@pytest.mark.gpu
+def test_generate_batch_gpu():
+    ours, eager = (m.cuda() for m in _cb_pair("llama"))
+    gen = torch.Generator().manual_seed(2)
+    prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in CB_PROMPT_LENGTHS]
+    config = transformers.GenerationConfig(max_new_tokens=10, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    results = hf_attn_plugin.generate_batch(ours, prompts, config)
+    assert [r.generated_tokens for r in results.values()] == _expected(eager, prompts, 10)
