@@ -1,0 +1,415 @@
+#!/usr/bin/env python
+"""The GQA paper's uptraining experiment, end to end, on the plugin's kernels (GPU; ``--smoke`` runs on CPU).
+
+1. Pretrain a small MHA Llama decoder (12 heads, head_dim 64, seq 512) on the Python standard library's sources,
+   with held-out files for validation (validation perplexity logged along the way).
+2. Convert it with ``convert_to_gqa`` to G KV heads (methods mean / first / random, and mean with similarity
+   grouping).
+3. Validation perplexity right after conversion (alpha = 0).
+4. Uptrain each converted model with ``Trainer`` + ``"plugin"`` for alpha x the pretraining steps (same data, same
+   schedule shape: warmup + cosine) and measure validation perplexity again.
+5. Write ``gqa_results.csv`` (rows flushed as they complete, so a timeout still leaves data) and ``gqa_ppl.png``.
+   Every row carries the KV-cache bytes per token of its model (bf16).
+
+Everything runs inside one time budget (``--time-budget``): with ``--pretrain-steps auto`` the pretraining length
+is chosen from a measured step time so that pretraining + the whole uptraining grid fit; runs that would not fit
+anyway are recorded as ``skipped``. Uptraining runs go by priority: alpha 5% first, then the larger ones, then the
+smaller ones.
+
+Needs no ``datasets`` (plain-Python reading/tokenization from examples/uptrain_gqa.py), so it runs where only
+torch/transformers/tokenizers are installed.
+
+example:
+    python benchmarks/gqa_experiment.py --out /tmp/gqa                       # GPU, ~5 min
+    python benchmarks/gqa_experiment.py --smoke --out /tmp/gqa-smoke         # CPU, whole pipeline, tiny
+    python benchmarks/gqa_experiment.py --out /tmp/gqa --pretrain-steps 4000 --model-size medium \\
+        --groups H/2,H/4,1 --methods mean,first,random,similarity --full-grid --alphas 0.01,0.025,0.05,0.1 \\
+        --time-budget 0
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime as _dt
+import gc
+import math
+import os
+import random
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "examples"))
+
+import torch  # noqa: E402
+import transformers  # noqa: E402
+from transformers import TrainerCallback  # noqa: E402
+
+import uptrain_gqa as ug  # noqa: E402
+
+from hf_attn_plugin.conversion import convert_to_gqa  # noqa: E402
+
+SIZES = {  # name: (hidden, layers, heads, intermediate, vocab)
+    "tiny": (96, 2, 12, 256, 512),       # smoke test only (head_dim 8)
+    "small": (768, 4, 12, 2048, 8192),   # ~35M params, head_dim 64
+    "medium": (768, 8, 12, 2048, 8192),  # ~63M params
+    "base": (768, 12, 12, 2048, 16384),  # ~97M params
+}
+FIELDS = ["stage", "num_kv_heads", "method", "grouping", "alpha", "steps", "pretrain_steps", "val_loss", "val_ppl",
+          "ppl_vs_mha_pct", "kv_bytes_per_token", "params_m", "train_wall_s", "steps_per_s", "tokens_per_s",
+          "elapsed_s", "model_size", "device", "torch", "transformers", "date", "note"]
+
+
+class CsvLog:
+    def __init__(self, path: Path, common: dict):
+        self.path, self.common = path, common
+        with open(path, "w", newline="") as f:
+            csv.DictWriter(f, FIELDS).writeheader()
+
+    def row(self, **kw):
+        r = {**self.common, **kw}
+        r = {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()}
+        with open(self.path, "a", newline="") as f:
+            csv.DictWriter(f, FIELDS).writerow({k: r.get(k, "") for k in FIELDS})
+            f.flush()
+            os.fsync(f.fileno())
+        print("ROW", {k: r[k] for k in ("stage", "num_kv_heads", "method", "grouping", "alpha", "steps", "val_ppl")
+                      if k in r}, flush=True)
+
+
+def parse_groups(spec: str, heads: int) -> list[int]:
+    out = []
+    for tok in spec.split(","):
+        tok = tok.strip().upper()
+        g = heads // int(tok[2:]) if tok.startswith("H/") else (1 if tok == "MQA" else int(tok))
+        if g < 1 or heads % g:
+            raise SystemExit(f"--groups: {tok} gives {g} KV heads, which does not divide {heads} heads")
+        if g not in out:
+            out.append(g)
+    return out
+
+
+def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, dtype_bytes: int = 2) -> int:
+    return 2 * layers * kv_heads * head_dim * dtype_bytes
+
+
+class _StepTimer(TrainerCallback):
+    def __init__(self):
+        self.t = []
+
+    def on_step_end(self, args, state, control, **kw):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.t.append(time.perf_counter())
+
+
+def measure_step_time(make_model, train, a) -> float:
+    """A short throwaway Trainer run (also compiles/autotunes the kernels); median seconds per step."""
+    model = make_model()
+    timer = _StepTimer()
+    args = ug.make_training_args(tempfile.mkdtemp(), a.probe_steps, lr=a.lr, batch_size=a.batch_size,
+                                 logging_steps=10**6, num_workers=a.workers)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=train,
+                                   data_collator=transformers.DataCollatorWithFlattening(), callbacks=[timer])
+    model.config.use_cache = False
+    trainer.train()
+    d = sorted(b - c for b, c in zip(timer.t[3:], timer.t[2:-1])) or [1.0]
+    del trainer, model
+    gc.collect()
+    return d[len(d) // 2]
+
+
+def plot(csv_path: Path, png_path: Path, heads: int):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.ticker
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib missing: no plot", flush=True)
+        return
+    rows = list(csv.DictReader(open(csv_path)))
+    mha = [r for r in rows if r["stage"] == "pretrained"]
+    conv = [r for r in rows if r["stage"] in ("converted", "uptrained") and r["val_ppl"]]
+    gs = sorted({int(r["num_kv_heads"]) for r in conv}, reverse=True)
+    if not gs:
+        return
+    fig, axes = plt.subplots(1, len(gs), figsize=(5.5 * len(gs), 4.2), squeeze=False)
+    for ax, g in zip(axes[0], gs):
+        for key in sorted({(r["method"], r["grouping"]) for r in conv if int(r["num_kv_heads"]) == g}):
+            pts = sorted((float(r["alpha"]), float(r["val_ppl"])) for r in conv
+                         if int(r["num_kv_heads"]) == g and (r["method"], r["grouping"]) == key)
+            label = key[0] if key[1] == "adjacent" else f"{key[0]}+{key[1]}"
+            ax.plot([100 * x for x, _ in pts], [y for _, y in pts], marker="o", label=label)
+        if mha:
+            ax.axhline(float(mha[-1]["val_ppl"]), color="k", ls="--", lw=1, label="MHA (pretrained)")
+        ctl = sorted((float(r["alpha"]), float(r["val_ppl"])) for r in rows if r["stage"] == "mha_control")
+        if ctl:
+            ax.plot([100 * x for x, _ in ctl], [y for _, y in ctl], "k^", label="MHA + same extra steps")
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+        ax.set_xlabel("uptraining steps, % of pretraining (alpha)")
+        ax.set_ylabel("validation perplexity")
+        ax.set_title("MQA (1 KV head)" if g == 1 else f"GQA-{g} ({heads} query heads)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(png_path, dpi=120)
+    print(f"wrote {png_path}", flush=True)
+
+
+def markdown_table(csv_path: Path) -> str:
+    """The results table of docs/uptraining.md, generated from the CSV (perplexity, % vs MHA in brackets)."""
+    rows = list(csv.DictReader(open(csv_path)))
+    mha = [r for r in rows if r["stage"] == "pretrained"]
+    if not mha:
+        return "(no pretrained row in the CSV)"
+    mha_ppl = float(mha[-1]["val_ppl"])
+    res = [r for r in rows if r["stage"] in ("converted", "uptrained", "mha_control") and r["val_ppl"]]
+    alphas = sorted({float(r["alpha"]) for r in res})
+    keys = []
+    for r in res:
+        k = (int(r["num_kv_heads"]), r["method"], r["grouping"])
+        if k not in keys:
+            keys.append(k)
+    keys.sort(key=lambda k: -k[0])
+    head = ["KV heads", "init", "KV bytes/token"] + [
+        "after conversion" if al == 0 else f"alpha {100 * al:g}%" for al in alphas]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines.append(f"| {mha[-1]['num_kv_heads']} (MHA) | pretrained, {mha[-1]['steps']} steps | "
+                 f"{mha[-1]['kv_bytes_per_token']} | {mha_ppl:.2f} |" + " |" * (len(alphas) - 1))
+    for g, meth, grp in keys:
+        cells = []
+        for al in alphas:
+            hit = [r for r in res if (int(r["num_kv_heads"]), r["method"], r["grouping"]) == (g, meth, grp)
+                   and float(r["alpha"]) == al]
+            if hit:
+                ppl = float(hit[-1]["val_ppl"])
+                cells.append(f"{ppl:.2f} ({100 * (ppl / mha_ppl - 1):+.1f}%)")
+            else:
+                cells.append("")
+        name = "MHA + same extra steps" if meth == "mha" else (meth if grp == "adjacent" else f"{meth} + {grp} grouping")
+        kvb = next(r["kv_bytes_per_token"] for r in res if int(r["num_kv_heads"]) == g)
+        label = "1 (MQA)" if g == 1 else (f"{g} (MHA)" if meth == "mha" else str(g))
+        lines.append(f"| {label} | {name} | {kvb} | " + " | ".join(cells) + " |")
+    skipped = [r for r in rows if r["stage"] == "skipped"]
+    if skipped:
+        lines.append("")
+        lines.append("Skipped for time: " + ", ".join(
+            f"G={r['num_kv_heads']} {r['method']}/{r['grouping']} alpha {100 * float(r['alpha']):g}%" for r in skipped))
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("example:")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", help="directory for gqa_results.csv, gqa_ppl.png")
+    p.add_argument("--table", metavar="CSV", help="only print the markdown results table of a results CSV")
+    p.add_argument("--smoke", action="store_true", help="tiny everything, CPU, ~1-2 min: checks the pipeline")
+    p.add_argument("--model-size", choices=sorted(SIZES), default=None, help="default small (smoke: tiny)")
+    p.add_argument("--pretrain-steps", default="auto", help="int, or auto: fit the time budget (default)")
+    p.add_argument("--max-pretrain-steps", type=int, default=3000, help="cap for auto")
+    p.add_argument("--time-budget", type=float, default=285.0, help="seconds for the whole script (0: no limit)")
+    p.add_argument("--alphas", default="0.05,0.1,0.025,0.01", help="uptraining fractions, in priority order")
+    p.add_argument("--groups", default="H/4,1", help="KV head counts: ints, H/k or MQA (default H/4,1)")
+    p.add_argument("--methods", default="mean,first,random,similarity",
+                   help="mean, first, random, similarity (= mean with similarity grouping)")
+    p.add_argument("--full-grid", action="store_true", help="every method for every G (default: all methods for "
+                   "the first G only, mean for the others)")
+    p.add_argument("--mha-control", action="store_true", default=True,
+                   help="also continue training the MHA model for the first alpha (default on)")
+    p.add_argument("--no-mha-control", dest="mha_control", action="store_false")
+    p.add_argument("--seq-len", type=int, default=None, help="default 512 (smoke 64)")
+    p.add_argument("--batch-size", type=int, default=None, help="chunks per step (default 64: ~32k tokens)")
+    p.add_argument("--lr", type=float, default=1.5e-3, help="peak LR of pretraining and uptraining")
+    p.add_argument("--val-chunks", type=int, default=None, help="validation chunks (default 384, smoke 24)")
+    p.add_argument("--max-files", type=int, default=None)
+    p.add_argument("--probe-steps", type=int, default=12)
+    p.add_argument("--workers", type=int, default=None, help="dataloader workers (default 2 on GPU)")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    if a.table:
+        print(markdown_table(Path(a.table)))
+        return 0
+    if not a.out:
+        p.error("--out is required")
+    t0 = time.perf_counter()
+    cuda = torch.cuda.is_available()
+    transformers.utils.logging.disable_progress_bar()
+    if a.smoke:
+        a.model_size = a.model_size or "tiny"
+        a.seq_len = a.seq_len or 64
+        a.batch_size = a.batch_size or 8
+        a.val_chunks = a.val_chunks or 24
+        a.max_files = a.max_files or 60
+        if a.pretrain_steps == "auto":
+            a.pretrain_steps = "30"
+        a.alphas = "0.1,0.2" if a.alphas == p.get_default("alphas") else a.alphas
+        a.time_budget = 0 if a.time_budget == p.get_default("time_budget") else a.time_budget
+        a.probe_steps = 5
+    a.model_size = a.model_size or "small"
+    a.seq_len = a.seq_len or 512
+    a.batch_size = a.batch_size or 64
+    a.val_chunks = a.val_chunks or 384
+    a.workers = a.workers if a.workers is not None else (2 if cuda else 0)
+    budget = a.time_budget or float("inf")
+    elapsed = lambda: time.perf_counter() - t0  # noqa: E731
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="gqa_exp_"))
+    torch.manual_seed(a.seed)
+    random.seed(a.seed)
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+
+    hidden, layers, heads, inter, vocab = SIZES[a.model_size]
+    head_dim = hidden // heads
+    common = {"model_size": a.model_size, "device": torch.cuda.get_device_name() if cuda else "cpu",
+              "torch": torch.__version__, "transformers": transformers.__version__,
+              "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M")}
+    log = CsvLog(out / "gqa_results.csv", common)
+    print(f"device {common['device']}; torch {torch.__version__}; transformers {transformers.__version__}", flush=True)
+
+    # ---- data: stdlib sources, held-out files, BPE tokenizer trained on the training files only
+    files = ug.stdlib_files(a.max_files if not a.smoke else None)
+    if a.smoke:
+        files = files[::max(1, len(files) // a.max_files)][:a.max_files]
+    train_files, val_files = ug.split_files(files, 5.0)
+    train_docs, val_docs = ug.read_documents(train_files), ug.read_documents(val_files)
+    rng = random.Random(a.seed)
+    sample = train_docs[:]
+    rng.shuffle(sample)
+    tok = ug.train_tokenizer(sample, vocab_size=vocab, max_chars=400_000 if a.smoke else 6_000_000)
+    train = ug.tokenize_documents(tok, train_docs, a.seq_len)
+    val = ug.tokenize_documents(tok, val_docs, a.seq_len)
+    rng.shuffle(val)
+    val = val[:a.val_chunks]
+    avg_len = sum(len(x["input_ids"]) for x in train) / len(train)
+    tokens_per_step = a.batch_size * avg_len
+    print(f"[{elapsed():.0f}s] {len(train_files)} train / {len(val_files)} val files; {len(train)} train chunks "
+          f"({sum(len(x['input_ids']) for x in train) / 1e6:.2f}M tokens), {len(val)} val chunks; vocab {len(tok)}; "
+          f"~{tokens_per_step:.0f} tokens/step", flush=True)
+
+    def make_model():
+        m = ug.build_llama(len(tok), hidden=hidden, layers=layers, heads=heads, intermediate=inter,
+                           max_positions=max(2048, a.seq_len), seed=a.seed)
+        return m.cuda() if cuda else m
+
+    kw = dict(lr=a.lr, batch_size=a.batch_size, num_workers=a.workers, seed=a.seed)
+    eval_bs = a.batch_size
+    alphas = [float(x) for x in a.alphas.split(",")]
+    groups = parse_groups(a.groups, heads)
+    methods = [m.strip() for m in a.methods.split(",")]
+    configs = []  # (G, method, grouping)
+    for i, g in enumerate(groups):
+        for m in (methods if (i == 0 or a.full_grid) else ["mean"]):
+            cfg = (g, "mean", "similarity") if m == "similarity" else (g, m, "adjacent")
+            if cfg[2] == "similarity" and g == 1:
+                continue  # one group: every grouping is the same
+            configs.append(cfg)
+
+    # ---- pretraining length
+    if a.pretrain_steps == "auto":
+        step_t = measure_step_time(make_model, train, a)
+        t_eval = time.perf_counter()
+        m = make_model()
+        ug.evaluate_perplexity(m, val, batch_size=eval_bs)
+        if cuda:
+            torch.cuda.synchronize()
+        t_eval = time.perf_counter() - t_eval
+        del m
+        n_runs = len(configs) * len(alphas) + (1 if a.mha_control else 0)
+        fixed = elapsed() + 40 + len(configs) * (3 + t_eval) + n_runs * (2.5 + t_eval) + 9 * t_eval
+        per_p = step_t * (1 + sum(alphas) * len(configs) + (alphas[0] if a.mha_control else 0)) * 1.08
+        P = int((budget - fixed) / per_p) if math.isfinite(budget) else a.max_pretrain_steps
+        P = max(50, min(a.max_pretrain_steps, P))
+        print(f"[{elapsed():.0f}s] probe: {step_t * 1e3:.1f} ms/step, eval {t_eval:.1f}s -> pretrain {P} steps "
+              f"({n_runs} uptraining runs)", flush=True)
+    else:
+        P = int(a.pretrain_steps)
+
+    # ---- 1. pretrain MHA
+    mha = make_model()
+    n_params = sum(x.numel() for x in mha.parameters()) / 1e6
+    kvb = lambda g: kv_bytes_per_token(layers, g, head_dim)  # noqa: E731
+    base = dict(pretrain_steps=P, params_m=n_params)
+    print(f"[{elapsed():.0f}s] MHA Llama {n_params:.1f}M params: hidden {hidden}, {layers} layers, {heads} heads x "
+          f"{head_dim}; pretraining {P} steps", flush=True)
+
+    def hook(step, model):
+        r = ug.evaluate_perplexity(model, val, batch_size=eval_bs)
+        log.row(stage="pretrain_curve", num_kv_heads=heads, method="mha", grouping="", alpha="", steps=step,
+                val_loss=r["loss"], val_ppl=r["ppl"], kv_bytes_per_token=kvb(heads), elapsed_s=elapsed(), **base)
+
+    res = ug.train(mha, train, ug.make_training_args(str(work / "pre"), P, logging_steps=max(1, P // 20), **kw),
+                   hook_every=max(1, P // 8), hook=hook)
+    r = ug.evaluate_perplexity(mha, val, batch_size=eval_bs)
+    mha_ppl = r["ppl"]
+    log.row(stage="pretrained", num_kv_heads=heads, method="mha", grouping="", alpha=0.0, steps=P, val_loss=r["loss"],
+            val_ppl=r["ppl"], ppl_vs_mha_pct=0.0, kv_bytes_per_token=kvb(heads), train_wall_s=res["wall_s"],
+            steps_per_s=res["steps_per_s"], tokens_per_s=tokens_per_step * res["steps_per_s"], elapsed_s=elapsed(),
+            **base)
+    src = work / "mha"
+    mha.save_pretrained(src)
+    tok.save_pretrained(src)
+    mha_state = {k: v.detach().cpu().clone() for k, v in mha.state_dict().items()}
+    del mha, res
+    gc.collect()
+
+    # ---- 2./3. convert every config, perplexity right after conversion
+    converted = {}
+    for g, meth, grp in configs:
+        dst = work / f"g{g}_{meth}_{grp}"
+        convert_to_gqa(src, dst, num_kv_heads=g, method=meth, grouping=grp, seed=a.seed, progress=False)
+        m = ug.load_model(dst)
+        m = m.cuda() if cuda else m
+        r = ug.evaluate_perplexity(m, val, batch_size=eval_bs)
+        log.row(stage="converted", num_kv_heads=g, method=meth, grouping=grp, alpha=0.0, steps=0, val_loss=r["loss"],
+                val_ppl=r["ppl"], ppl_vs_mha_pct=100 * (r["ppl"] / mha_ppl - 1), kv_bytes_per_token=kvb(g),
+                elapsed_s=elapsed(), **base)
+        converted[(g, meth, grp)] = dst
+        del m
+
+    # ---- 4. uptraining grid, by priority; skip what cannot fit the budget
+    step_est = None
+    jobs = [(al, c) for al in alphas for c in configs]
+    if a.mha_control:
+        jobs.insert(len(configs), (alphas[0], (heads, "mha", "")))
+    for al, (g, meth, grp) in jobs:
+        steps = max(1, round(al * P))
+        est = (step_est or 0) * steps + 5
+        row = dict(num_kv_heads=g, method=meth, grouping=grp, alpha=al, steps=steps, kv_bytes_per_token=kvb(g), **base)
+        if step_est is not None and elapsed() + est > budget:
+            log.row(stage="skipped", elapsed_s=elapsed(), note=f"needs ~{est:.0f}s, budget left "
+                    f"{budget - elapsed():.0f}s", **row)
+            continue
+        if meth == "mha":
+            m = make_model()
+            m.load_state_dict(mha_state)
+        else:
+            m = ug.load_model(converted[(g, meth, grp)])
+            m = m.cuda() if cuda else m
+        res = ug.uptrain(m, train, val, str(work / "up"), steps, save=False, eval_batch_size=eval_bs,
+                         eval_before=False, logging_steps=max(1, steps // 5), **kw)
+        step_est = max(step_est or 0, res["wall_s"] / steps) if step_est else res["wall_s"] / steps
+        log.row(stage="mha_control" if meth == "mha" else "uptrained", val_loss=res["loss_after"],
+                val_ppl=res["ppl_after"], ppl_vs_mha_pct=100 * (res["ppl_after"] / mha_ppl - 1),
+                train_wall_s=res["wall_s"], steps_per_s=res["steps_per_s"],
+                tokens_per_s=tokens_per_step * res["steps_per_s"], elapsed_s=elapsed(), **row)
+        del m, res
+        gc.collect()
+
+    plot(out / "gqa_results.csv", out / "gqa_ppl.png", heads)
+    shutil.rmtree(work, ignore_errors=True)
+    print(f"[{elapsed():.0f}s] done: {out / 'gqa_results.csv'}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
