@@ -103,8 +103,15 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
     ap.add_argument("--sweep", action="store_true", help="sweep tiles/warps/stages/splits as well")
+    ap.add_argument("--replot", metavar="CSV", help="only redraw the PNG from a CSV this script wrote")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    if args.replot:
+        with open(args.replot) as f:
+            rows = list(csv.DictReader(f))
+        copy_bw = float(next(r["tbps"] for r in rows if r["case"] == "copy")) * 1e12
+        plot(rows, copy_bw, os.path.join(args.out, "paged_decode.png"))
+        return
     torch.manual_seed(0)
     meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                 date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M"))
@@ -233,16 +240,16 @@ def plot(rows, copy_bw, path) -> None:
         print("matplotlib missing: no plot")
         return
     cases = [c for c in dict.fromkeys(r["case"] for r in rows) if c not in ("copy",) and not c.startswith("prefill")]
-    impls = ["ours"] + sorted({r["impl"] for r in rows if r["impl"].startswith("sdpa")})
+    impls = ["ours"] + sorted({r["impl"] for r in rows if r["impl"].startswith("sdpa") and r["case"] in cases})
     fig, ax = plt.subplots(figsize=(9, 4.5))
     width = 0.8 / (len(impls) + 1)
     for i, impl in enumerate(impls + ["ours_best"]):
         vals = []
         for c in cases:
             if impl == "ours_best":
-                cand = [r["tbps"] for r in rows if r["case"] == c and r["impl"].startswith("ours")]
+                cand = [float(r["tbps"]) for r in rows if r["case"] == c and r["impl"].startswith("ours")]
             else:
-                cand = [r["tbps"] for r in rows if r["case"] == c and r["impl"] == impl]
+                cand = [float(r["tbps"]) for r in rows if r["case"] == c and r["impl"] == impl]
             vals.append(max(cand) if cand else 0.0)
         ax.bar([x + i * width for x in range(len(cases))], vals, width, label=impl)
     ax.axhline(copy_bw / 1e12, color="k", ls="--", lw=1, label="device copy")
