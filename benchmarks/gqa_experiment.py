@@ -82,6 +82,32 @@ class CsvLog:
                       if k in r}, flush=True)
 
 
+def corpus_files(kind: str, max_chars: float) -> list[str]:
+    """``stdlib``: the standard library's sources. ``python``: those plus every ``.py`` file of the installed
+    site-packages (third-party code nobody here wrote), in a deterministic crc32 order, up to ``max_chars``.
+    ``auto``: ``python`` where the standard library alone is small (some images ship a trimmed one).
+    """
+    files = ug.stdlib_files()
+    size = sum(os.path.getsize(f) for f in files)
+    if kind == "stdlib" or (kind == "auto" and size >= max_chars):
+        return files
+    import sysconfig
+    import zlib
+    seen, extra = set(files), []
+    for key in ("purelib", "platlib"):
+        root = sysconfig.get_paths()[key]
+        for dirpath, _, names in os.walk(root):
+            extra += [os.path.join(dirpath, n) for n in names if n.endswith(".py")]
+    extra = sorted((f for f in set(extra) if f not in seen and os.path.isfile(f)), key=lambda f: zlib.crc32(f.encode()))
+    out = list(files)
+    for f in extra:
+        if size >= max_chars:
+            break
+        out.append(f)
+        size += os.path.getsize(f)
+    return out
+
+
 def parse_groups(spec: str, heads: int) -> list[int]:
     out = []
     for tok in spec.split(","):
@@ -152,7 +178,7 @@ def plot(csv_path: Path, png_path: Path, heads: int):
         if ctl:
             ax.plot([100 * x for x, _ in ctl], [y for _, y in ctl], "k^", label="MHA + same extra steps")
         ax.set_yscale("log")
-        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}"))
         ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("uptraining steps, % of pretraining (alpha)")
         ax.set_ylabel("validation perplexity")
@@ -194,10 +220,16 @@ def markdown_table(csv_path: Path) -> str:
                 cells.append(f"{ppl:.2f} ({100 * (ppl / mha_ppl - 1):+.1f}%)")
             else:
                 cells.append("")
-        name = "MHA + same extra steps" if meth == "mha" else (meth if grp == "adjacent" else f"{meth} + {grp} grouping")
+        name = ("MHA + same extra steps" if meth == "mha"
+                else meth if grp == "adjacent" else f"{meth} + {grp} grouping")
         kvb = next(r["kv_bytes_per_token"] for r in res if int(r["num_kv_heads"]) == g)
         label = "1 (MQA)" if g == 1 else (f"{g} (MHA)" if meth == "mha" else str(g))
         lines.append(f"| {label} | {name} | {kvb} | " + " | ".join(cells) + " |")
+    curve = [r for r in rows if r["stage"] == "pretrain_curve"]
+    if curve:
+        lines.append("")
+        lines.append("MHA validation perplexity during pretraining (step: ppl): " + ", ".join(
+            f"{r['steps']}: {float(r['val_ppl']):.2f}" for r in curve) + f"; final {mha_ppl:.2f}.")
     skipped = [r for r in rows if r["stage"] == "skipped"]
     if skipped:
         lines.append("")
@@ -211,6 +243,7 @@ def main(argv=None) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", help="directory for gqa_results.csv, gqa_ppl.png")
     p.add_argument("--table", metavar="CSV", help="only print the markdown results table of a results CSV")
+    p.add_argument("--replot", metavar="CSV", help="only redraw gqa_ppl.png beside a results CSV")
     p.add_argument("--smoke", action="store_true", help="tiny everything, CPU, ~1-2 min: checks the pipeline")
     p.add_argument("--model-size", choices=sorted(SIZES), default=None, help="default small (smoke: tiny)")
     p.add_argument("--pretrain-steps", default="auto", help="int, or auto: fit the time budget (default)")
@@ -230,12 +263,21 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=1.5e-3, help="peak LR of pretraining and uptraining")
     p.add_argument("--val-chunks", type=int, default=None, help="validation chunks (default 384, smoke 24)")
     p.add_argument("--max-files", type=int, default=None)
+    p.add_argument("--corpus", choices=["auto", "stdlib", "python"], default="auto",
+                   help="stdlib sources; python = stdlib + site-packages .py files; auto (default): python when the "
+                   "stdlib is smaller than --max-chars")
+    p.add_argument("--max-chars", type=float, default=100e6, help="corpus size cap in bytes (default 100e6)")
+    p.add_argument("--max-epochs", type=float, default=1.5,
+                   help="auto pretraining length never exceeds this many passes over the training tokens")
     p.add_argument("--probe-steps", type=int, default=12)
     p.add_argument("--workers", type=int, default=None, help="dataloader workers (default 2 on GPU)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     if a.table:
         print(markdown_table(Path(a.table)))
+        return 0
+    if a.replot:
+        plot(Path(a.replot), Path(a.replot).with_name("gqa_ppl.png"), 12)
         return 0
     if not a.out:
         p.error("--out is required")
@@ -277,7 +319,7 @@ def main(argv=None) -> int:
     print(f"device {common['device']}; torch {torch.__version__}; transformers {transformers.__version__}", flush=True)
 
     # ---- data: stdlib sources, held-out files, BPE tokenizer trained on the training files only
-    files = ug.stdlib_files(a.max_files if not a.smoke else None)
+    files = ug.stdlib_files() if a.smoke else corpus_files(a.corpus, a.max_chars)[:a.max_files]
     if a.smoke:
         files = files[::max(1, len(files) // a.max_files)][:a.max_files]
     train_files, val_files = ug.split_files(files, 5.0)
@@ -290,10 +332,11 @@ def main(argv=None) -> int:
     val = ug.tokenize_documents(tok, val_docs, a.seq_len)
     rng.shuffle(val)
     val = val[:a.val_chunks]
-    avg_len = sum(len(x["input_ids"]) for x in train) / len(train)
+    train_tokens = sum(len(x["input_ids"]) for x in train)
+    avg_len = train_tokens / len(train)
     tokens_per_step = a.batch_size * avg_len
     print(f"[{elapsed():.0f}s] {len(train_files)} train / {len(val_files)} val files; {len(train)} train chunks "
-          f"({sum(len(x['input_ids']) for x in train) / 1e6:.2f}M tokens), {len(val)} val chunks; vocab {len(tok)}; "
+          f"({train_tokens / 1e6:.2f}M tokens), {len(val)} val chunks; vocab {len(tok)}; "
           f"~{tokens_per_step:.0f} tokens/step", flush=True)
 
     def make_model():
@@ -328,6 +371,11 @@ def main(argv=None) -> int:
         fixed = elapsed() + 40 + len(configs) * (3 + t_eval) + n_runs * (2.5 + t_eval) + 9 * t_eval
         per_p = step_t * (1 + sum(alphas) * len(configs) + (alphas[0] if a.mha_control else 0)) * 1.08
         P = int((budget - fixed) / per_p) if math.isfinite(budget) else a.max_pretrain_steps
+        P_epochs = int(a.max_epochs * train_tokens / tokens_per_step)
+        if P_epochs < P:
+            print(f"epoch cap: {P} steps would be {P * tokens_per_step / train_tokens:.1f} passes over the data; "
+                  f"pretraining {P_epochs} steps ({a.max_epochs} passes) instead", flush=True)
+            P = P_epochs
         P = max(50, min(a.max_pretrain_steps, P))
         print(f"[{elapsed():.0f}s] probe: {step_t * 1e3:.1f} ms/step, eval {t_eval:.1f}s -> pretrain {P} steps "
               f"({n_runs} uptraining runs)", flush=True)

@@ -60,8 +60,8 @@ EOS = "<|endoftext|>"
 
 __all__ = [
     "stdlib_files", "split_files", "read_documents", "train_tokenizer", "chunk_token_ids", "tokenize_documents",
-    "load_text_datasets", "build_llama", "load_model", "rope_in_autocast_dtype", "evaluate_perplexity", "make_training_args", "train", "uptrain",
-    "main",
+    "load_text_datasets", "build_llama", "load_model", "rope_in_autocast_dtype", "evaluate_perplexity",
+    "make_training_args", "train", "uptrain", "main",
 ]
 
 
