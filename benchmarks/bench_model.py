@@ -88,12 +88,14 @@ def main() -> None:
             tokens_per_s = args.tokens / (ms / 1e3)
             rows.append(dict(meta, layout=layout, docs=docs, impl=impl, ms=round(ms, 3), tokens_per_s=round(tokens_per_s)))
             print(f"{layout:12s} {impl:15s} {ms:9.1f} ms/step {tokens_per_s:10.0f} tokens/s", flush=True)
-    path = os.path.join(args.out, "model_training.csv")
+            write_csv(os.path.join(args.out, "model_training.csv"), rows)  # after every row: a timeout keeps data
+
+
+def write_csv(path: str, rows: list[dict]) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

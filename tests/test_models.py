@@ -201,3 +201,22 @@ def test_triton_kernels_inside_models_match_eager(family, monkeypatch):
         packed = ours(**batch).logits[0]
         separate = torch.cat([eager(torch.tensor([f["input_ids"]])).logits[0] for f in features])
     torch.testing.assert_close(packed, separate, atol=1e-4, rtol=1e-4)
+
+
+def test_autocast_runs_attention_in_the_autocast_dtype(monkeypatch):
+    """Trainer(bf16=True) autocasts: RoPE hands us fp32 q/k beside bf16 v; the op must run in bf16, not fp32."""
+    from hf_attn_plugin import ops
+
+    seen = []
+    original = ops.attention
+
+    def spy(q, k, v, **kwargs):
+        seen.append((q.dtype, k.dtype, v.dtype))
+        return original(q, k, v, **kwargs)
+
+    monkeypatch.setattr(ops, "attention", spy)
+    ours, _ = make_pair(DECODERS["llama"]())
+    ids = torch.randint(1, ours.config.vocab_size, (2, 8))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours(ids)
+    assert seen and all(dtypes == (torch.bfloat16,) * 3 for dtypes in seen), seen

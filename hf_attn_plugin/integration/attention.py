@@ -56,14 +56,27 @@ def plugin_attention(
         return reader.attend(call, query, attention_mask), None
     call = describe_call(module, query, key, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-    if not (q.dtype == k.dtype == v.dtype):  # e.g. fp32 queries from upcast norms against a bf16 cache
-        q, v = q.to(k.dtype), v.to(k.dtype)
+    dtype = _compute_dtype(q, k)
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)  # no-ops in the common case
     out = ops.attention(
         q, k, v,
         scale=call.scale, causal=call.causal, window=call.window, softcap=call.softcap, sinks=call.sinks,
         segments=call.segments, max_seqlen_q=call.max_seqlen_q, max_seqlen_k=call.max_seqlen_k,
     )
     return out, None
+
+
+def _compute_dtype(q: torch.Tensor, k: torch.Tensor) -> torch.dtype:
+    """The dtype the kernels run in.
+
+    Under autocast, the autocast dtype: Llama-style rotary embeddings return fp32 q/k while v is already
+    bf16, and a custom op gets no autocast cast of its own. Otherwise the key's (the cache's) dtype, e.g.
+    for fp32 queries from upcast norms against a bf16 cache.
+    """
+    device = q.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return k.dtype
 
 
 def describe_call(
