@@ -125,7 +125,9 @@ def flash_cpu():
     from hf_attn_plugin.kernels import flash
 
     if type(flash._attn_fwd).__name__ != "InterpretedFunction":
-        pytest.skip("interpreter tests need TRITON_INTERPRET=1 before triton is imported (CPU-only machines)")
+        if not torch.cuda.is_available():  # on a CPU-only machine (CI) these tests must run, never skip quietly
+            pytest.fail("Triton interpreter not active: set TRITON_INTERPRET=1 before triton is imported")
+        pytest.skip("GPU machine: the interpreter tests run on CPU-only machines (CI); the GPU suite covers the kernels")
     old, flash.POISON = flash.POISON, True
     yield flash
     flash.POISON = old

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 
@@ -140,4 +138,4 @@ def test_plugin_is_registered_on_import():
 
     assert "plugin" in AttentionInterface._global_mapping
     assert "plugin" in AttentionMaskInterface._global_mapping
-    assert copy.copy(hf_attn_plugin.ATTN_IMPLEMENTATION) == "plugin"
+    assert hf_attn_plugin.ATTN_IMPLEMENTATION == "plugin"
