@@ -76,7 +76,7 @@ def main() -> None:
         date=datetime.date.today().isoformat(), layers=args.layers, tokens=args.tokens,
     )
     rows = []
-    for layout, docs in (("one_sequence", 1), ("packed", args.docs)):
+    for layout, docs in (("packed", args.docs), ("one_sequence", 1)):
         batch = batch_for(args.tokens, docs, model.config.vocab_size)
         for impl in args.impls.split(","):
             model.set_attn_implementation(impl)

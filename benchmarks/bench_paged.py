@@ -8,6 +8,11 @@ device-to-device copy bandwidth measured in the same process (bytes read + writt
 
     python benchmarks/bench_paged.py --out /tmp/bench            # CSV + PNG into --out
     python benchmarks/bench_paged.py --out /tmp/bench --sweep    # also sweep tiles / splits
+
+Every decode case also runs the split-K study (rows ``impl=split_study``): the default (grid from
+shapes, piece length chosen in the kernel from ``seq_lens``) against the fixed-piece rule it replaced
+(pieces of ``min_split_keys``, old default grid), the fixed rule with 32 splits, and the kernel's rule
+with other "programs that fill the GPU" targets; it prints how many pieces each sequence used.
 """
 
 from __future__ import annotations
@@ -80,6 +85,52 @@ class DecodeCase:
         return kernels.default_num_splits(len(self.lens) * HKV, self.block_tables.shape[1] * PAGE,
                                           self.q.device)
 
+    def old_default_splits(self) -> int:
+        """The grid of the fixed-piece rule: no split once (sequence, head) programs fill every SM twice,
+        else ~4 programs per SM; at least capacity / 4096; at most capacity / 256 and 128."""
+        sms = torch.cuda.get_device_properties(self.q.device).multi_processor_count
+        programs = len(self.lens) * HKV
+        capacity = self.block_tables.shape[1] * PAGE
+        occupancy = 1 if programs >= 2 * sms else -(-4 * sms // programs)
+        return max(1, min(max(occupancy, -(-capacity // 4096)), capacity // 256, 128))
+
+    def pieces(self, num_splits: int = 0, config=None) -> dict[int, list[int]]:
+        """Split-K pieces the kernel used, by sequence length: {length: [pieces of each such sequence]}."""
+        _, partials = kernels.split_attention(
+            self.q, self.k_pool, self.v_pool, self.block_tables, self.seq_lens, None, 1, None, None, D**-0.5,
+            True, 0, 0.0, num_splits, config)
+        if partials is None:
+            counts = [1] * len(self.lens)
+        else:
+            lse = partials[1][:, 0]
+            counts = torch.where(lse[:, 0] == math.inf, 1, (lse > -math.inf).sum(-1)).tolist()
+        out: dict[int, list[int]] = {}
+        for n, c in zip(self.lens, counts):
+            out.setdefault(n, []).append(c)
+        return out
+
+
+def describe_pieces(pieces: dict[int, list[int]]) -> str:
+    """'32768:29 8192:7 <=2047:1' style summary (lengths sharing a piece count are grouped)."""
+    by_count: dict[int, list[int]] = {}
+    for n, counts in pieces.items():
+        for c in counts:
+            by_count.setdefault(c, []).append(n)
+    return " ".join(f"{min(ns)}..{max(ns)}:{c}" if min(ns) != max(ns) else f"{ns[0]}:{c}"
+                    for c, ns in sorted(by_count.items(), reverse=True))
+
+
+def split_study(case: DecodeCase) -> list[tuple[str, int, kernels.LaunchConfig | None]]:
+    """(label, num_splits, config) points comparing the split-K rules on one case."""
+    sms = torch.cuda.get_device_properties(case.q.device).multi_processor_count
+    fixed = kernels.LaunchConfig(1, 64, 4, 2, 1024, split_programs=2**30)  # piece length = min_split_keys
+    old = case.old_default_splits()
+    points = [("fixed pieces, old default grid", old, fixed), ("fixed pieces, 32 splits", 32, fixed),
+              ("kernel rule, 32 splits", 32, None)]
+    points += [(f"kernel rule, fill {k}/SM", 0, kernels.LaunchConfig(1, 64, 4, 2, 1024, split_programs=k * sms))
+               for k in (2, 8)]
+    return points
+
 
 def sdpa_variants(q, k, v):
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -104,6 +155,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--sweep", action="store_true", help="sweep tiles/warps/stages/splits as well")
     ap.add_argument("--replot", metavar="CSV", help="only redraw the PNG from a CSV this script wrote")
+    ap.add_argument("--no-prefill", action="store_true", help="skip the chunked-prefill benchmark")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     if args.replot:
@@ -157,8 +209,14 @@ def main() -> None:
         default_splits = case.default_splits()
         ms = bench(case.ours())
         ours = record(case, "ours", f"default splits={default_splits}", ms)
-        print(f"  ours default (splits={default_splits}): {ms * 1e3:8.1f} us  {ours:.3f} TB/s  {ours * 1e12 / copy_bw:.3f} x copy")
+        print(f"  ours default (splits={default_splits}): {ms * 1e3:8.1f} us  {ours:.3f} TB/s  "
+              f"{ours * 1e12 / copy_bw:.3f} x copy  pieces {describe_pieces(case.pieces())}")
         best = (ours, f"default splits={default_splits}")
+        for label, s, config in split_study(case):
+            ms = bench(case.ours(s, config))
+            tb = record(case, "split_study", f"{label} splits={s or default_splits}", ms)
+            print(f"  {label + f' (splits={s or default_splits})':<44} {ms * 1e3:8.1f} us  {tb:.3f} TB/s  "
+                  f"pieces {describe_pieces(case.pieces(s, config))}")
         if args.sweep:
             for config, s in sweep:
                 ms = bench(case.ours(s, config))
@@ -176,7 +234,7 @@ def main() -> None:
         del q4, k, v
         torch.cuda.empty_cache()
 
-    prefill_rows = bench_prefill(meta)
+    prefill_rows = [] if args.no_prefill else bench_prefill(meta)
     rows.extend(prefill_rows)
 
     path = os.path.join(args.out, "paged_decode.csv")
@@ -247,7 +305,8 @@ def plot(rows, copy_bw, path) -> None:
         vals = []
         for c in cases:
             if impl == "ours_best":
-                cand = [float(r["tbps"]) for r in rows if r["case"] == c and r["impl"].startswith("ours")]
+                cand = [float(r["tbps"]) for r in rows
+                        if r["case"] == c and r["impl"] in ("ours", "ours_sweep", "split_study")]
             else:
                 cand = [float(r["tbps"]) for r in rows if r["case"] == c and r["impl"] == impl]
             vals.append(max(cand) if cand else 0.0)

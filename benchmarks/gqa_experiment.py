@@ -62,7 +62,8 @@ SIZES = {  # name: (hidden, layers, heads, intermediate, vocab)
 }
 FIELDS = ["stage", "num_kv_heads", "method", "grouping", "alpha", "steps", "pretrain_steps", "val_loss", "val_ppl",
           "ppl_vs_mha_pct", "kv_bytes_per_token", "params_m", "train_wall_s", "steps_per_s", "tokens_per_s",
-          "elapsed_s", "model_size", "device", "torch", "transformers", "date", "note"]
+          "elapsed_s", "decode_attn_us", "decode_kv_gb", "decode_tb_s", "model_size", "device", "torch", "transformers",
+          "date", "note"]
 
 
 class CsvLog:
@@ -150,6 +151,34 @@ def measure_step_time(make_model, train, a) -> float:
     return d[len(d) // 2]
 
 
+def decode_speed(layers: int, heads: int, head_dim: int, kv_heads: int, batch: int = 128, context: int = 2048,
+                 page_size: int = 16) -> dict:
+    """Paged decode attention for one step of this model (all layers): microseconds, KV bytes read, TB/s.
+
+    Random bf16 pools with shuffled block tables (a real cache's pages are scattered), ``batch`` sequences of
+    ``context`` cached tokens, timed with CUDA-graph replay. The reason to convert at all: decode attention reads
+    the whole KV cache every step, so its time and memory scale with the number of KV heads.
+    """
+    from triton.testing import do_bench_cudagraph
+
+    from hf_attn_plugin.paged_ops import paged_attention
+
+    pages_per_seq = context // page_size
+    pages = batch * pages_per_seq
+    g = torch.Generator(device="cuda").manual_seed(0)
+    k_pool = torch.randn(pages, page_size, kv_heads, head_dim, device="cuda", dtype=torch.bfloat16, generator=g)
+    v_pool = torch.randn_like(k_pool)
+    tables = torch.randperm(pages, device="cuda", generator=g).view(batch, pages_per_seq).to(torch.int32)
+    seq_lens = torch.full((batch,), context, device="cuda", dtype=torch.int32)
+    q = torch.randn(batch, heads, head_dim, device="cuda", dtype=torch.bfloat16, generator=g)
+    fn = lambda: paged_attention(q, k_pool, v_pool, tables, seq_lens)  # noqa: E731
+    fn()
+    ms = do_bench_cudagraph(fn, rep=50)
+    kv_bytes = 2 * k_pool.numel() * k_pool.element_size()
+    return {"decode_attn_us": 1e3 * ms * layers, "decode_kv_gb": kv_bytes * layers / 1e9,
+            "decode_tb_s": kv_bytes / (ms * 1e-3) / 1e12}
+
+
 def plot(csv_path: Path, png_path: Path, heads: int):
     try:
         import matplotlib
@@ -230,6 +259,14 @@ def markdown_table(csv_path: Path) -> str:
         lines.append("")
         lines.append("MHA validation perplexity during pretraining (step: ppl): " + ", ".join(
             f"{r['steps']}: {float(r['val_ppl']):.2f}" for r in curve) + f"; final {mha_ppl:.2f}.")
+    speed = [r for r in rows if r["stage"] == "decode_speed"]
+    if speed:
+        ref = float(speed[0]["decode_attn_us"])
+        lines += ["", "Decode attention per step, all layers, paged kernels (" + speed[0]["note"] + "):", "",
+                  "| KV heads | KV cache (GB) | attention per step (us) | vs MHA | TB/s |", "|---|---|---|---|---|"]
+        for r in speed:
+            lines.append(f"| {r['num_kv_heads']} | {float(r['decode_kv_gb']):.2f} | {float(r['decode_attn_us']):.1f} "
+                         f"| {ref / float(r['decode_attn_us']):.2f}x faster | {float(r['decode_tb_s']):.2f} |")
     skipped = [r for r in rows if r["stage"] == "skipped"]
     if skipped:
         lines.append("")
@@ -452,6 +489,18 @@ def main(argv=None) -> int:
                 tokens_per_s=tokens_per_step * res["steps_per_s"], elapsed_s=elapsed(), **row)
         del m, res
         gc.collect()
+
+    # ---- 5. why convert: decode attention time and KV memory at this model's shapes, MHA vs GQA vs MQA
+    if cuda:
+        for g in sorted({heads, *groups}, reverse=True):
+            try:
+                d = decode_speed(layers, heads, head_dim, g)
+            except Exception as exc:  # a measurement failure must not lose the perplexity results
+                print(f"decode speed G={g} failed: {type(exc).__name__}: {exc}", flush=True)
+                continue
+            log.row(stage="decode_speed", num_kv_heads=g, method="", grouping="", alpha="", steps="",
+                    kv_bytes_per_token=kvb(g), elapsed_s=elapsed(), note="batch 128 x 2048 cached tokens, page 16",
+                    **d, **base)
 
     plot(out / "gqa_results.csv", out / "gqa_ppl.png", heads)
     shutil.rmtree(work, ignore_errors=True)

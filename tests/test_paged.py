@@ -311,6 +311,69 @@ def test_decode_split_count_adapts_to_length(sinks):
            config=LaunchConfig(1, 16, 4, 1, min_split_keys=48))
 
 
+def _pieces_per_row(lens, num_splits, hq=4, hkv=2, d=16, page=16, config=None, **feat):
+    """Split-K pieces each sequence's decode row used (read from the partial lse), after checking the output."""
+    from hf_attn_plugin.kernels import paged as kernels
+
+    k_pool, v_pool, bt, seq_lens, k_starts = _random_paged(lens, hkv, d, page, torch.float32,
+                                                           k_starts=feat.get("k_starts"))
+    q = torch.randn(len(lens), hq, d, device=DEV)
+    sinks = _sinks(hq) if feat.get("sinks") else None
+    window = feat.get("window", 0)
+    _check(q, k_pool, v_pool, bt, seq_lens, k_starts=k_starts, sinks=sinks, window=window, num_splits=num_splits,
+           config=config)
+    _, partials = kernels.split_attention(q, k_pool, v_pool, bt, seq_lens, None, 1, k_starts, sinks, d**-0.5, True,
+                                          window, 0.0, num_splits, config)
+    if partials is None:  # no split-K
+        return [1] * len(lens)
+    lse = partials[1]
+    pieces = torch.where(lse[..., 0] == math.inf, 1, (lse > -math.inf).sum(-1))  # [T, Hq]
+    assert (pieces == pieces[:, :1]).all(), "heads of one sequence disagree on the split"
+    return pieces[:, 0].tolist()
+
+
+@needs_kernels
+def test_split_pieces_follow_the_batch():
+    """One grid of 8 splits; each sequence's piece count comes from the batch's lengths (device side).
+
+    Interpreter config: 32-key tiles and pieces, 16 programs fill the "GPU" (8 pieces per KV head).
+    """
+    skewed = [1024, 900, 40, 50, 60, 33, 70, 0]
+    pieces = _pieces_per_row(skewed, 8)
+    assert pieces[0] == 8 and pieces[1] > 1  # long sequences: cut to about the typical length
+    assert pieces[2:] == [1] * 6  # shorter than one piece: whole, written directly
+    assert _pieces_per_row([256] * 8, 8) == [1] * 8  # uniform and enough sequences to fill: no split
+    few = _pieces_per_row([256, 256], 8)  # too few sequences to fill: split anyway
+    assert few[0] == few[1] > 1
+
+
+@needs_kernels
+@pytest.mark.parametrize("num_splits", [1, 3, 8])
+@pytest.mark.parametrize("feat", [{}, {"sinks": True}, {"window": 200, "k_starts": [100, 3, 0, 5, 0, 0]}])
+def test_decode_skewed_lengths(num_splits, feat):
+    """Skewed lengths (two long sequences, the rest shorter than one piece, an empty one) vs the reference."""
+    lens = [300, 20, 500, 9, 0, 45]
+    pieces = _pieces_per_row(lens, num_splits, **feat)
+    assert pieces[1] == pieces[3] == pieces[4] == pieces[5] == 1
+    if num_splits == 1:
+        assert pieces == [1] * len(lens)
+    elif "window" in feat:  # 200 visible keys: fewer pieces
+        assert 1 < pieces[2] <= min(num_splits, 3)
+    else:  # the long sequences are cut, the longest at least as finely
+        assert 1 < pieces[0] <= pieces[2] <= num_splits
+
+
+@needs_kernels
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_prefill_skewed_lengths(num_splits):
+    """Chunked prefill over a skewed batch with split-K: query tiles of one sequence split differently."""
+    lens, new = [600, 30, 5, 400], [40, 30, 1, 3]
+    k_pool, v_pool, bt, seq_lens, _ = _random_paged(lens, 2, 32, 16, torch.float32)
+    cu = torch.tensor([0] + list(torch.tensor(new).cumsum(0)), dtype=torch.int32, device=DEV)
+    q = torch.randn(sum(new), 4, 32, device=DEV)
+    _check(q, k_pool, v_pool, bt, seq_lens, cu=cu, max_q=max(new), sinks=_sinks(4), num_splits=num_splits)
+
+
 PREFILL_CASES = [
     # cached lens (new tokens included), new tokens per sequence, Hq, Hkv, page, splits, dtype, features
     ([12, 40, 7], [12, 40, 7], 4, 2, 16, 1, torch.float32, {}),  # plain prefill
@@ -445,6 +508,16 @@ def test_gpu_decode_bf16_large(num_splits, feat):
                            feat.get("window", 0), feat.get("softcap", 0.0))
     err, err_base = (out.double() - ref).abs().max().item(), (base.double() - ref).abs().max().item()
     assert torch.isfinite(out).all() and err <= 2 * err_base + 1e-5, (err, err_base)
+
+
+@pytest.mark.gpu
+def test_gpu_default_split_skewed_vs_uniform():
+    """Default grid and piece rule on the GPU: a skewed batch cuts its long sequences, a uniform one stays whole."""
+    gen = torch.Generator().manual_seed(0)
+    skewed = [32768, 8192] + torch.randint(128, 2048, (30,), generator=gen).tolist()
+    pieces = _pieces_per_row(skewed, 0, hq=32, hkv=8, d=128)
+    assert pieces[0] > pieces[1] > 1 and max(pieces[2:]) == 1
+    assert _pieces_per_row([2048] * 64, 0, hq=32, hkv=8, d=128) == [1] * 64
 
 
 @pytest.mark.gpu

@@ -49,10 +49,12 @@ _INTERPRET = {
 # tiles sits at the register limit, so the larger tiles are only tried where they can fit.
 _GPU: Dict[Tuple[str, int], Sequence[Config]] = {
     ("fwd", 64): (Config(128, 128, 8, 3), Config(128, 64, 4, 3), Config(128, 128, 4, 3)),
-    ("fwd", 128): (Config(128, 64, 8, 3), Config(128, 128, 8, 2), Config(128, 64, 4, 3), Config(128, 128, 8, 3)),
+    ("fwd", 128): (Config(128, 64, 8, 3), Config(128, 128, 8, 2), Config(128, 64, 4, 3), Config(128, 128, 8, 3),
+                   Config(128, 64, 8, 4), Config(128, 32, 4, 4)),
     ("fwd", 256): (Config(128, 64, 8, 2), Config(64, 64, 4, 2), Config(128, 32, 8, 2)),
     ("bwd_dq", 64): (Config(128, 64, 8, 2), Config(64, 64, 4, 3), Config(128, 128, 8, 2)),
-    ("bwd_dq", 128): (Config(128, 64, 8, 2), Config(64, 64, 4, 3), Config(64, 128, 8, 2)),
+    ("bwd_dq", 128): (Config(128, 64, 8, 2), Config(64, 64, 4, 3), Config(64, 128, 8, 2), Config(128, 64, 8, 3),
+                      Config(128, 32, 8, 3)),
     ("bwd_dq", 256): (Config(64, 64, 4, 1), Config(64, 32, 4, 2), Config(128, 32, 8, 1)),
     ("bwd_dkdv", 64): (Config(64, 128, 8, 2), Config(32, 128, 4, 2), Config(64, 64, 4, 3)),
     # dK and dV accumulate in registers for the whole program: [BLOCK_N, D] fp32 each. At D=128 a
@@ -60,7 +62,8 @@ _GPU: Dict[Tuple[str, int], Sequence[Config]] = {
     # 2x slower still (likely: two warpgroups share a 64-row wgmma M dimension); one warpgroup on a
     # 64-row KV tile with 32-row query tiles was fastest (H200 run 2, MHA S=16k: 3.96 ms vs 5.62 ms
     # for the best run-1 config; see benchmarks/NOTES_flash.md).
-    ("bwd_dkdv", 128): (Config(32, 64, 4, 3), Config(64, 128, 8, 2), Config(64, 64, 8, 3)),
+    ("bwd_dkdv", 128): (Config(32, 64, 4, 3), Config(64, 128, 8, 2), Config(64, 64, 8, 3), Config(32, 64, 4, 4),
+                        Config(16, 64, 4, 4), Config(64, 64, 4, 2), Config(32, 128, 8, 3)),
     ("bwd_dkdv", 256): (Config(64, 64, 8, 1), Config(32, 64, 8, 2), Config(64, 32, 8, 2)),
     ("bwd_pre", 64): (Config(128, 0, 4, 1),),
     ("bwd_pre", 128): (Config(128, 0, 4, 1),),

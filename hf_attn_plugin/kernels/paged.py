@@ -10,10 +10,14 @@ split): its M rows are ``BLOCK_Q`` query tokens x ``HEAD_PAD`` query heads of on
 (``row = token * HEAD_PAD + head``), so every K/V tile is loaded once for the whole group. Decode
 uses ``BLOCK_Q = 1`` (the group's heads padded to >= 16 rows for ``tl.dot``). Keys are walked in
 tiles of ``BLOCK_N`` positions; each position finds its page through the block table, so a tile may
-span several pages or part of one. With ``num_splits > 1`` the key range is cut into that many
-contiguous pieces (split-K); each writes a normalised partial output and its log-sum-exp, and
-:func:`_combine_kernel` merges them (and the sinks). The grid depends only on shapes and
-``num_splits``, never on sequence lengths, so a decode step can be captured in a CUDA graph.
+span several pages or part of one. With ``num_splits > 1`` (split-K) the grid has room for that many
+contiguous pieces per query tile; how many a sequence actually uses is decided in the kernel from
+the lengths in ``seq_lens`` (see :func:`_piece_tiles`): long sequences of a skewed batch are cut
+finely, sequences of a uniform batch that already fills the GPU stay whole. Each piece writes a
+normalised partial output and its log-sum-exp, and :func:`_combine_kernel` merges them (and the
+sinks); unused pieces exit at once, and a sequence left whole writes its output directly. The grid
+depends only on shapes and ``num_splits``, never on sequence lengths, and nothing is read back to
+the host, so a decode step can be captured in a CUDA graph.
 
 Scores use base-2 exponentials: ``scale * log2(e)`` is folded into one multiplier.
 """
@@ -27,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["write_kv", "paged_attention", "default_num_splits", "LaunchConfig"]
+__all__ = ["write_kv", "paged_attention", "split_attention", "default_num_splits", "LaunchConfig"]
 
 LOG2E = 1.4426950408889634
 
@@ -89,13 +93,39 @@ def _normalize(acc, m, l, sinks_ptr, head, row_ok, HAS_SINKS: tl.constexpr):
 
 
 @triton.jit
+def _piece_tiles(seq_lens_ptr, num_seqs, target_pieces, min_split_tiles, BLOCK_N: tl.constexpr,
+                 BLOCK_B: tl.constexpr):
+    """Split-K piece length in key tiles, from the batch's lengths (identical in every program).
+
+    ``min(typical, total / target_pieces)`` keys, at least ``min_split_tiles`` tiles. ``typical`` is
+    the geometric mean of the non-empty lengths: a few very long sequences barely move it, so they
+    are cut into pieces about as long as the other sequences (no long tail), while a uniform batch
+    keeps whole sequences. ``total / target_pieces`` (``target_pieces`` ~ the programs that fill the
+    GPU, per KV head) cuts further when the batch alone is too small to fill it.
+    """
+    total = tl.full([], 0, tl.int32)
+    log_sum = tl.full([], 0.0, tl.float32)
+    count = tl.full([], 0, tl.int32)
+    for b0 in range(0, num_seqs, BLOCK_B):
+        b = b0 + tl.arange(0, BLOCK_B)
+        n = tl.load(seq_lens_ptr + b, mask=b < num_seqs, other=0)
+        live = n > 0
+        total += tl.sum(n, 0)
+        log_sum += tl.sum(tl.where(live, tl.log2(tl.maximum(n, 1).to(tl.float32)), 0.0), 0)
+        count += tl.sum(live.to(tl.int32), 0)
+    typical = tl.exp2(log_sum / tl.maximum(count, 1).to(tl.float32)).to(tl.int32)
+    keys = tl.minimum(typical, tl.cdiv(total, target_pieces))
+    return tl.maximum(tl.cdiv(keys, BLOCK_N), min_split_tiles)
+
+
+@triton.jit
 def _paged_attention_kernel(
     q_ptr, k_pool_ptr, v_pool_ptr, out_ptr, part_out_ptr, part_lse_ptr,
     block_tables_ptr, seq_lens_ptr, k_starts_ptr, cu_seqlens_q_ptr, sinks_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
     stride_bt,
-    scale_log2, softcap, window, num_splits, min_split_tiles,
+    scale_log2, softcap, window, num_splits, min_split_tiles, target_pieces,
     GROUP: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr, SPLIT_K: tl.constexpr,
     VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
@@ -135,8 +165,8 @@ def _paged_attention_kernel(
     d_ok = d < HEAD_DIM
     token = (q_first + tok).to(tl.int64)
 
-    # Keys this query tile may see, [lo, hi), cut into at most num_splits runs of whole BLOCK_N tiles,
-    # each at least min_split_tiles long: short sequences use fewer splits (the rest exit at once).
+    # Keys this query tile may see, [lo, hi), cut into `pieces` <= num_splits runs of whole BLOCK_N tiles
+    # (_piece_tiles sets their length); splits past the last piece exit at once.
     first_pos = seq_len - num_q + q_tile * BLOCK_Q
     last_pos = tl.minimum(first_pos + BLOCK_Q, seq_len) - 1
     if CAUSAL:
@@ -148,12 +178,18 @@ def _paged_attention_kernel(
         lo = tl.maximum(lo, first_pos - window + 1)
     tile_lo = lo // BLOCK_N
     num_tiles = tl.maximum(tl.cdiv(hi, BLOCK_N) - tile_lo, 0)
-    tiles_per_split = tl.maximum(tl.cdiv(num_tiles, num_splits), min_split_tiles)
+    if SPLIT_K:
+        piece = _piece_tiles(seq_lens_ptr, tl.num_programs(0), target_pieces, min_split_tiles, BLOCK_N, 128)
+        pieces = tl.minimum(tl.maximum(num_tiles // piece, 1), num_splits)
+    else:
+        pieces = 1
+    tiles_per_split = tl.cdiv(num_tiles, pieces)
     start = (tile_lo + split * tiles_per_split) * BLOCK_N
     end = tl.minimum(start + tiles_per_split * BLOCK_N, hi)
+    whole = pieces == 1  # one piece: its program writes the final output itself, as without split-K
     if SPLIT_K:  # partials [T, Hq, num_splits, (D)]: normalised output and base-2 log-sum-exp
         part = (token * (GROUP * tl.num_programs(1)) + head) * num_splits + split
-        if start >= end:  # nothing to read: the combine skips a split whose lse is -inf
+        if (split > 0) & (whole | (start >= end)):  # nothing to read: the combine skips an lse of -inf
             tl.store(part_lse_ptr + part, tl.full([BLOCK_M], float("-inf"), tl.float32), mask=row_ok)
             return
 
@@ -193,15 +229,20 @@ def _paged_attention_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
+    out_ptrs = out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
+    out_mask = row_ok[:, None] & d_ok[None, :]
     if not SPLIT_K:
         out = _normalize(acc, m_i, l_i, sinks_ptr, head, row_ok, HAS_SINKS)
-        tl.store(out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
+    elif whole:  # final output; lse = +inf in split 0 tells the combine to skip the row
+        out = _normalize(acc, m_i, l_i, sinks_ptr, head, row_ok, HAS_SINKS)
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
+        tl.store(part_lse_ptr + part, tl.full([BLOCK_M], float("inf"), tl.float32), mask=row_ok)
     else:
         lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
         tl.store(part_lse_ptr + part, lse, mask=row_ok)
         out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
-        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :], out, mask=out_mask)
 
 
 @triton.jit
@@ -210,7 +251,10 @@ def _combine_kernel(
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
     HAS_SINKS: tl.constexpr,
 ):
-    """Merge the splits of one (token, query head): out = sum_s 2^(lse_s - lse) * out_s."""
+    """Merge the splits of one (token, query head): out = sum_s 2^(lse_s - lse) * out_s.
+
+    An lse of +inf (split 0) marks a row whose attention program wrote the final output: skipped.
+    """
     token = tl.program_id(0).to(tl.int64)
     head = tl.program_id(1)
     s = tl.arange(0, BLOCK_S)
@@ -218,6 +262,8 @@ def _combine_kernel(
     s_ok = s < num_splits
     part = (token * NUM_HEADS + head) * num_splits + s
     lse = tl.load(part_lse_ptr + part, mask=s_ok, other=float("-inf"))
+    if tl.max(lse, 0) == float("inf"):
+        return
     live = s_ok & (lse > float("-inf"))  # empty splits wrote no output
     parts = tl.load(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :], mask=live[:, None] & (d < HEAD_DIM)[None, :],
                     other=0.0)
@@ -237,19 +283,23 @@ def _combine_kernel(
 class LaunchConfig:
     """Tile and launch parameters of the attention kernel (``BLOCK_M = block_q * HEAD_PAD``).
 
-    ``min_split_keys``: with split-K, a sequence is cut into at most ``num_splits`` pieces of at
-    least this many keys (a data-dependent split count inside a fixed grid).
+    Split-K pieces (see :func:`_piece_tiles`): ``min_split_keys`` is the shortest piece;
+    ``split_programs`` the number of attention programs the batch should be cut into when its
+    sequences alone are too few to fill the GPU (``None``: four per SM, as in
+    :func:`default_num_splits`).
     """
 
-    __slots__ = ("block_q", "block_n", "num_warps", "num_stages", "min_split_keys")
+    __slots__ = ("block_q", "block_n", "num_warps", "num_stages", "min_split_keys", "split_programs")
 
-    def __init__(self, block_q: int, block_n: int, num_warps: int, num_stages: int, min_split_keys: int = 1024):
+    def __init__(self, block_q: int, block_n: int, num_warps: int, num_stages: int, min_split_keys: int = 1024,
+                 split_programs: int | None = None):
         self.block_q, self.block_n, self.num_warps, self.num_stages = block_q, block_n, num_warps, num_stages
-        self.min_split_keys = min_split_keys
+        self.min_split_keys, self.split_programs = min_split_keys, split_programs
 
     def __repr__(self) -> str:
         return (f"LaunchConfig(block_q={self.block_q}, block_n={self.block_n}, num_warps={self.num_warps}, "
-                f"num_stages={self.num_stages}, min_split_keys={self.min_split_keys})")
+                f"num_stages={self.num_stages}, min_split_keys={self.min_split_keys}, "
+                f"split_programs={self.split_programs})")
 
 
 def _head_pad(group: int, decode: bool) -> int:
@@ -260,12 +310,17 @@ def _head_pad(group: int, decode: bool) -> int:
 def default_config(group: int, head_dim: int, decode: bool, interpret: bool = False) -> LaunchConfig:
     """Tiles by case (H200 sweep in benchmarks/NOTES_paged.md). Decode streams K/V once: 64-key
     tiles, 4 warps, 2 stages. Prefill packs ~64 query rows (tokens x group heads) per program."""
-    if interpret:  # small tiles keep the interpreter quick; min_split_keys small so tests split
-        return LaunchConfig(1 if decode else max(1, 32 // _head_pad(group, False)), 32, 4, 1, min_split_keys=32)
+    if interpret:  # small tiles keep the interpreter quick; short pieces and few programs so tests split
+        return LaunchConfig(1 if decode else max(1, 32 // _head_pad(group, False)), 32, 4, 1, min_split_keys=32,
+                            split_programs=INTERPRET_SPLIT_PROGRAMS)
     if decode:
         return LaunchConfig(1, 64, 4, 2)
     block_m = 64 if head_dim <= 128 else 32
     return LaunchConfig(max(1, block_m // _head_pad(group, False)), 64, 4, 3)
+
+
+INTERPRET_SPLIT_PROGRAMS = 16  # stands for "programs that fill the GPU" off CUDA (interpreter tests)
+MAX_SPLITS = 64
 
 
 @functools.lru_cache(maxsize=None)
@@ -273,21 +328,31 @@ def _num_sms(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def default_num_splits(num_programs: int, max_context: int, device: torch.device, keys_per_split: int = 4096) -> int:
-    """Split-K factor from shapes only, so a decode step keeps one grid (CUDA graphs).
+def _fill_programs(device: torch.device) -> int:
+    """Attention programs that keep every SM busy: about four per SM (decode sweep, NOTES_paged.md)."""
+    if device.type != "cuda":
+        return INTERPRET_SPLIT_PROGRAMS
+    return 4 * _num_sms(device.index if device.index is not None else torch.cuda.current_device())
 
-    ``num_programs`` = sequences x KV heads (x query tiles); ``max_context`` is the block table's
-    capacity, not a length. No split when the programs already fill every SM twice; else about
-    four programs per SM. At least ``max_context / keys_per_split`` splits, so that one long
-    sequence among short ones does not become the tail (short ones use fewer splits anyway, see
-    ``LaunchConfig.min_split_keys``). At most 128 and at most one split per 256 keys.
+
+def default_num_splits(num_programs: int, max_context: int, device: torch.device, num_q_tiles: int = 1,
+                       min_split_keys: int = 1024) -> int:
+    """Split-K grid size from shapes only, so a decode step keeps one grid (CUDA graphs).
+
+    ``num_programs`` = sequences x KV heads x query tiles; ``max_context`` is the block table's
+    capacity, not a length. One query tile per sequence (decode): room for the longest possible
+    sequence in pieces of ``min_split_keys`` (at most ``MAX_SPLITS``); the kernel picks each
+    sequence's piece count from the actual lengths, and unused splits exit at once. Several query
+    tiles (prefill): no split once the programs fill every SM twice, else about four programs per
+    SM (partials are per query token: prefill cannot afford room for every case).
     """
     if device.type != "cuda":
         return 1
-    sms = _num_sms(device.index if device.index is not None else torch.cuda.current_device())
-    occupancy = 1 if num_programs >= 2 * sms else -(-4 * sms // max(num_programs, 1))
-    want = max(occupancy, -(-max_context // keys_per_split))
-    return int(max(1, min(want, max_context // 256, 128)))
+    room = max(1, min(max_context // min_split_keys, MAX_SPLITS))
+    if num_q_tiles == 1:
+        return room
+    fill = _fill_programs(device)
+    return 1 if 2 * num_programs >= fill else min(room, -(-fill // max(num_programs, 1)))
 
 
 def paged_attention(
@@ -312,7 +377,45 @@ def paged_attention(
     ``cu_seqlens_q is None`` means decode: ``T == num_seqs``, one query per sequence. Otherwise the
     new tokens of sequence ``b`` are rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` and
     ``max_seqlen_q`` bounds their count (it sizes the grid). ``window``/``softcap`` <= 0 mean off.
-    ``num_splits`` >= 1 is the split-K factor (0: :func:`default_num_splits`).
+    ``num_splits`` >= 1 is the split-K grid size (0: :func:`default_num_splits`).
+    """
+    out, partials = split_attention(q, k_pool, v_pool, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, k_starts,
+                                    sinks, scale, causal, window, softcap, num_splits, config)
+    if partials is not None:
+        part_out, part_lse = partials
+        num_tokens, heads_q, head_dim = q.shape
+        num_splits = part_lse.shape[-1]
+        _combine_kernel[(num_tokens, heads_q)](
+            part_out, part_lse, out, sinks if sinks is not None else seq_lens, out.stride(0), out.stride(1),
+            num_splits, NUM_HEADS=heads_q, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
+            BLOCK_S=triton.next_power_of_2(num_splits), HAS_SINKS=sinks is not None,
+            num_warps=4,
+        )
+    return out
+
+
+def split_attention(
+    q: torch.Tensor,
+    k_pool: torch.Tensor,
+    v_pool: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cu_seqlens_q: torch.Tensor | None,
+    max_seqlen_q: int,
+    k_starts: torch.Tensor | None,
+    sinks: torch.Tensor | None,
+    scale: float,
+    causal: bool,
+    window: int,
+    softcap: float,
+    num_splits: int,
+    config: LaunchConfig | None = None,
+) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+    """The attention kernel alone (arguments of :func:`paged_attention`): ``(out, partials)``.
+
+    ``partials`` is ``None`` without split-K (``out`` is final), else ``(part_out [T, Hq, S, D],
+    part_lse [T, Hq, S])`` still to be combined into ``out``; rows whose ``part_lse[..., 0]`` is
+    ``+inf`` were one piece and are final in ``out`` already. (Tests read the piece counts here.)
     """
     num_tokens, heads_q, head_dim = q.shape
     num_seqs = seq_lens.shape[0]
@@ -326,11 +429,13 @@ def paged_attention(
     num_q_tiles = 1 if decode else triton.cdiv(max(max_seqlen_q, 1), block_q)
     if num_splits <= 0:
         max_context = block_tables.shape[1] * page_size
-        num_splits = default_num_splits(num_seqs * heads_kv * num_q_tiles, max_context, q.device)
+        num_splits = default_num_splits(num_seqs * heads_kv * num_q_tiles, max_context, q.device, num_q_tiles,
+                                        cfg.min_split_keys)
+    fill = cfg.split_programs or _fill_programs(q.device)
 
     out = torch.empty_like(q)
     if num_tokens == 0 or num_seqs == 0:
-        return out
+        return out, None
     if num_splits > 1:
         part_out = torch.empty(num_tokens, heads_q, num_splits, head_dim, device=q.device, dtype=torch.float32)
         part_lse = torch.empty(num_tokens, heads_q, num_splits, device=q.device, dtype=torch.float32)
@@ -348,6 +453,7 @@ def paged_attention(
         k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), v_pool.stride(0), v_pool.stride(1), v_pool.stride(2),
         block_tables.stride(0),
         scale * LOG2E, float(softcap), int(window), num_splits, max(1, cfg.min_split_keys // cfg.block_n),
+        max(1, -(-fill // (heads_kv * num_q_tiles))),
         GROUP=group, HEAD_PAD=head_pad, BLOCK_Q=block_q, BLOCK_N=cfg.block_n,
         HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), PAGE_SIZE=page_size, SPLIT_K=num_splits > 1,
         VARLEN=not decode, CAUSAL=bool(causal), HAS_WINDOW=window > 0, HAS_SOFTCAP=softcap > 0,
@@ -355,11 +461,4 @@ def paged_attention(
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    if num_splits > 1:
-        _combine_kernel[(num_tokens, heads_q)](
-            part_out, part_lse, out, sinks if sinks is not None else dummy, out.stride(0), out.stride(1), num_splits,
-            NUM_HEADS=heads_q, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
-            BLOCK_S=triton.next_power_of_2(num_splits), HAS_SINKS=sinks is not None,
-            num_warps=4,
-        )
-    return out
+    return out, ((part_out, part_lse) if num_splits > 1 else None)
