@@ -61,7 +61,7 @@ SIZES = {  # name: (hidden, layers, heads, intermediate, vocab)
     "base": (768, 12, 12, 2048, 16384),  # ~97M params
 }
 FIELDS = ["stage", "num_kv_heads", "method", "grouping", "alpha", "steps", "pretrain_steps", "val_loss", "val_ppl",
-          "ppl_vs_mha_pct", "kv_bytes_per_token", "params_m", "train_wall_s", "steps_per_s", "tokens_per_s",
+          "ppl_vs_mha_pct", "uptrain_lr", "kv_bytes_per_token", "params_m", "train_wall_s", "steps_per_s", "tokens_per_s",
           "elapsed_s", "decode_attn_us", "decode_kv_gb", "decode_tb_s", "model_size", "device", "torch", "transformers",
           "date", "note"]
 
@@ -259,6 +259,12 @@ def markdown_table(csv_path: Path) -> str:
         lines.append("")
         lines.append("MHA validation perplexity during pretraining (step: ppl): " + ", ".join(
             f"{r['steps']}: {float(r['val_ppl']):.2f}" for r in curve) + f"; final {mha_ppl:.2f}.")
+    sweep = [r for r in rows if r["stage"] == "lr_sweep"]
+    if sweep:
+        lines.append("")
+        lines.append(f"Uptraining peak LR chosen on G={sweep[0]['num_kv_heads']} {sweep[0]['method']} alpha "
+                     f"{100 * float(sweep[0]['alpha']):g}% (validation ppl): " + ", ".join(
+                         f"{float(r['uptrain_lr']):g}: {float(r['val_ppl']):.2f}" for r in sweep) + ".")
     speed = [r for r in rows if r["stage"] == "decode_speed"]
     if speed:
         ref = float(speed[0]["decode_attn_us"])
@@ -286,7 +292,7 @@ def main(argv=None) -> int:
     p.add_argument("--pretrain-steps", default="auto", help="int, or auto: fit the time budget (default)")
     p.add_argument("--max-pretrain-steps", type=int, default=3000, help="cap for auto")
     p.add_argument("--time-budget", type=float, default=285.0, help="seconds for the whole script (0: no limit)")
-    p.add_argument("--alphas", default="0.05,0.1,0.025,0.01", help="uptraining fractions, in priority order")
+    p.add_argument("--alphas", default="0.05,0.1,0.025", help="uptraining fractions, in priority order")
     p.add_argument("--groups", default="H/4,1", help="KV head counts: ints, H/k or MQA (default H/4,1)")
     p.add_argument("--methods", default="mean,first,random,similarity",
                    help="mean, first, random, similarity (= mean with similarity grouping)")
@@ -297,7 +303,11 @@ def main(argv=None) -> int:
     p.add_argument("--no-mha-control", dest="mha_control", action="store_false")
     p.add_argument("--seq-len", type=int, default=None, help="default 512 (smoke 64)")
     p.add_argument("--batch-size", type=int, default=None, help="chunks per step (default 64: ~32k tokens)")
-    p.add_argument("--lr", type=float, default=1.5e-3, help="peak LR of pretraining and uptraining")
+    p.add_argument("--lr", type=float, default=1.5e-3, help="peak LR of pretraining")
+    p.add_argument("--uptrain-lrs", default="1.5e-3,4.5e-4,1.5e-4",
+                   help="candidate peak LRs of uptraining, tried on the first configuration at the first alpha; the "
+                   "one with the lowest validation perplexity is used for every uptraining run and the MHA control "
+                   "(one value: no sweep)")
     p.add_argument("--val-chunks", type=int, default=None, help="validation chunks (default 384, smoke 24)")
     p.add_argument("--max-files", type=int, default=None)
     p.add_argument("--corpus", choices=["auto", "stdlib", "python"], default="auto",
@@ -384,6 +394,7 @@ def main(argv=None) -> int:
     kw = dict(lr=a.lr, batch_size=a.batch_size, num_workers=a.workers, seed=a.seed)
     eval_bs = a.batch_size
     alphas = [float(x) for x in a.alphas.split(",")]
+    uptrain_lrs = [float(x) for x in a.uptrain_lrs.split(",")]
     groups = parse_groups(a.groups, heads)
     methods = [m.strip() for m in a.methods.split(",")]
     configs = []  # (G, method, grouping)
@@ -404,9 +415,10 @@ def main(argv=None) -> int:
             torch.cuda.synchronize()
         t_eval = time.perf_counter() - t_eval
         del m
-        n_runs = len(configs) * len(alphas) + (1 if a.mha_control else 0)
+        n_sweep = len(uptrain_lrs) - 1 if len(uptrain_lrs) > 1 else 0
+        n_runs = len(configs) * len(alphas) + (1 if a.mha_control else 0) + n_sweep
         fixed = elapsed() + 40 + len(configs) * (3 + t_eval) + n_runs * (2.5 + t_eval) + 9 * t_eval
-        per_p = step_t * (1 + sum(alphas) * len(configs) + (alphas[0] if a.mha_control else 0)) * 1.08
+        per_p = step_t * (1 + sum(alphas) * len(configs) + alphas[0] * ((1 if a.mha_control else 0) + n_sweep)) * 1.08
         P = int((budget - fixed) / per_p) if math.isfinite(budget) else a.max_pretrain_steps
         P_epochs = int(a.max_epochs * train_tokens / tokens_per_step)
         if P_epochs < P:
@@ -461,19 +473,17 @@ def main(argv=None) -> int:
         converted[(g, meth, grp)] = dst
         del m
 
-    # ---- 4. uptraining grid, by priority; skip what cannot fit the budget
+    # ---- 4. uptraining: LR sweep on the first job, then the grid by priority; skip what cannot fit the budget
     step_est = None
-    jobs = [(al, c) for al in alphas for c in configs]
-    if a.mha_control:
-        jobs.insert(len(configs), (alphas[0], (heads, "mha", "")))
-    for al, (g, meth, grp) in jobs:
+
+    def uptrain_job(al, g, meth, grp, lr):
+        nonlocal step_est
         steps = max(1, round(al * P))
+        row = dict(num_kv_heads=g, method=meth, grouping=grp, alpha=al, steps=steps, kv_bytes_per_token=kvb(g),
+                   uptrain_lr=lr, **base)
         est = (step_est or 0) * steps + 5
-        row = dict(num_kv_heads=g, method=meth, grouping=grp, alpha=al, steps=steps, kv_bytes_per_token=kvb(g), **base)
         if step_est is not None and elapsed() + est > budget:
-            log.row(stage="skipped", elapsed_s=elapsed(), note=f"needs ~{est:.0f}s, budget left "
-                    f"{budget - elapsed():.0f}s", **row)
-            continue
+            return row, None, f"needs ~{est:.0f}s, budget left {budget - elapsed():.0f}s"
         if meth == "mha":
             m = make_model()
             m.load_state_dict(mha_state)
@@ -481,14 +491,37 @@ def main(argv=None) -> int:
             m = ug.load_model(converted[(g, meth, grp)])
             m = m.cuda() if cuda else m
         res = ug.uptrain(m, train, val, str(work / "up"), steps, save=False, eval_batch_size=eval_bs,
-                         eval_before=False, logging_steps=max(1, steps // 5), **kw)
-        step_est = max(step_est or 0, res["wall_s"] / steps) if step_est else res["wall_s"] / steps
-        log.row(stage="mha_control" if meth == "mha" else "uptrained", val_loss=res["loss_after"],
-                val_ppl=res["ppl_after"], ppl_vs_mha_pct=100 * (res["ppl_after"] / mha_ppl - 1),
-                train_wall_s=res["wall_s"], steps_per_s=res["steps_per_s"],
-                tokens_per_s=tokens_per_step * res["steps_per_s"], elapsed_s=elapsed(), **row)
+                         eval_before=False, logging_steps=max(1, steps // 5), **dict(kw, lr=lr))
+        step_est = max(step_est or 0, res["wall_s"] / steps)
+        row.update(val_loss=res["loss_after"], val_ppl=res["ppl_after"],
+                   ppl_vs_mha_pct=100 * (res["ppl_after"] / mha_ppl - 1), train_wall_s=res["wall_s"],
+                   steps_per_s=res["steps_per_s"], tokens_per_s=tokens_per_step * res["steps_per_s"])
         del m, res
         gc.collect()
+        return row, row["val_ppl"], ""
+
+    first = (alphas[0], *configs[0])
+    done = {}
+    up_lr = uptrain_lrs[0]
+    if len(uptrain_lrs) > 1:
+        sweep = {}
+        for lr in uptrain_lrs:
+            row, ppl, why = uptrain_job(*first, lr)
+            log.row(stage="lr_sweep" if ppl is not None else "skipped", elapsed_s=elapsed(), note=why, **row)
+            if ppl is not None:
+                sweep[lr] = row
+        if sweep:
+            up_lr = min(sweep, key=lambda lr: sweep[lr]["val_ppl"])
+            done[first] = sweep[up_lr]
+        print(f"[{elapsed():.0f}s] uptraining peak LR {up_lr:g} (validation ppl by LR: "
+              + ", ".join(f"{lr:g}: {r['val_ppl']:.2f}" for lr, r in sweep.items()) + ")", flush=True)
+    jobs = [(al, *c) for al in alphas for c in configs]
+    if a.mha_control:
+        jobs.insert(len(configs), (alphas[0], heads, "mha", ""))
+    for job in jobs:
+        row, ppl, why = (done[job], done[job]["val_ppl"], "") if job in done else uptrain_job(*job, up_lr)
+        stage = "skipped" if ppl is None else ("mha_control" if job[2] == "mha" else "uptrained")
+        log.row(stage=stage, elapsed_s=elapsed(), note=why, **row)
 
     # ---- 5. why convert: decode attention time and KV memory at this model's shapes, MHA vs GQA vs MQA
     if cuda:
