@@ -53,6 +53,7 @@ def time_steps(model, batch, steps: int, warmup: int) -> float:
         model.zero_grad(set_to_none=True)
         if i >= warmup:
             times.append(start.elapsed_time(end))
+        print(f"    step {i}: {start.elapsed_time(end):.1f} ms{' (warm-up)' if i < warmup else ''}", flush=True)
     return statistics.median(times)
 
 
@@ -65,6 +66,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--impls", default="plugin,sdpa,flex_attention")
+    parser.add_argument("--layouts", default="packed,one_sequence", help="packed and/or one_sequence, in this order")
+    parser.add_argument("--csv", default="model_training.csv", help="file name under --out")
     args = parser.parse_args()
 
     torch._dynamo.config.cache_size_limit = 64  # flex attention recompiles per mask shape
@@ -76,7 +79,8 @@ def main() -> None:
         date=datetime.date.today().isoformat(), layers=args.layers, tokens=args.tokens,
     )
     rows = []
-    for layout, docs in (("packed", args.docs), ("one_sequence", 1)):
+    for layout in args.layouts.split(","):
+        docs = {"packed": args.docs, "one_sequence": 1}[layout]
         batch = batch_for(args.tokens, docs, model.config.vocab_size)
         for impl in args.impls.split(","):
             model.set_attn_implementation(impl)
@@ -88,7 +92,7 @@ def main() -> None:
             tokens_per_s = args.tokens / (ms / 1e3)
             rows.append(dict(meta, layout=layout, docs=docs, impl=impl, ms=round(ms, 3), tokens_per_s=round(tokens_per_s)))
             print(f"{layout:12s} {impl:15s} {ms:9.1f} ms/step {tokens_per_s:10.0f} tokens/s", flush=True)
-            write_csv(os.path.join(args.out, "model_training.csv"), rows)  # after every row: a timeout keeps data
+            write_csv(os.path.join(args.out, args.csv), rows)  # after every row: a timeout keeps data
 
 
 def write_csv(path: str, rows: list[dict]) -> None:

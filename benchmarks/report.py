@@ -35,10 +35,11 @@ def flash_section(name: str, title: str) -> str:
     rows = read(name)
     if not rows:
         return ""
-    by_shape = defaultdict(dict)
+    by_shape, runs = defaultdict(dict), {}
     for r in rows:
         heads = f"{r['Hq']}/{r['Hkv']}"
         by_shape[(heads, int(r["S"]), int(r["B"]))][r["impl"]] = float(r["tflops"])
+        runs[(heads, int(r["S"]), int(r["B"]))] = r.get("run", "")
     body = []
     for (heads, seqlen, batch), impls in sorted(by_shape.items(), key=lambda kv: (kv[0][0] != "32/8", kv[0][1])):
         ours = impls.get("ours")
@@ -49,9 +50,9 @@ def flash_section(name: str, title: str) -> str:
             return f"{ours / impls[anchor]:.2f}x" if impls.get(anchor) else "-"
 
         body.append([heads, seqlen, batch, ours, impls.get("sdpa_cudnn", "-"), impls.get("sdpa_flash", "-"),
-                     impls.get("flex", "-"), ratio("sdpa_cudnn"), ratio("flex")])
+                     impls.get("flex", "-"), ratio("sdpa_cudnn"), ratio("flex"), runs[(heads, seqlen, batch)] or "-"])
     meta = rows[0]
-    header = ["Hq/Hkv", "S", "B", "ours", "SDPA cuDNN", "SDPA flash", "Flex", "ours/cuDNN", "ours/Flex"]
+    header = ["Hq/Hkv", "S", "B", "ours", "SDPA cuDNN", "SDPA flash", "Flex", "ours/cuDNN", "ours/Flex", "run"]
     return (f"**{title}** (TFLOP/s, bf16, D={meta['D']}, causal; {meta['gpu']}, torch {meta['torch']}, "
             f"triton {meta['triton']}, {meta['date']})\n\n" + table(header, body))
 
@@ -78,13 +79,65 @@ def paged_section() -> str:
     rows = read("paged_decode.csv")
     if not rows:
         return ""
-    decode = [r for r in rows if r["case"] != "copy" and "sweep" not in r["impl"] and float(r["tbps"] or 0) > 0]
+    decode = [r for r in rows if r["case"] != "copy" and "sweep" not in r["impl"] and r["impl"] != "split_study"
+              and float(r["tbps"] or 0) > 0]
     body = [[r["case"], r["impl"], r.get("config", ""), r["batch"], r["tokens"], f"{float(r['tbps']):.2f}",
              f"{float(r['frac_copy']):.2f}"] for r in decode]
     copy = [r for r in rows if r["case"] == "copy"]
     note = f" Device copy (read + write): {float(copy[0]['tbps']):.2f} TB/s." if copy else ""
     header = ["case", "impl", "config", "batch", "cached tokens", "TB/s", "fraction of copy"]
     return f"**Paged decode** (bf16, 32/8 heads, D=128, page 16).{note}\n\n" + table(header, body)
+
+
+def training_section() -> str:
+    """Model-level training steps; each CSV is one process, so ratios are taken within a file only."""
+    body = []
+    for name in ("model_training.csv", "model_one_seq.csv", "model_flex.csv"):
+        rows = read(name)
+        for layout in dict.fromkeys(r["layout"] for r in rows):
+            here = {r["impl"]: r for r in rows if r["layout"] == layout}
+            ours = here.get("plugin")
+            for impl, r in here.items():
+                ratio = f"{float(ours['tokens_per_s']) / float(r['tokens_per_s']):.2f}x" if ours and impl != "plugin" else ""
+                body.append([layout, impl, r["ms"], r["tokens_per_s"], ratio, name])
+    if not body:
+        return ""
+    header = ["layout", "impl", "ms/step", "tokens/s", "plugin / impl", "run (CSV)"]
+    return ("**Training step, ~1B Llama GQA** (hidden 2048, 16 layers, 32/8 heads, bf16, forward + backward, "
+            "16k tokens as one sequence or 16 packed documents)\n\n" + table(header, body))
+
+
+def generate_batch_section() -> str:
+    parts = []
+    rows = read("generate_batch.csv")
+    if rows:
+        parts.append(simple_section("generate_batch.csv", "generate_batch, ~1B Llama GQA, 128 requests, 128 new tokens",
+                                    ["impl", "transformers", "generated", "seconds", "new_tokens_per_s"]))
+    prof = [r for r in read("generate_batch_profile.csv") if r["part"] in ("total", "kernels")]
+    if prof:
+        parts.append("**Where a `generate_batch` step goes** (plugin, under torch.profiler)\n\n" + table(
+            ["what", "GPU kernels", "seconds", "share of wall"],
+            [[r["category"], r["kernels"], r["seconds"], r["share_of_wall"]] for r in prof]))
+    waste = read("kv_waste.csv")
+    if waste:
+        parts.append("**KV-cache waste** (allocated but unused slots)\n\n" + table(
+            ["cache", "page size", "when", "waste"], [[r["cache"], r["page_size"], r["when"], r["waste"]] for r in waste]))
+    logits = read("generate_batch_logits.csv")
+    if logits:
+        cols = ["check", "a", "b", "positions", "max_abs_diff", "top1_agreement", "identical_requests"]
+        parts.append("**Logit-level agreement, bf16** (32 requests; eager vs sdpa is the noise floor)\n\n" + table(
+            cols, [[r.get(c, "") for c in cols] for r in logits]))
+    return "\n\n".join(parts)
+
+
+def multi_gpu_section() -> str:
+    rows = read("multi_gpu.csv")
+    if not rows:
+        return ""
+    cols = ["label", "world_size", "fsdp", "per_device_batch", "global_batch", "step_ms", "tokens_per_s",
+            "last_loss", "max_rel_loss_diff_vs_1gpu", "matches_1gpu"]
+    return ("**Trainer on 2 GPUs** (`benchmarks/multi_gpu_check.py`: same weights, same global batches; 32M GQA "
+            "Llama, 60 steps)\n\n" + table(cols, [[r.get(c, "") for c in cols] for r in rows]))
 
 
 def simple_section(name: str, title: str, columns: list[str]) -> str:
@@ -100,9 +153,9 @@ def render() -> str:
         flash_section("flash_fwdbwd.csv", "Forward + backward"),
         window_section(),
         paged_section(),
-        simple_section("model_training.csv", "Training step, ~1B Llama GQA, 16k tokens",
-                       ["layout", "impl", "ms", "tokens_per_s"]),
-        simple_section("generate_batch.csv", "generate_batch, ~1B Llama GQA", ["impl", "generated", "seconds", "new_tokens_per_s"]),
+        training_section(),
+        generate_batch_section(),
+        multi_gpu_section(),
     ]
     return "\n\n".join(p for p in parts if p) or "(no GPU results yet)"
 

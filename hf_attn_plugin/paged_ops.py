@@ -1,7 +1,8 @@
 """Paged-attention custom ops and the direct API (inference only: no autograd).
 
 Two entry points, each a ``torch.library`` custom op with a fake registration (so ``torch.compile``
-and CUDA graphs see one opaque call):
+sees one opaque call). Eager calls without autograd run the same implementation directly, skipping the
+dispatcher's host cost (``_direct``); CUDA graphs capture the kernels either way:
 
 * :func:`write_kv` ``(k_pool, v_pool, k_new, v_new, slot_mapping)``: store new tokens' K/V in their
   slots (mutates the pools).
@@ -76,10 +77,7 @@ def _write_kv_reference(k_pool, v_pool, k_new, v_new, slot_mapping) -> None:
 
 
 # --------------------------------------------------------------------------- custom ops
-@torch.library.custom_op("hf_attn_plugin::paged_write_kv", mutates_args=("k_pool", "v_pool"))
-def _write_kv_op(
-    k_pool: torch.Tensor, v_pool: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, slot_mapping: torch.Tensor
-) -> None:
+def _write_kv_impl(k_pool, v_pool, k_new, v_new, slot_mapping) -> None:
     if backend_for(k_pool.device) == "triton":
         from .kernels import paged
 
@@ -88,9 +86,30 @@ def _write_kv_op(
         _write_kv_reference(k_pool, v_pool, k_new, v_new, slot_mapping)
 
 
+@torch.library.custom_op("hf_attn_plugin::paged_write_kv", mutates_args=("k_pool", "v_pool"))
+def _write_kv_op(
+    k_pool: torch.Tensor, v_pool: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, slot_mapping: torch.Tensor
+) -> None:
+    _write_kv_impl(k_pool, v_pool, k_new, v_new, slot_mapping)
+
+
 @_write_kv_op.register_fake
 def _(k_pool, v_pool, k_new, v_new, slot_mapping):
     return None
+
+
+def _paged_attention_impl(q, k_pool, v_pool, block_tables, seq_lens, cu_seqlens_q, k_starts, sinks, scale, causal,
+                          window, softcap, num_splits, max_seqlen_q) -> torch.Tensor:
+    if backend_for(q.device) == "triton":
+        from .kernels import paged
+
+        return paged.paged_attention(
+            q, k_pool, v_pool, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, k_starts, sinks,
+            scale, causal, window, softcap, num_splits,
+        )
+    return paged_attention_reference(
+        q, k_pool, v_pool, block_tables, seq_lens, cu_seqlens_q, k_starts, sinks, scale, causal, window, softcap
+    )
 
 
 @torch.library.custom_op("hf_attn_plugin::paged_attention", mutates_args=())
@@ -110,22 +129,47 @@ def _paged_attention_op(
     num_splits: int,
     max_seqlen_q: int,
 ) -> torch.Tensor:
-    if backend_for(q.device) == "triton":
-        from .kernels import paged
-
-        return paged.paged_attention(
-            q, k_pool, v_pool, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, k_starts, sinks,
-            scale, causal, window, softcap, num_splits,
-        )
-    return paged_attention_reference(
-        q, k_pool, v_pool, block_tables, seq_lens, cu_seqlens_q, k_starts, sinks, scale, causal, window, softcap
-    )
+    return _paged_attention_impl(q, k_pool, v_pool, block_tables, seq_lens, cu_seqlens_q, k_starts, sinks, scale,
+                                 causal, window, softcap, num_splits, max_seqlen_q)
 
 
 @_paged_attention_op.register_fake
 def _(q, k_pool, v_pool, block_tables, seq_lens, cu_seqlens_q, k_starts, sinks, scale, causal, window, softcap,
       num_splits, max_seqlen_q):
     return torch.empty_like(q)
+
+
+def _direct(*tensors: torch.Tensor) -> bool:
+    """Run an op's implementation directly (skipping the ``torch.library`` dispatcher, ~50-150 us a call on the
+    host) when nothing needs the op boundary: not traced by dynamo, plain tensors (no fake/functional tensors
+    from ``make_fx``/export), and no autograd (the ops have no backward; through the op a ``requires_grad``
+    input raises instead of silently returning a tensor without history)."""
+    if torch.compiler.is_compiling():
+        return False
+    grad = torch.is_grad_enabled()
+    return all(type(t) is torch.Tensor and not (grad and t.requires_grad) for t in tensors)
+
+
+def _write_kv(k_pool, v_pool, k_new, v_new, slot_mapping) -> None:
+    """:func:`write_kv` without the argument checks (for callers that built the arguments themselves)."""
+    if k_new.stride(-1) != 1 or v_new.stride(-1) != 1:
+        k_new, v_new = k_new.contiguous(), v_new.contiguous()
+    k_new, v_new = k_new.to(k_pool.dtype), v_new.to(v_pool.dtype)
+    if _direct(k_pool, k_new, v_new):
+        _write_kv_impl(k_pool, v_pool, k_new, v_new, slot_mapping)
+    else:
+        _write_kv_op(k_pool, v_pool, k_new, v_new, slot_mapping)
+
+
+def _paged_attention(q, k_pool, v_pool, block_tables, seq_lens, cu_seqlens_q, k_starts, sinks, scale: float,
+                     causal: bool, window: int, softcap: float, num_splits: int, max_seqlen_q: int) -> torch.Tensor:
+    """:func:`paged_attention` without the argument checks: every argument normalised (``window``/``softcap``/
+    ``num_splits`` 0 = off/auto, host ``max_seqlen_q``), ``q`` with a unit last stride."""
+    args = (q, k_pool, v_pool, block_tables, seq_lens, cu_seqlens_q, k_starts, sinks, scale, causal, window, softcap,
+            num_splits, max_seqlen_q)
+    if _direct(q, k_pool, v_pool) and (sinks is None or _direct(sinks)):
+        return _paged_attention_impl(*args)
+    return _paged_attention_op(*args)
 
 
 # --------------------------------------------------------------------------- public API
@@ -143,9 +187,7 @@ def write_kv(
         raise ValueError(f"pools {tuple(k_pool.shape)} do not match new tokens {tuple(k_new.shape)}")
     if slot_mapping.shape != (k_new.shape[0],):
         raise ValueError(f"slot_mapping must be [T={k_new.shape[0]}], got {tuple(slot_mapping.shape)}")
-    if k_new.stride(-1) != 1 or v_new.stride(-1) != 1:
-        k_new, v_new = k_new.contiguous(), v_new.contiguous()
-    _write_kv_op(k_pool, v_pool, k_new.to(k_pool.dtype), v_new.to(v_pool.dtype), slot_mapping)
+    _write_kv(k_pool, v_pool, k_new, v_new, slot_mapping)
 
 
 def paged_attention(
@@ -198,7 +240,7 @@ def paged_attention(
         max_seqlen_q = 1
     elif max_seqlen_q is None:
         max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item()) if cu_seqlens_q.numel() > 1 else 0
-    return _paged_attention_op(
+    return _paged_attention(
         q, k_pool, v_pool, block_tables, seq_lens, cu_seqlens_q, k_starts, sinks,
         float(q.shape[-1] ** -0.5 if scale is None else scale), bool(causal),
         int(window) if window else 0, float(softcap) if softcap else 0.0,

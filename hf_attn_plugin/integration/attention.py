@@ -20,7 +20,7 @@ from .compat import is_compiling, max_length_kwarg
 from .masks import segments_from_cu_seqlens, segments_from_key_mask, segments_from_position_ids
 from .paged_cache import paged_reader_of
 
-__all__ = ["AttentionCall", "describe_call", "plugin_attention"]
+__all__ = ["AttentionCall", "describe_call", "describe_paged_call", "plugin_attention"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -50,9 +50,7 @@ def plugin_attention(
     """``AttentionInterface`` entry point for ``attn_implementation="plugin"``."""
     reader = paged_reader_of(key)
     if reader is not None:  # a paged cache handed us its page pools: attend through its block tables in place
-        for layout_only in ("position_ids", "cu_seq_lens_q", "cu_seq_lens_k"):  # the reader knows the layout
-            kwargs.pop(layout_only, None)
-        call = describe_call(module, query, query, None, dropout=dropout, scaling=scaling, **kwargs)
+        call = describe_paged_call(module, query, dropout, scaling, kwargs)
         return reader.attend(call, query, attention_mask), None
     call = describe_call(module, query, key, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
@@ -148,6 +146,29 @@ def describe_call(
         max_seqlen_q=max_q,
         max_seqlen_k=max_k,
     )
+
+
+# What shapes a paged call (the reader knows the layout: positions, cu_seq_lens, masks are not needed).
+_PAGED_FEATURES = ("sliding_window", "softcap", "s_aux", "is_causal", "output_attentions")
+_PAGED_CALLS = weakref.WeakKeyDictionary()  # module -> (key, AttentionCall)
+
+
+def describe_paged_call(module: torch.nn.Module, query: torch.Tensor, dropout: float, scaling, kwargs: dict):
+    """:func:`describe_call` for a paged reader's call (no mask, no packing), memoised per module.
+
+    Every step calls each layer with the same features, so the :class:`AttentionCall` is built (and checked)
+    once per layer, not once per layer and step. Tensors (``s_aux``) are keyed by identity.
+    """
+    features = {name: kwargs[name] for name in _PAGED_FEATURES if kwargs.get(name) is not None}
+    key = (query.shape[-1], module.is_causal, dropout, scaling,
+           *((name, ("tensor", id(v)) if isinstance(v, torch.Tensor) else v) for name, v in features.items()))
+    cached = None if is_compiling() else _PAGED_CALLS.get(module)
+    if cached is not None and cached[0] == key:
+        return cached[1]
+    call = describe_call(module, query, query, None, dropout=dropout, scaling=scaling, **features)
+    if not is_compiling():
+        _PAGED_CALLS[module] = (key, call)  # the call holds s_aux itself, so its id stays valid while cached
+    return call
 
 
 # Every layer of a forward pass receives the same mask / position_ids tensor: derive segments once.

@@ -41,8 +41,8 @@ import weakref
 
 import torch
 
-from ..paged_ops import paged_attention, write_kv
-from .attention import describe_call
+from ..paged_ops import _paged_attention, _write_kv
+from .attention import describe_paged_call
 from .compat import TRANSFORMERS_VERSION
 from .paged_cache import tag_pool
 from .registration import ATTN_IMPLEMENTATION
@@ -84,7 +84,7 @@ class InPlacePagedUpdate:
         k_pages, v_pages = allocator.get_cache_for_block_table(layer_idx)
         step = self._step(allocator.index, k_pages.shape[1], kwargs)
         as_tokens = lambda t: t[0].transpose(0, 1)  # noqa: E731  [1, H_kv, T, D] -> [T, H_kv, D]
-        write_kv(k_pages, v_pages, as_tokens(key_states), as_tokens(value_states), step.slots)
+        _write_kv(k_pages, v_pages, as_tokens(key_states), as_tokens(value_states), step.slots)
         self._current = (k_pages, v_pages, step)
         tag_pool(k_pages, self)
         return k_pages, v_pages
@@ -106,10 +106,12 @@ class InPlacePagedUpdate:
 def _attend(call, query: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, step: _Step) -> torch.Tensor:
     """``query`` ``[1, Hq, T, D]`` (sequences packed along T) over the pages -> ``[1, T, Hq, D]``."""
     q = query[0].transpose(0, 1).to(k_pages.dtype)
-    out = paged_attention(
-        q, k_pages, v_pages, step.block_tables, step.seq_lens,
-        cu_seqlens_q=step.cu_seqlens_q, max_seqlen_q=step.max_seqlen_q,
-        scale=call.scale, causal=call.causal, window=call.window, softcap=call.softcap, sinks=call.sinks,
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    # The checked public paged_attention minus its per-call validation: every argument here is built by us.
+    out = _paged_attention(
+        q, k_pages, v_pages, step.block_tables, step.seq_lens, step.cu_seqlens_q, None, call.sinks, call.scale,
+        call.causal, call.window or 0, call.softcap or 0.0, 0, step.max_seqlen_q,
     )
     return out.unsqueeze(0)
 
@@ -143,7 +145,6 @@ def _step_from_indices(page_size, cu_q, cu_k, read_index, write_index, max_q: in
 
 
 _LEGACY_MEMO = weakref.WeakKeyDictionary()  # 5.17 PagedAttentionCache -> (step key, _Step)
-_FEATURE_KWARGS = ("sliding_window", "softcap", "s_aux", "is_causal", "output_attentions")
 
 
 def paged_plugin_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, cache=None, **kwargs):
@@ -174,9 +175,8 @@ def paged_plugin_attention(module, query, key, value, attention_mask, dropout=0.
     shape = (-1, cache.block_size, *cache.key_cache[index].shape[1:])
     k_pages, v_pages = cache.key_cache[index].view(shape), cache.value_cache[index].view(shape)
     as_tokens = lambda t: t[0].transpose(0, 1)  # noqa: E731  [1, H_kv, T, D] -> [T, H_kv, D]
-    write_kv(k_pages, v_pages, as_tokens(key), as_tokens(value), memo[1].slots)
-    features = {name: kwargs[name] for name in _FEATURE_KWARGS if name in kwargs}
-    call = describe_call(module, query, query, None, dropout=dropout, scaling=scaling, **features)
+    _write_kv(k_pages, v_pages, as_tokens(key), as_tokens(value), memo[1].slots)
+    call = describe_paged_call(module, query, dropout, scaling, kwargs)
     return _attend(call, query, k_pages, v_pages, memo[1]), None
 
 
