@@ -4,9 +4,6 @@ A ~1B Llama-style GQA model (hidden 2048, 16 layers, 32/8 heads, bf16, random we
 prompts of 64-1023 tokens and 128 new greedy tokens each. Both paths run in one process on the same weights:
 
 * ``plugin``: :func:`hf_attn_plugin.generate_batch` (transformers' scheduler, our in-place paged attention);
-* ``plugin+graphs``: the same with ``ContinuousBatchingConfig(use_cuda_graph=True, use_async_batching=True)``
-  (transformers turns both off for attention implementations that are not flash; our decode path has no host
-  sync and a fixed grid, so it can be captured). Its tokens are compared with ``plugin``'s;
 * ``sdpa``: ``model.generate_batch`` with ``attn_implementation="sdpa"`` (transformers' own paged path).
 
     python benchmarks/bench_generate_batch.py --out DIR [--requests 128] [--new-tokens 128]
@@ -37,16 +34,11 @@ def make_model(layers: int) -> transformers.PreTrainedModel:
 
 def run(model, impl: str, prompts: list[list[int]], new_tokens: int) -> tuple[float, int, dict]:
     config = transformers.GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
-    base, _, variant = impl.partition("+")
-    model.set_attn_implementation(base)
-    kwargs = {}
-    if variant == "graphs":
-        kwargs["continuous_batching_config"] = transformers.ContinuousBatchingConfig(
-            use_cuda_graph=True, use_async_batching=True)
+    model.set_attn_implementation(impl)
     torch.cuda.synchronize()
     start = time.perf_counter()
-    if base == "plugin":
-        outputs = hf_attn_plugin.generate_batch(model, prompts, generation_config=config, **kwargs)
+    if impl == "plugin":
+        outputs = hf_attn_plugin.generate_batch(model, prompts, generation_config=config)
     else:
         outputs = model.generate_batch(prompts, generation_config=config)
     torch.cuda.synchronize()
@@ -61,7 +53,7 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--requests", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--impls", default="plugin,plugin+graphs,sdpa")
+    parser.add_argument("--impls", default="plugin,sdpa")
     args = parser.parse_args()
 
     os.makedirs(args.out, exist_ok=True)
@@ -88,7 +80,7 @@ def main() -> None:
         ))
         print(f"{impl:8s} {generated} new tokens in {seconds:.1f}s: {rate:.0f} tokens/s", flush=True)
         write_csv(os.path.join(args.out, "generate_batch.csv"), rows)  # after every row: a timeout keeps data
-    for x, y in (("plugin", "plugin+graphs"), ("plugin", "sdpa")):
+    for x, y in (("plugin", "sdpa"),):
         if x in tokens and y in tokens:
             a, b = tokens[x], tokens[y]
             same = sum(a[r] == b.get(r) for r in a)

@@ -213,6 +213,32 @@ def test_continuous_batching_needs_plugin_model():
             pass
 
 
+@pytest.mark.parametrize("field", ["use_cuda_graph", "use_async_batching"])
+def test_generate_batch_refuses_cuda_graphs_and_async(field):
+    ours, _ = _cb_pair("llama")
+    config = transformers.GenerationConfig(max_new_tokens=2, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    cb_config = transformers.ContinuousBatchingConfig(**{field: True})
+    with pytest.raises(ValueError, match="CUDA graphs"):
+        hf_attn_plugin.generate_batch(ours, [[5, 6, 7]], config, continuous_batching_config=cb_config)
+
+
+def test_step_memo_rebuilds_when_index_buffers_are_refilled_in_place():
+    """Block tables are shared by the layers of one forward, never across steps, even when transformers refills
+    the same (static) index tensors in place between steps."""
+    from hf_attn_plugin.integration.continuous_batching import _memoised_step
+
+    cu_q = torch.tensor([0, 2], dtype=torch.int32)
+    kwargs = {"cu_seq_lens_q": cu_q, "cu_seq_lens_k": torch.tensor([0, 6], dtype=torch.int32),
+              "read_index": [torch.arange(6)], "write_index": [torch.tensor([4, 5])]}
+    memo = _memoised_step((None, None, -1), 0, 4, 0, kwargs, 2, 6)
+    assert _memoised_step(memo, 0, 4, 1, kwargs, 2, 6)[1] is memo[1]  # next layer, same step: reused
+    kwargs["read_index"][0].copy_(torch.arange(8, 14))  # next step, same buffers refilled
+    kwargs["write_index"][0].copy_(torch.tensor([12, 13]))
+    again = _memoised_step(_memoised_step(memo, 0, 4, 1, kwargs, 2, 6), 0, 4, 0, kwargs, 2, 6)
+    assert again[1] is not memo[1]
+    assert again[1].block_tables.tolist() == [[2, 3]] and again[1].slots.tolist() == [12, 13]
+
+
 class _FakeModule(torch.nn.Module):
     def __init__(self, layer_idx):
         super().__init__()

@@ -74,7 +74,7 @@ class InPlacePagedUpdate:
         if set(cache.cache_allocators) != {"full_attention"}:
             raise NotImplementedError(_sliding_refusal())
         self.cache = cache
-        self._memo: tuple = (None, None)  # (step key, _Step)
+        self._memo: tuple = (None, None, -1)  # (step key, _Step, layer that built or last reused it)
         self._current: tuple | None = None  # (k_pages, v_pages, _Step) of the layer being run
 
     def __call__(self, key_states, value_states, layer_idx: int, kwargs: dict):
@@ -82,7 +82,7 @@ class InPlacePagedUpdate:
         kwargs["cu_seq_lens_k"] = kwargs["cu_seq_lens_k"][allocator.layer_type].to(torch.int32)
         kwargs["max_length_k"] = kwargs["max_length_k"][allocator.layer_type]
         k_pages, v_pages = allocator.get_cache_for_block_table(layer_idx)
-        step = self._step(allocator.index, k_pages.shape[1], kwargs)
+        step = self._step(allocator.index, k_pages.shape[1], layer_idx, kwargs)
         as_tokens = lambda t: t[0].transpose(0, 1)  # noqa: E731  [1, H_kv, T, D] -> [T, H_kv, D]
         _write_kv(k_pages, v_pages, as_tokens(key_states), as_tokens(value_states), step.slots)
         self._current = (k_pages, v_pages, step)
@@ -92,14 +92,15 @@ class InPlacePagedUpdate:
     def attend(self, call, query: torch.Tensor, attention_mask) -> torch.Tensor:
         return _attend(call, query, *self._current)
 
-    def _step(self, group: int, page_size: int, kwargs: dict) -> _Step:
+    def _step(self, group: int, page_size: int, layer_idx: int, kwargs: dict) -> _Step:
+        _refuse_cuda_graph_capture()
         if kwargs.get("block_table") is not None:
             raise NotImplementedError(
                 "transformers' decode fast path (block_table) is only enabled for flash attention; it was not expected "
                 "with attn_implementation='plugin'. Pass ContinuousBatchingConfig(max_blocks_per_request=0)."
             )
         max_q, max_k = kwargs["max_length_q"], kwargs["max_length_k"]
-        self._memo = _memoised_step(self._memo, group, page_size, kwargs, max_q, max_k)
+        self._memo = _memoised_step(self._memo, group, page_size, layer_idx, kwargs, max_q, max_k)
         return self._memo[1]
 
 
@@ -116,15 +117,45 @@ def _attend(call, query: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Ten
     return out.unsqueeze(0)
 
 
-def _memoised_step(memo: tuple, group: int, page_size: int, kwargs: dict, max_q: int, max_k: int) -> tuple:
-    """``(key, _Step)`` for this step and layer group: every layer of the group reuses the first layer's."""
+def _memoised_step(memo: tuple, group: int, page_size: int, layer_idx: int, kwargs: dict, max_q: int,
+                   max_k: int) -> tuple:
+    """``(key, _Step, layer_idx)`` for this step and layer group: later layers of one forward reuse the first's.
+
+    Reuse needs the same index tensors (identity) *and* a later layer than the one that last used the memo: a
+    forward runs its layers in increasing order, so a layer index that does not increase means a new step, even
+    where transformers refills the same (static) index buffers in place from one step to the next.
+    """
     key = (group, kwargs["cu_seq_lens_q"], kwargs["write_index"][group])
-    if memo[0] is not None and all(a is b for a, b in zip(memo[0], key)):
-        return memo
+    if memo[0] is not None and layer_idx > memo[2] and all(a is b for a, b in zip(memo[0], key)):
+        return memo[0], memo[1], layer_idx
     return key, _step_from_indices(
         page_size, kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"], kwargs["read_index"][group],
         kwargs["write_index"][group], int(max_q), int(max_k),
-    )
+    ), layer_idx
+
+
+_GRAPH_REFUSAL = (
+    "continuous batching with CUDA graphs is not supported with attn_implementation='plugin': the paged "
+    "attention inputs (block tables) are rebuilt on the host side of every step, which a captured graph would "
+    "replay stale. Pass ContinuousBatchingConfig(use_cuda_graph=False, use_async_batching=False) (transformers' "
+    "default for non-flash attention)."
+)
+
+
+def _refuse_cuda_graph_capture() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise NotImplementedError(_GRAPH_REFUSAL)
+
+
+def _check_batching_config(config) -> None:
+    """Refuse CUDA graphs / async batching up front (H200, transformers 5.17: they crashed with an illegal memory
+    access through our paged path; see docs/paged.md)."""
+    if config is None:
+        return
+    graphs = getattr(config, "use_cuda_graph", None)
+    if graphs is True or (isinstance(graphs, (tuple, list)) and any(graphs)) or getattr(
+            config, "use_async_batching", None):
+        raise ValueError(_GRAPH_REFUSAL)
 
 
 def _step_from_indices(page_size, cu_q, cu_k, read_index, write_index, max_q: int, max_k: int) -> _Step:
@@ -169,7 +200,8 @@ def paged_plugin_attention(module, query, key, value, attention_mask, dropout=0.
     for name in ("cu_seq_lens_k", "max_seqlen_k"):  # one entry per layer type when the model mixes them
         if isinstance(kwargs[name], dict):
             kwargs[name] = kwargs[name]["full_attention"]
-    memo = _memoised_step(_LEGACY_MEMO.get(cache, (None, None)), group, cache.block_size, kwargs,
+    _refuse_cuda_graph_capture()
+    memo = _memoised_step(_LEGACY_MEMO.get(cache, (None, None, -1)), group, cache.block_size, layer, kwargs,
                           kwargs["max_seqlen_q"], kwargs["max_seqlen_k"])
     _LEGACY_MEMO[cache] = memo
     shape = (-1, cache.block_size, *cache.key_cache[index].shape[1:])
@@ -216,6 +248,7 @@ def _manager_class():
 
 def init_continuous_batching(model, generation_config=None, continuous_batching_config=None, workload_hints=None):
     """Like ``model.init_continuous_batching``, returning a manager that runs on our paged kernels."""
+    _check_batching_config(continuous_batching_config)
     if not _CACHE_TAKES_OVER:  # 5.17-5.18: transformers' own manager switches "plugin" to "paged|plugin"
         return type(model).init_continuous_batching(model, generation_config, workload_hints=workload_hints,
                                                     continuous_batching_config=continuous_batching_config)
@@ -263,6 +296,7 @@ def generate_batch(model, inputs: list[list[int]], generation_config=None, **kwa
 
     Returns transformers' ``{request_id: GenerationOutput}``; see ``ContinuousMixin.generate_batch``.
     """
+    _check_batching_config(kwargs.get("continuous_batching_config"))
     with continuous_batching_context(model):
         return model.generate_batch(inputs, generation_config=generation_config, **kwargs)
 
