@@ -134,10 +134,24 @@ def multi_gpu_section() -> str:
     rows = read("multi_gpu.csv")
     if not rows:
         return ""
-    cols = ["label", "world_size", "fsdp", "per_device_batch", "global_batch", "step_ms", "tokens_per_s",
+    cols = ["label", "world_size", "fsdp", "per_device_batch", "global_batch", "step_ms", "tokens_per_s", "speedup_vs_1gpu_warm",
             "last_loss", "max_rel_loss_diff_vs_1gpu", "matches_1gpu"]
     return ("**Trainer on 2 GPUs** (`benchmarks/multi_gpu_check.py`: same weights, same global batches; 32M GQA "
             "Llama, 60 steps)\n\n" + table(cols, [[r.get(c, "") for c in cols] for r in rows]))
+
+
+def gqa_section() -> str:
+    """The uptraining experiment's tables, from its own CSV formatter (benchmarks/gqa_experiment.py)."""
+    path = os.path.join(RESULTS, "gqa_results.csv")
+    if not os.path.exists(path):
+        return ""
+    import sys
+
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from gqa_experiment import markdown_table
+
+    return ("**GQA uptraining experiment** (62.9M MHA Llama, 12 heads, validation perplexity; "
+            "[docs/uptraining.md](docs/uptraining.md))\n\n" + markdown_table(path))
 
 
 def simple_section(name: str, title: str, columns: list[str]) -> str:
@@ -156,6 +170,7 @@ def render() -> str:
         training_section(),
         generate_batch_section(),
         multi_gpu_section(),
+        gqa_section(),
     ]
     return "\n\n".join(p for p in parts if p) or "(no GPU results yet)"
 
