@@ -135,10 +135,10 @@ def _memoised_step(memo: tuple, group: int, page_size: int, layer_idx: int, kwar
 
 
 _GRAPH_REFUSAL = (
-    "continuous batching with CUDA graphs is not supported with attn_implementation='plugin': the paged "
-    "attention inputs (block tables) are rebuilt on the host side of every step, which a captured graph would "
-    "replay stale. Pass ContinuousBatchingConfig(use_cuda_graph=False, use_async_batching=False) (transformers' "
-    "default for non-flash attention)."
+    "continuous batching with CUDA graphs or async batching is not supported with attn_implementation='plugin' "
+    "yet: the paged attention inputs (block tables) are built on the host side of every step, which a captured "
+    "graph would replay stale (on an H200 the combination crashed). Pass ContinuousBatchingConfig("
+    "use_cuda_graph=False, use_async_batching=False), transformers' default for non-flash attention."
 )
 
 
@@ -175,7 +175,7 @@ def _step_from_indices(page_size, cu_q, cu_k, read_index, write_index, max_q: in
     return _Step(write_index.long(), tables, seq_lens, cu_q.to(torch.int32), max_q)
 
 
-_LEGACY_MEMO = weakref.WeakKeyDictionary()  # 5.17 PagedAttentionCache -> (step key, _Step)
+_LEGACY_MEMO = weakref.WeakKeyDictionary()  # 5.17 PagedAttentionCache -> (step key, _Step, layer_idx)
 
 
 def paged_plugin_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, cache=None, **kwargs):
