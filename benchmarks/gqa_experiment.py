@@ -128,27 +128,29 @@ def kv_bytes_per_token(layers: int, kv_heads: int, head_dim: int, dtype_bytes: i
     return 2 * layers * kv_heads * head_dim * dtype_bytes
 
 
-class _StepTimer(TrainerCallback):
+class StepTimer(TrainerCallback):
+    """``times``: ``perf_counter()`` at the end of every optimizer step (after a device sync)."""
+
     def __init__(self):
-        self.t = []
+        self.times: list[float] = []
 
     def on_step_end(self, args, state, control, **kw):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
-        self.t.append(time.perf_counter())
+        self.times.append(time.perf_counter())
 
 
 def measure_step_time(make_model, train, a) -> float:
     """A short throwaway Trainer run (also compiles/autotunes the kernels); median seconds per step."""
     model = make_model()
-    timer = _StepTimer()
+    timer = StepTimer()
     args = ug.make_training_args(tempfile.mkdtemp(), a.probe_steps, lr=a.lr, batch_size=a.batch_size,
                                  logging_steps=10**6, num_workers=a.workers)
     trainer = transformers.Trainer(model=model, args=args, train_dataset=train,
                                    data_collator=transformers.DataCollatorWithFlattening(), callbacks=[timer])
     model.config.use_cache = False
     trainer.train()
-    d = sorted(b - c for b, c in zip(timer.t[3:], timer.t[2:-1])) or [1.0]
+    d = sorted(b - c for b, c in zip(timer.times[3:], timer.times[2:-1])) or [1.0]
     del trainer, model
     gc.collect()
     return d[len(d) // 2]

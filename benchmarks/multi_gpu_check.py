@@ -34,9 +34,9 @@ sys.path.insert(0, str(ROOT / "examples"))
 
 import torch  # noqa: E402
 import transformers  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
 
 import uptrain_gqa as ug  # noqa: E402
+from gqa_experiment import StepTimer  # noqa: E402
 
 
 def prepare(a) -> None:
@@ -54,16 +54,6 @@ def prepare(a) -> None:
     torch.save(chunks, work / "chunks.pt")
     print(f"prepared {len(chunks)} chunks ({sum(len(c['input_ids']) for c in chunks) / 1e6:.2f}M tokens), "
           f"model {sum(p.numel() for p in model.parameters()) / 1e6:.1f}M params (12 query / 3 KV heads)")
-
-
-class _StepLog(TrainerCallback):
-    def __init__(self):
-        self.times: list[float] = []
-
-    def on_step_end(self, args, state, control, **kw):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        self.times.append(time.perf_counter())
 
 
 def run(a) -> None:
@@ -87,7 +77,7 @@ def run(a) -> None:
                                  logging_steps=1, seed=0, **extra)
     if cuda and not a.fsdp:
         model.cuda(local)
-    timer = _StepLog()
+    timer = StepTimer()
     trainer = transformers.Trainer(model=model, args=args, train_dataset=chunks,
                                    data_collator=transformers.DataCollatorWithFlattening(), callbacks=[timer])
     model.config.use_cache = False

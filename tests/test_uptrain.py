@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.importorskip("tokenizers")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
 
 import uptrain_gqa as ug  # noqa: E402
