@@ -15,7 +15,7 @@ On the ~1B Llama-style model of ``bench_generate_batch.py`` (random bf16 weights
     other kernels; wall time, GPU busy time (union of kernel intervals) and the idle fraction.
 (c) ``waste``: allocated-but-unused KV slots for the same workload: our ``PagedKVCache`` (page 16) holding
     every request's final length, and averaged over the decode steps; transformers' own cache as seen
-    by our attention during the profiled run (its page size, and the same lengths at page 16).
+    by our attention in every step of a run without CUDA graphs (its page size, and the same lengths at page 16).
 
 Each part runs in its own try/except and writes its CSV as soon as it is done.
 
@@ -250,33 +250,40 @@ def busy_time_us(intervals: list[tuple[float, float]]) -> float:
 
 class StepRecorder:
     """Records each continuous-batching step's sequence lengths and page size, from our attention path
-    (no host sync: device tensors are kept and read after the run)."""
+    (no host sync: device tensors are kept and read after the run). Steps replayed from a CUDA graph run
+    no Python: record a run without graphs."""
+
+    NAMES = ("_step_from_indices", "_step_from_block_table")
 
     def __init__(self):
         self.steps: list[tuple[int, torch.Tensor]] = []
-        self._original = continuous_batching._step_from_indices
+        self._originals = {name: getattr(continuous_batching, name) for name in self.NAMES}
 
     def __enter__(self):
-        def recording(page_size, *args):
-            step = self._original(page_size, *args)
-            self.steps.append((page_size, step.seq_lens.clone()))
-            return step
+        def recording(original):
+            def record(page_size, *args):
+                step = original(page_size, *args)
+                self.steps.append((page_size, step.seq_lens.clone()))
+                return step
+            return record
 
-        continuous_batching._step_from_indices = recording
+        for name, original in self._originals.items():
+            setattr(continuous_batching, name, recording(original))
         return self
 
     def __exit__(self, *exc):
-        continuous_batching._step_from_indices = self._original
+        for name, original in self._originals.items():
+            setattr(continuous_batching, name, original)
 
 
-def part_profile(model, work: Workload, out_dir: str, recorder: StepRecorder) -> None:
+def part_profile(model, work: Workload, out_dir: str) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     device = model.device
     run_generate_batch(model, "plugin", Workload([p[:64] for p in work.prompts[:4]], 4, work.cb_config))  # warm-up
     activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
     sync(device)
-    with recorder, profile(activities=activities) as prof:
+    with profile(activities=activities) as prof:
         start = time.perf_counter()
         outputs = run_generate_batch(model, "plugin", work)
         sync(device)
@@ -333,7 +340,12 @@ def waste_from_lengths(lengths: list[int], page_size: int) -> float:
     return 1 - sum(lengths) / (pages * page_size) if pages else 0.0
 
 
-def part_waste(work: Workload, out_dir: str, recorder: StepRecorder | None) -> None:
+def part_waste(model, work: Workload, out_dir: str) -> None:
+    recorder = StepRecorder()
+    no_graphs = copy.deepcopy(work.cb_config) or transformers.ContinuousBatchingConfig()
+    no_graphs.use_cuda_graph = False  # every step runs our Python, so every step is recorded
+    with recorder:
+        run_generate_batch(model, "plugin", Workload(work.prompts, work.new_tokens, no_graphs))
     prompt_lens = [len(p) for p in work.prompts]
     final = [n + work.new_tokens - 1 for n in prompt_lens]  # the last new token is never written
     per_step = [waste_from_lengths([n + t for n in prompt_lens], PAGE) for t in range(work.new_tokens)]
@@ -344,7 +356,7 @@ def part_waste(work: Workload, out_dir: str, recorder: StepRecorder | None) -> N
              waste=round(sum(per_step) / len(per_step), 5)),
         dict(cache="ours (PagedKVCache)", page_size=PAGE, when="worst decode step", waste=round(max(per_step), 5)),
     ]
-    if recorder is not None and recorder.steps:
+    if recorder.steps:
         hf_page = recorder.steps[0][0]
         lens = [seq_lens.tolist() for _, seq_lens in recorder.steps]
         for page in dict.fromkeys((hf_page, PAGE)):
@@ -355,7 +367,7 @@ def part_waste(work: Workload, out_dir: str, recorder: StepRecorder | None) -> N
                              waste=round(sum(wastes) / len(wastes), 5)))
             rows.append(dict(cache=label, page_size=page, when="worst step", waste=round(max(wastes), 5)))
     else:
-        rows.append(dict(cache="transformers' cache", when="not recorded (profile part did not run)"))
+        rows.append(dict(cache="transformers' cache", when="no step recorded"))
     write_csv(os.path.join(out_dir, "kv_waste.csv"), rows)
     for r in rows:
         print(f"  {r['cache']:<38} page {r.get('page_size', ''):>4}  {r['when']:<60} waste {r.get('waste', '')}",
@@ -368,8 +380,7 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--tiny", action="store_true",
                         help="CPU smoke run: 2 layers, hidden 256 (head_dim 64), a few short requests")
-    parser.add_argument("--parts", default="profile,waste,logits", help="run in this order (waste reads profile's "
-                        "record of transformers' cache)")
+    parser.add_argument("--parts", default="profile,waste,logits", help="run in this order")
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--requests", type=int, default=128, help="profile/waste workload")
     parser.add_argument("--new-tokens", type=int, default=128)
@@ -395,7 +406,6 @@ def main() -> None:
     full = workload(args.requests, args.new_tokens, vocab, *lengths, cb_config)
     small = Workload(copy.deepcopy(full.prompts[: args.logit_requests]), args.logit_new_tokens, cb_config)
 
-    recorder = None
     for part in parts:
         print(f"== {part}", flush=True)
         start = time.perf_counter()
@@ -403,10 +413,9 @@ def main() -> None:
             if part == "logits":
                 part_logits(model, small, args.out)
             elif part == "profile":
-                recorder = StepRecorder()
-                part_profile(model, full, args.out, recorder)
+                part_profile(model, full, args.out)
             else:
-                part_waste(full, args.out, recorder)
+                part_waste(model, full, args.out)
         except Exception:  # one failing part must not hide the others' results
             traceback.print_exc()
             sys.stdout.flush()

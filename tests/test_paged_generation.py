@@ -213,13 +213,37 @@ def test_continuous_batching_needs_plugin_model():
             pass
 
 
-@pytest.mark.parametrize("field", ["use_cuda_graph", "use_async_batching"])
-def test_generate_batch_refuses_cuda_graphs_and_async(field):
-    ours, _ = _cb_pair("llama")
-    config = transformers.GenerationConfig(max_new_tokens=2, do_sample=False, eos_token_id=-1, pad_token_id=0)
-    cb_config = transformers.ContinuousBatchingConfig(**{field: True})
-    with pytest.raises(ValueError, match="CUDA graphs"):
-        hf_attn_plugin.generate_batch(ours, [[5, 6, 7]], config, continuous_batching_config=cb_config)
+@pytest.mark.parametrize("max_blocks", [None, 0], ids=["decode_fast_path", "indices_only"])
+def test_generate_batch_decode_steps_read_block_tables(max_blocks, no_gather, monkeypatch):
+    """Decode-only steps use transformers' block tables directly (our manager turns that path on for "plugin");
+    max_blocks_per_request=0 turns it off. Both token-identical to eager."""
+    from hf_attn_plugin.integration import continuous_batching as cb
+
+    calls = []
+    original = cb._step_from_block_table
+    monkeypatch.setattr(cb, "_step_from_block_table", lambda *a: calls.append(1) or original(*a))
+    ours, eager = _cb_pair("llama")
+    prompts = [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15], [3, 4]]
+    config = transformers.GenerationConfig(max_new_tokens=7, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    cb_config = transformers.ContinuousBatchingConfig(max_blocks_per_request=max_blocks)
+    results = hf_attn_plugin.generate_batch(ours, prompts, config, continuous_batching_config=cb_config)
+    assert [r.generated_tokens for r in results.values()] == _expected(eager, prompts, 7)
+    assert bool(calls) == (max_blocks is None)
+
+
+def test_step_from_block_table():
+    """Slots of the new tokens from the block table; a padding sequence (length 0) writes nothing."""
+    from hf_attn_plugin.integration.continuous_batching import _memoised_step
+
+    tables = torch.tensor([[[7, 2, -1], [4, -1, -1], [-1, -1, -1]]], dtype=torch.int32)  # [groups, N, max_blocks]
+    kwargs = {"cu_seq_lens_q": torch.tensor([0, 1, 2, 2], dtype=torch.int32),
+              "cu_seq_lens_k": torch.tensor([0, 6, 7, 7], dtype=torch.int32), "block_table": tables,
+              "read_index": [torch.empty(0, dtype=torch.long)], "write_index": [torch.empty(0, dtype=torch.long)]}
+    step = _memoised_step((None, None, -1), 0, 4, 0, kwargs, 1, 1)[1]
+    # sequence 0: 6 tokens, the new one at position 5 -> page 2, offset 1; sequence 1: position 0 -> page 4
+    assert step.slots.tolist() == [2 * 4 + 1, 4 * 4 + 0, -1]
+    assert step.seq_lens.tolist() == [6, 1, 0] and step.max_seqlen_q == 1
+    assert torch.equal(step.block_tables, tables[0])
 
 
 def test_step_memo_rebuilds_when_index_buffers_are_refilled_in_place():
@@ -261,10 +285,16 @@ def test_generate_paged_cache_gpu(pairs, family):
 
 
 @pytest.mark.gpu
-def test_generate_batch_gpu():
+@pytest.mark.parametrize("graphs", [None, False, True, "async"], ids=["default", "eager", "graphs", "graphs_async"])
+def test_generate_batch_gpu(graphs):
+    """Default: decode-only steps captured in CUDA graphs; False: none; True: every step (padded); async: + async
+    batching. Each token-identical to eager."""
     ours, eager = (m.cuda() for m in _cb_pair("llama"))
     gen = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in CB_PROMPT_LENGTHS]
     config = transformers.GenerationConfig(max_new_tokens=10, do_sample=False, eos_token_id=-1, pad_token_id=0)
-    results = hf_attn_plugin.generate_batch(ours, prompts, config)
+    cb_config = transformers.ContinuousBatchingConfig(
+        use_cuda_graph=bool(graphs) if graphs is not None else None, use_async_batching=graphs == "async")
+    results = hf_attn_plugin.generate_batch(ours, prompts, config, continuous_batching_config=cb_config)
+    assert [r.error for r in results.values()] == [None] * len(prompts)
     assert [r.generated_tokens for r in results.values()] == _expected(eager, prompts, 10)

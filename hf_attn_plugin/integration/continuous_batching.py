@@ -19,22 +19,34 @@ with a reader that calls :func:`~hf_attn_plugin.paged_ops.paged_attention` over 
 derived from HF's indices. No K/V copy is made per step.
 
 HF's layout (``FullAttentionCacheAllocator``): one flat buffer; a layer's K (and V) tokens form a view
-whose rows are slots ``page * page_size + offset``; ``write_index`` holds the new tokens' slots,
-``read_index`` the slots of every cached token of each sequence in position order (sequences
-concatenated along ``cu_seq_lens_k``); block tables are derived from them on the device, once per step.
-transformers enables its decode fast path (``block_table``) for flash attention only, so it never
-reaches us. Sliding-window layers use a rolling buffer whose slots are not in position order: refused
-with a ``NotImplementedError`` that names the alternative (``PagedCache`` + ``generate``).
+whose rows are slots ``page * page_size + offset``. Two kinds of step reach us:
 
-transformers 5.17-5.18 switch a ``"plugin"`` model to ``"paged|plugin"`` themselves and hand that
-attention function the new K/V plus ``cache=``; :func:`paged_plugin_attention`, registered under that
-name on import (those versions only), writes and attends in place the same way. The entry points
-above work unchanged there, and so does a plain ``model.generate_batch``.
+* mixed / prefill steps: ``write_index`` holds the new tokens' slots, ``read_index`` the slots of every
+  cached token of each sequence in position order (sequences concatenated along ``cu_seq_lens_k``);
+  block tables are derived from them on the device, once per step;
+* decode-only steps (transformers' "decode fast path"): ``block_table`` ``[groups, N, max_blocks]`` lists
+  each sequence's pages, which is exactly what our decode kernel reads; the new token's slot is derived
+  from it. transformers turns this path on for flash attention only (and otherwise builds Python lists of
+  every cached slot, every step); our manager turns it back on for ``"plugin"``, unless the
+  ``ContinuousBatchingConfig`` says ``max_blocks_per_request=0``.
+
+Every input is derived with device operations of static shape, so transformers' CUDA graphs
+(``ContinuousBatchingConfig(use_cuda_graph=...)``) capture and replay our path; by default our manager
+captures the decode-only steps (few graph shapes: one per power-of-two batch size) and leaves mixed steps
+eager (their padded shapes change from step to step, and a capture costs more than it saves there).
+Sliding-window layers use a rolling buffer whose slots are not in position order: refused with a
+``NotImplementedError`` that names the alternative (``PagedCache`` + ``generate``).
+
+transformers 5.17-5.18 switch a ``"plugin"`` model to ``"paged|plugin"`` and hand that attention
+function the new K/V plus ``cache=``; :func:`paged_plugin_attention`, registered under that name on
+import (those versions only), writes and attends in place the same way. A plain ``model.generate_batch``
+works there too, on transformers' own manager (without the decode fast path).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import weakref
@@ -93,12 +105,6 @@ class InPlacePagedUpdate:
         return _attend(call, query, *self._current)
 
     def _step(self, group: int, page_size: int, layer_idx: int, kwargs: dict) -> _Step:
-        _refuse_cuda_graph_capture()
-        if kwargs.get("block_table") is not None:
-            raise NotImplementedError(
-                "transformers' decode fast path (block_table) is only enabled for flash attention; it was not expected "
-                "with attn_implementation='plugin'. Pass ContinuousBatchingConfig(max_blocks_per_request=0)."
-            )
         max_q, max_k = kwargs["max_length_q"], kwargs["max_length_k"]
         self._memo = _memoised_step(self._memo, group, page_size, layer_idx, kwargs, max_q, max_k)
         return self._memo[1]
@@ -106,6 +112,9 @@ class InPlacePagedUpdate:
 
 def _attend(call, query: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, step: _Step) -> torch.Tensor:
     """``query`` ``[1, Hq, T, D]`` (sequences packed along T) over the pages -> ``[1, T, Hq, D]``."""
+    if step.slots.numel() != query.shape[2]:
+        raise RuntimeError(f"{query.shape[2]} query tokens for {step.slots.numel()} cache slots: transformers' batch "
+                           "layout is not the one this version of hf_attn_plugin expects")
     q = query[0].transpose(0, 1).to(k_pages.dtype)
     if q.stride(-1) != 1:
         q = q.contiguous()
@@ -125,37 +134,16 @@ def _memoised_step(memo: tuple, group: int, page_size: int, layer_idx: int, kwar
     forward runs its layers in increasing order, so a layer index that does not increase means a new step, even
     where transformers refills the same (static) index buffers in place from one step to the next.
     """
-    key = (group, kwargs["cu_seq_lens_q"], kwargs["write_index"][group])
+    block_table = kwargs.get("block_table")  # decode-only step: [groups, N, max_blocks]
+    key = (group, kwargs["cu_seq_lens_q"], kwargs["write_index"][group] if block_table is None else block_table)
     if memo[0] is not None and layer_idx > memo[2] and all(a is b for a, b in zip(memo[0], key)):
         return memo[0], memo[1], layer_idx
-    return key, _step_from_indices(
-        page_size, kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"], kwargs["read_index"][group],
-        kwargs["write_index"][group], int(max_q), int(max_k),
-    ), layer_idx
-
-
-_GRAPH_REFUSAL = (
-    "continuous batching with CUDA graphs or async batching is not supported with attn_implementation='plugin' "
-    "yet: the paged attention inputs (block tables) are built on the host side of every step, which a captured "
-    "graph would replay stale (on an H200 the combination crashed). Pass ContinuousBatchingConfig("
-    "use_cuda_graph=False, use_async_batching=False), transformers' default for non-flash attention."
-)
-
-
-def _refuse_cuda_graph_capture() -> None:
-    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        raise NotImplementedError(_GRAPH_REFUSAL)
-
-
-def _check_batching_config(config) -> None:
-    """Refuse CUDA graphs / async batching up front (H200, transformers 5.17: they crashed with an illegal memory
-    access through our paged path; see docs/paged.md)."""
-    if config is None:
-        return
-    graphs = getattr(config, "use_cuda_graph", None)
-    if graphs is True or (isinstance(graphs, (tuple, list)) and any(graphs)) or getattr(
-            config, "use_async_batching", None):
-        raise ValueError(_GRAPH_REFUSAL)
+    if block_table is not None:
+        step = _step_from_block_table(page_size, kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"], block_table[group])
+    else:
+        step = _step_from_indices(page_size, kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"],
+                                  kwargs["read_index"][group], kwargs["write_index"][group], int(max_q), int(max_k))
+    return key, step, layer_idx
 
 
 def _step_from_indices(page_size, cu_q, cu_k, read_index, write_index, max_q: int, max_k: int) -> _Step:
@@ -173,6 +161,21 @@ def _step_from_indices(page_size, cu_q, cu_k, read_index, write_index, max_q: in
     tables = torch.where(first < cu_k[1:, None], by_position[rows] // page_size, 0).to(torch.int32)
     seq_lens = cu_k[1:] - cu_k[:-1]
     return _Step(write_index.long(), tables, seq_lens, cu_q.to(torch.int32), max_q)
+
+
+def _step_from_block_table(page_size, cu_q, cu_k, tables) -> _Step:
+    """A decode-only step from transformers' block table (``[N, max_blocks]``, ``-1`` past a sequence's pages).
+
+    Each sequence has one new token, at position ``len - 1`` (``cu_k`` counts it), so its slot is
+    ``tables[b, pos // page_size] * page_size + pos % page_size``; padding sequences (length 0, CUDA graphs)
+    write nothing (slot ``-1``).
+    """
+    cu_k = cu_k.to(torch.int32)
+    seq_lens = cu_k[1:] - cu_k[:-1]
+    pos = (seq_lens - 1).clamp(min=0).long()
+    page = tables.gather(1, (pos // page_size)[:, None]).squeeze(1).long()
+    slots = torch.where(seq_lens > 0, page * page_size + pos % page_size, -1)
+    return _Step(slots, tables.to(torch.int32), seq_lens, cu_q.to(torch.int32), 1)
 
 
 _LEGACY_MEMO = weakref.WeakKeyDictionary()  # 5.17 PagedAttentionCache -> (step key, _Step, layer_idx)
@@ -194,13 +197,9 @@ def paged_plugin_attention(module, query, key, value, attention_mask, dropout=0.
     group, index = cache.layer_index_to_group_indices[layer]
     if cache.sliding_windows[layer] != 1:
         raise NotImplementedError(_sliding_refusal())
-    if kwargs.get("block_table") is not None:
-        raise NotImplementedError("transformers' decode fast path (block_table) is not supported: "
-                                  "pass ContinuousBatchingConfig(max_blocks_per_request=0)")
     for name in ("cu_seq_lens_k", "max_seqlen_k"):  # one entry per layer type when the model mixes them
         if isinstance(kwargs[name], dict):
             kwargs[name] = kwargs[name]["full_attention"]
-    _refuse_cuda_graph_capture()
     memo = _memoised_step(_LEGACY_MEMO.get(cache, (None, None, -1)), group, cache.block_size, layer, kwargs,
                           kwargs["max_seqlen_q"], kwargs["max_seqlen_k"])
     _LEGACY_MEMO[cache] = memo
@@ -223,35 +222,55 @@ def _sliding_refusal() -> str:
 
 @functools.cache
 def _manager_class():
-    """:class:`PluginContinuousBatchingManager`, defined lazily (the base class needs transformers >= 5.19)."""
+    """:class:`PluginContinuousBatchingManager`, defined lazily (transformers' continuous batching is imported late)."""
     from transformers.generation.continuous_batching import ContinuousBatchingManager
 
     class PluginContinuousBatchingManager(ContinuousBatchingManager):
-        """transformers' manager, accepting ``"plugin"`` and reading its cache's pages in place."""
+        """transformers' manager, with the block-table decode path and decode-step CUDA graphs on for ``"plugin"``.
+
+        transformers enables both for flash attention only (its heuristics assume that anything else needs a 4D
+        mask); our kernels read block tables natively and every input is built on the device. What the
+        ``ContinuousBatchingConfig`` sets explicitly is kept. On 5.19+ the manager also accepts ``"plugin"``
+        itself and reads its cache's pages in place (:class:`InPlacePagedUpdate`).
+        """
+
+        def __init__(self, model, generation_config, continuous_batching_config, workload_hints=None):
+            requested = copy.copy(continuous_batching_config)
+            super().__init__(model, generation_config, continuous_batching_config, workload_hints)
+            _enable_plugin_fast_paths(self.continuous_batching_config, requested)
 
         def switch_to_cb_friendly_attn(self, model, auto_switch_to_flash: bool = True) -> None:
             impl = model.config._attn_implementation
-            if impl != ATTN_IMPLEMENTATION:
+            if impl not in (ATTN_IMPLEMENTATION, PAGED_ATTN_IMPLEMENTATION):
                 raise ValueError(
                     f"hf_attn_plugin continuous batching runs models loaded with attn_implementation="
                     f"{ATTN_IMPLEMENTATION!r}; this one uses {impl!r} (call model.generate_batch directly for it)"
                 )
+            if not _CACHE_TAKES_OVER:  # 5.17-5.18: the model must call "paged|plugin" (with cache=)
+                super().switch_to_cb_friendly_attn(model)
 
         def _create_batch_processor(self):
             processor = super()._create_batch_processor()
-            if not isinstance(processor.cache.update, InPlacePagedUpdate):
+            if _CACHE_TAKES_OVER and not isinstance(processor.cache.update, InPlacePagedUpdate):
                 processor.cache.update = InPlacePagedUpdate(processor.cache)
             return processor
 
     return PluginContinuousBatchingManager
 
 
+def _enable_plugin_fast_paths(resolved, requested) -> None:
+    """Undo transformers' flash-only defaults in ``resolved`` where ``requested`` left the choice open."""
+    from transformers.generation.continuous_batching.initialization import FALLBACK_DEFAULTS
+
+    if requested.max_blocks_per_request != 0:  # None (default) or a user's capacity
+        resolved.max_blocks_per_request = requested.max_blocks_per_request or FALLBACK_DEFAULTS["max_blocks_per_request"]
+    padding_asked = requested.q_padding_interval_size or requested.kv_padding_interval_size
+    if requested.use_cuda_graph is None and not padding_asked and torch.cuda.is_available():
+        resolved.use_cuda_graph = (False, resolved.max_blocks_per_request > 0)  # (mixed steps, decode-only steps)
+
+
 def init_continuous_batching(model, generation_config=None, continuous_batching_config=None, workload_hints=None):
     """Like ``model.init_continuous_batching``, returning a manager that runs on our paged kernels."""
-    _check_batching_config(continuous_batching_config)
-    if not _CACHE_TAKES_OVER:  # 5.17-5.18: transformers' own manager switches "plugin" to "paged|plugin"
-        return type(model).init_continuous_batching(model, generation_config, workload_hints=workload_hints,
-                                                    continuous_batching_config=continuous_batching_config)
     from transformers import ContinuousBatchingConfig
 
     manager_cls = _manager_class()
@@ -281,9 +300,6 @@ def continuous_batching_context(model):
             "hf_attn_plugin.continuous_batching_context needs a model with attn_implementation="
             f"{ATTN_IMPLEMENTATION!r}, got {model.config._attn_implementation!r}"
         )
-    if not _CACHE_TAKES_OVER:  # transformers' manager already runs "paged|plugin", registered on import
-        yield model
-        return
     model.init_continuous_batching = functools.partial(init_continuous_batching, model)
     try:
         yield model
@@ -296,7 +312,6 @@ def generate_batch(model, inputs: list[list[int]], generation_config=None, **kwa
 
     Returns transformers' ``{request_id: GenerationOutput}``; see ``ContinuousMixin.generate_batch``.
     """
-    _check_batching_config(kwargs.get("continuous_batching_config"))
     with continuous_batching_context(model):
         return model.generate_batch(inputs, generation_config=generation_config, **kwargs)
 
