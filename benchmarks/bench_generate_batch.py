@@ -8,13 +8,15 @@ prompts of 64-1023 tokens and 128 new greedy tokens each. Both paths run in one 
 
 An implementation name may carry ``ContinuousBatchingConfig`` options, e.g. ``plugin+async+nographs``:
 
-    +graphs        use_cuda_graph=True   (every step captured, shapes padded)
-    +nographs      use_cuda_graph=False
+    +graphs        use_cuda_graph=True           (every step captured, shapes padded)
+    +decodegraphs  use_cuda_graph=(False, True)  (decode-only block-table steps captured)
     +async         use_async_batching=True
-    +noblocktable  max_blocks_per_request=0 (no block-table decode path: index lists every step)
+    +blocktable    max_blocks_per_request=32     (decode-only steps read transformers' block table)
 
-Without options the manager decides: for "plugin", block-table decode steps captured in CUDA graphs;
-for "sdpa", transformers' defaults (no graphs, no async batching).
+Without options, transformers' defaults for a non-flash attention: no graphs, no async batching, no
+block-table decode path. ``--num-blocks`` sizes the KV cache (pages) for every run; by default
+transformers sizes it from free memory, and its CUDA-graph warm-up runs one step that attends over the
+whole cache.
 
     python benchmarks/bench_generate_batch.py --out DIR [--requests 128] [--new-tokens 128] [--impls plugin,sdpa]
 """
@@ -43,26 +45,25 @@ def make_model(layers: int) -> transformers.PreTrainedModel:
 
 
 OPTIONS = {
-    "graphs": {"use_cuda_graph": True}, "nographs": {"use_cuda_graph": False},
-    "async": {"use_async_batching": True}, "noblocktable": {"max_blocks_per_request": 0},
+    "graphs": {"use_cuda_graph": True}, "decodegraphs": {"use_cuda_graph": (False, True)},
+    "async": {"use_async_batching": True}, "blocktable": {"max_blocks_per_request": 32},
 }
 
 
-def batching_config(spec: str) -> tuple[str, transformers.ContinuousBatchingConfig | None]:
+def batching_config(spec: str, **common) -> tuple[str, transformers.ContinuousBatchingConfig | None]:
     """``"plugin+graphs+async"`` -> ``("plugin", ContinuousBatchingConfig(use_cuda_graph=True, use_async_batching=True))``."""
     impl, *options = spec.split("+")
     unknown = set(options) - set(OPTIONS)
     if unknown:
         raise SystemExit(f"unknown option(s) {sorted(unknown)} in {spec!r}; known: {', '.join(OPTIONS)}")
-    if not options:
-        return impl, None
     fields = {k: v for option in options for k, v in OPTIONS[option].items()}
-    return impl, transformers.ContinuousBatchingConfig(**fields)
+    fields.update(common)
+    return impl, transformers.ContinuousBatchingConfig(**fields) if fields else None
 
 
-def run(model, spec: str, prompts: list[list[int]], new_tokens: int) -> tuple[float, int, dict]:
+def run(model, spec: str, prompts: list[list[int]], new_tokens: int, **common) -> tuple[float, int, dict]:
     config = transformers.GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
-    impl, cb_config = batching_config(spec)
+    impl, cb_config = batching_config(spec, **common)
     model.set_attn_implementation(impl)
     kwargs = {} if cb_config is None else {"continuous_batching_config": cb_config}
     torch.cuda.synchronize()
@@ -83,8 +84,11 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--requests", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--impls", default="plugin,sdpa")
+    parser.add_argument("--impls", default="plugin,sdpa", help="comma-separated; a name may repeat (a second sample)")
+    parser.add_argument("--num-blocks", type=int, default=None, help="KV cache pages for every run (default: "
+                        "transformers sizes the cache from free memory)")
     args = parser.parse_args()
+    common = {} if args.num_blocks is None else {"num_blocks": args.num_blocks}
 
     os.makedirs(args.out, exist_ok=True)
     model = make_model(args.layers)
@@ -96,8 +100,8 @@ def main() -> None:
     rows, tokens = [], {}
     for impl in args.impls.split(","):
         try:
-            run(model, impl, warm, 4)  # compile/warm the kernels outside the timing
-            seconds, generated, outputs = run(model, impl, prompts, args.new_tokens)
+            run(model, impl, warm, 4, **common)  # compile/warm the kernels outside the timing
+            seconds, generated, outputs = run(model, impl, prompts, args.new_tokens, **common)
         except Exception as error:  # one failing path must not hide the other's numbers
             print(f"{impl:8s} FAILED: {type(error).__name__}: {str(error)[:300]}", flush=True)
             continue
@@ -105,7 +109,8 @@ def main() -> None:
         rate = generated / seconds
         rows.append(dict(
             gpu=torch.cuda.get_device_name(), torch=torch.__version__, transformers=transformers.__version__,
-            date=datetime.date.today().isoformat(), impl=impl, requests=args.requests, new_tokens=args.new_tokens,
+            date=datetime.date.today().isoformat(), impl=impl, num_blocks=args.num_blocks or "auto",
+            requests=args.requests, new_tokens=args.new_tokens,
             generated=generated, seconds=round(seconds, 2), new_tokens_per_s=round(rate, 1),
         ))
         print(f"{impl:8s} {generated} new tokens in {seconds:.1f}s: {rate:.0f} tokens/s", flush=True)

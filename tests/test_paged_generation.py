@@ -213,10 +213,11 @@ def test_continuous_batching_needs_plugin_model():
             pass
 
 
-@pytest.mark.parametrize("max_blocks", [None, 0], ids=["decode_fast_path", "indices_only"])
+@pytest.mark.parametrize("max_blocks", [8, None], ids=["decode_fast_path", "default_indices"])
 def test_generate_batch_decode_steps_read_block_tables(max_blocks, no_gather, monkeypatch):
-    """Decode-only steps use transformers' block tables directly (our manager turns that path on for "plugin");
-    max_blocks_per_request=0 turns it off. Both token-identical to eager."""
+    """With max_blocks_per_request > 0, decode-only steps use transformers' block tables directly (our manager
+    turns that path back on for "plugin"); by default every step goes through the index lists. Both
+    token-identical to eager."""
     from hf_attn_plugin.integration import continuous_batching as cb
 
     calls = []
@@ -228,7 +229,7 @@ def test_generate_batch_decode_steps_read_block_tables(max_blocks, no_gather, mo
     cb_config = transformers.ContinuousBatchingConfig(max_blocks_per_request=max_blocks)
     results = hf_attn_plugin.generate_batch(ours, prompts, config, continuous_batching_config=cb_config)
     assert [r.generated_tokens for r in results.values()] == _expected(eager, prompts, 7)
-    assert bool(calls) == (max_blocks is None)
+    assert bool(calls) == (max_blocks is not None)
 
 
 def test_step_from_block_table():
@@ -284,17 +285,25 @@ def test_generate_paged_cache_gpu(pairs, family):
     assert torch.equal(_greedy(ours, ids, mask, **{CACHE_KWARG: cache}), _greedy(eager, ids, mask))
 
 
+GPU_BATCHING = {  # ContinuousBatchingConfig fields of each GPU variant
+    "default": {},
+    "graphs": {"use_cuda_graph": True, "num_blocks": 64},  # every step captured (padded shapes)
+    "graphs_async": {"use_cuda_graph": True, "use_async_batching": True, "num_blocks": 64},
+    "blocktable": {"max_blocks_per_request": 8},  # decode-only steps through the block table
+    "blocktable_decode_graphs": {"max_blocks_per_request": 8, "use_cuda_graph": (False, True), "num_blocks": 64},
+}
+
+
 @pytest.mark.gpu
-@pytest.mark.parametrize("graphs", [None, False, True, "async"], ids=["default", "eager", "graphs", "graphs_async"])
-def test_generate_batch_gpu(graphs):
-    """Default: decode-only steps captured in CUDA graphs; False: none; True: every step (padded); async: + async
-    batching. Each token-identical to eager."""
+@pytest.mark.parametrize("variant", list(GPU_BATCHING))
+def test_generate_batch_gpu(variant):
+    """Our paged path under transformers' CUDA graphs, async batching and block-table decode steps: each
+    token-identical to eager."""
     ours, eager = (m.cuda() for m in _cb_pair("llama"))
     gen = torch.Generator().manual_seed(2)
     prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in CB_PROMPT_LENGTHS]
     config = transformers.GenerationConfig(max_new_tokens=10, do_sample=False, eos_token_id=-1, pad_token_id=0)
-    cb_config = transformers.ContinuousBatchingConfig(
-        use_cuda_graph=bool(graphs) if graphs is not None else None, use_async_batching=graphs == "async")
+    cb_config = transformers.ContinuousBatchingConfig(**GPU_BATCHING[variant])
     results = hf_attn_plugin.generate_batch(ours, prompts, config, continuous_batching_config=cb_config)
     assert [r.error for r in results.values()] == [None] * len(prompts)
     assert [r.generated_tokens for r in results.values()] == _expected(eager, prompts, 10)

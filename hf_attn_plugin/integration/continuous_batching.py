@@ -24,16 +24,17 @@ whose rows are slots ``page * page_size + offset``. Two kinds of step reach us:
 * mixed / prefill steps: ``write_index`` holds the new tokens' slots, ``read_index`` the slots of every
   cached token of each sequence in position order (sequences concatenated along ``cu_seq_lens_k``);
   block tables are derived from them on the device, once per step;
-* decode-only steps (transformers' "decode fast path"): ``block_table`` ``[groups, N, max_blocks]`` lists
-  each sequence's pages, which is exactly what our decode kernel reads; the new token's slot is derived
-  from it. transformers turns this path on for flash attention only (and otherwise builds Python lists of
-  every cached slot, every step); our manager turns it back on for ``"plugin"``, unless the
-  ``ContinuousBatchingConfig`` says ``max_blocks_per_request=0``.
+* decode-only steps through transformers' "decode fast path", when ``ContinuousBatchingConfig(
+  max_blocks_per_request=N)`` asks for it: ``block_table`` ``[groups, batch, N]`` lists each sequence's
+  pages, which is what our decode kernel reads; the new token's slot is derived from it. transformers
+  keeps this path for flash attention only and turns it off for any other name; our manager turns it
+  back on for ``"plugin"`` when the config asks explicitly.
 
 Every input is derived with device operations of static shape, so transformers' CUDA graphs
-(``ContinuousBatchingConfig(use_cuda_graph=...)``) capture and replay our path; by default our manager
-captures the decode-only steps (few graph shapes: one per power-of-two batch size) and leaves mixed steps
-eager (their padded shapes change from step to step, and a capture costs more than it saves there).
+(``ContinuousBatchingConfig(use_cuda_graph=...)``) and async batching capture and replay our path.
+Neither is on by default: transformers' defaults for a non-flash attention are kept (measured on an
+H200, docs/paged.md: for a 128-request batch the index path without graphs was the fastest; graphs pay
+for transformers' warm-up of the largest mixed step, which attends over the whole cache).
 Sliding-window layers use a rolling buffer whose slots are not in position order: refused with a
 ``NotImplementedError`` that names the alternative (``PagedCache`` + ``generate``).
 
@@ -46,7 +47,6 @@ works there too, on transformers' own manager (without the decode fast path).
 from __future__ import annotations
 
 import contextlib
-import copy
 import dataclasses
 import functools
 import weakref
@@ -226,18 +226,15 @@ def _manager_class():
     from transformers.generation.continuous_batching import ContinuousBatchingManager
 
     class PluginContinuousBatchingManager(ContinuousBatchingManager):
-        """transformers' manager, with the block-table decode path and decode-step CUDA graphs on for ``"plugin"``.
-
-        transformers enables both for flash attention only (its heuristics assume that anything else needs a 4D
-        mask); our kernels read block tables natively and every input is built on the device. What the
-        ``ContinuousBatchingConfig`` sets explicitly is kept. On 5.19+ the manager also accepts ``"plugin"``
-        itself and reads its cache's pages in place (:class:`InPlacePagedUpdate`).
-        """
+        """transformers' manager for ``"plugin"`` models: on 5.19+ it accepts ``"plugin"`` itself and reads its
+        cache's pages in place (:class:`InPlacePagedUpdate`); on every version it honours an explicit
+        ``max_blocks_per_request > 0`` (transformers keeps its block-table decode path for flash attention only)."""
 
         def __init__(self, model, generation_config, continuous_batching_config, workload_hints=None):
-            requested = copy.copy(continuous_batching_config)
+            requested = continuous_batching_config.max_blocks_per_request
             super().__init__(model, generation_config, continuous_batching_config, workload_hints)
-            _enable_plugin_fast_paths(self.continuous_batching_config, requested)
+            if requested:  # transformers resolves a copy of the config and zeroes this for non-flash attention
+                self.continuous_batching_config.max_blocks_per_request = requested
 
         def switch_to_cb_friendly_attn(self, model, auto_switch_to_flash: bool = True) -> None:
             impl = model.config._attn_implementation
@@ -256,17 +253,6 @@ def _manager_class():
             return processor
 
     return PluginContinuousBatchingManager
-
-
-def _enable_plugin_fast_paths(resolved, requested) -> None:
-    """Undo transformers' flash-only defaults in ``resolved`` where ``requested`` left the choice open."""
-    from transformers.generation.continuous_batching.initialization import FALLBACK_DEFAULTS
-
-    if requested.max_blocks_per_request != 0:  # None (default) or a user's capacity
-        resolved.max_blocks_per_request = requested.max_blocks_per_request or FALLBACK_DEFAULTS["max_blocks_per_request"]
-    padding_asked = requested.q_padding_interval_size or requested.kv_padding_interval_size
-    if requested.use_cuda_graph is None and not padding_asked and torch.cuda.is_available():
-        resolved.use_cuda_graph = (False, resolved.max_blocks_per_request > 0)  # (mixed steps, decode-only steps)
 
 
 def init_continuous_batching(model, generation_config=None, continuous_batching_config=None, workload_hints=None):
