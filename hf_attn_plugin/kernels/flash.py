@@ -7,7 +7,9 @@ Kernels
 
 * ``_attn_fwd``: one program per (query tile, segment x query head). Online softmax in base 2:
   logits are prescaled by ``scale * log2(e)`` so every exponential is one ``exp2``. Saves the
-  natural-log LSE for the backward.
+  natural-log LSE for the backward. K/V tiles are loaded with TMA through descriptors built in the
+  kernel, bounded by the program's segment (Triton needs a scratch allocator for them: set at launch
+  unless the caller set one).
 * ``_bwd_preprocess``: ``delta_i = rowsum(dO_i * O_i)``.
 * ``_attn_bwd_dkdv``: one program per (key tile, segment x KV head); it loops over the group's query
   heads, so dK/dV of a KV head are accumulated in registers and written once: no atomics,
@@ -36,6 +38,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.runtime import _allocation
 
 from . import configs
 
@@ -187,18 +190,18 @@ def _mask_scores(s, rows, cols, off, len_k, window, CHECK_COLS: tl.constexpr, CA
 
 
 @triton.jit
-def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, m0, start, end, len_q, len_k, window,
+def _fwd_inner(acc, l_i, m_i, q, k_desc, v_desc, m0, start, end, len_q, len_k, window,
                sm_scale2, cap_scale, cap2,
-               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
                DOT_PRECISION: tl.constexpr):
+    """K/V tiles come through TMA descriptors bounded by the segment: rows past ``len_k`` and columns past
+    ``HEAD_DIM`` load as zeros (the masked phases also mask those scores)."""
     rows = m0 + tl.arange(0, BLOCK_M)
     off = len_k - len_q
     for start_n in range(start, end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
-        n_left = len_k - start_n
-        k = _load_rows(k_base + start_n.to(tl.int64) * stride_ks, stride_ks, n_left, BLOCK_N, HEAD_DIM, BLOCK_D,
-                       MASKED)
+        k = k_desc.load([start_n, 0])
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         s, _ = _logits(qk, sm_scale2, cap_scale, cap2, SOFTCAP)
         if MASKED:
@@ -212,8 +215,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, m0, start
         alpha = tl.exp2(m_i - m_use)
         p = tl.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_rows(v_base + start_n.to(tl.int64) * stride_vs, stride_vs, n_left, BLOCK_N, HEAD_DIM, BLOCK_D,
-                       MASKED)
+        v = v_desc.load([start_n, 0])
         acc = acc * alpha[:, None]
         # P in the input dtype (bf16 or fp16; fp32 stays fp32 with ieee dots).
         acc = tl.dot(p.to(v.dtype), v, acc, input_precision=DOT_PRECISION)
@@ -257,17 +259,21 @@ def _attn_fwd(
         l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
     acc = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
 
+    # TMA descriptors (built on the device: segments differ per program). Measured on the H200 against plain
+    # pointer loads: +2.5-5.5% at S=8k-16k, fewer registers (213 vs 255 at 128x128 tiles); NOTES_flash.md v4.
+    rows_k = tl.maximum(len_k, 1)  # an empty segment never loads, but a descriptor needs a non-empty shape
+    k_desc = tl.make_tensor_descriptor(k_base, [rows_k, HEAD_DIM], [stride_ks, 1], [BLOCK_N, BLOCK_D])
+    v_desc = tl.make_tensor_descriptor(v_base, [rows_k, HEAD_DIM], [stride_vs, 1], [BLOCK_N, BLOCK_D])
+
     lo, p1_end, full_lo, full_hi, hi = _kv_range(m0, len_q, len_k, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
     # window-edge tiles, then the unmasked bulk, then the diagonal band / ragged end
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, m0, lo, p1_end, len_q, len_k,
-                               window, sm_scale2, cap_scale, cap2, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True,
-                               CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, m0, full_lo, full_hi, len_q,
-                               len_k, window, sm_scale2, cap_scale, cap2, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False,
-                               CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_base, v_base, stride_ks, stride_vs, m0, full_hi, hi, len_q, len_k,
-                               window, sm_scale2, cap_scale, cap2, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True,
-                               CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_desc, v_desc, m0, lo, p1_end, len_q, len_k, window, sm_scale2,
+                               cap_scale, cap2, BLOCK_M, BLOCK_N, True, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_desc, v_desc, m0, full_lo, full_hi, len_q, len_k, window,
+                               sm_scale2, cap_scale, cap2, BLOCK_M, BLOCK_N, False, CAUSAL, WINDOW, SOFTCAP,
+                               DOT_PRECISION)
+    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_desc, v_desc, m0, full_hi, hi, len_q, len_k, window, sm_scale2,
+                               cap_scale, cap2, BLOCK_M, BLOCK_N, True, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION)
 
     # Rows with nothing visible (l = 0): out = 0, lse = 0.
     live = l_i > 0.0
@@ -493,6 +499,30 @@ def _unit_last(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
+def _tma_ready(x: torch.Tensor) -> torch.Tensor:
+    """``x`` if TMA can address it (16-byte aligned start and row strides, unit last stride), else a copy that can."""
+    size = x.element_size()
+    aligned = x.data_ptr() % 16 == 0 and all(st * size % 16 == 0 for st in x.stride()[:-1])
+    return x if aligned and x.stride(-1) == 1 else x.contiguous()
+
+
+def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
+    """Global scratch for the TMA descriptors our kernels build on the device (one small buffer per launch)."""
+    device = "cpu" if configs.interpreting() or not torch.cuda.is_available() else "cuda"
+    return torch.empty(size, dtype=torch.int8, device=device)
+
+
+def _ensure_scratch_allocator() -> None:
+    """Give Triton an allocator for device-side descriptors unless the caller's context already has one.
+
+    Triton keeps the allocator in a ContextVar (per thread): checked at every launch, since transformers'
+    continuous batching runs the model in its own thread.
+    """
+    current = getattr(_allocation, "_allocator", None)
+    if current is None or isinstance(current.get(), _allocation.NullAllocator):
+        triton.set_allocator(_scratch)
+
+
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     head_dim = q.shape[-1]
     if head_dim not in SUPPORTED_HEAD_DIMS:
@@ -581,13 +611,14 @@ def flash_attn_forward(
 ):
     """Returns ``(out [B, Sq, Hq, D] in q.dtype, lse [B, Hq, Sq] float32, natural log)``."""
     _check(q, k, v)
-    q, k, v = _unit_last(q), _unit_last(k), _unit_last(v)
+    q, k, v = _unit_last(q), _tma_ready(k), _tma_ready(v)
     L = _Launch(q, k, segments, scale, causal, window, softcap, max_seqlen_q, max_seqlen_k)
     out = _alloc(q.shape, q, q.dtype, zero=L.segmented)
     lse = _alloc((L.batch, L.heads_q, L.seqlen_q), q, torch.float32, zero=L.segmented)
     if L.empty:
         return out.zero_(), lse.zero_()
     sinks_arg = sinks.to(device=q.device, dtype=torch.float32).contiguous() if sinks is not None else q
+    _ensure_scratch_allocator()
 
     def launch(cfg: configs.Config):
         grid = (triton.cdiv(L.max_q, cfg.block_m), L.n_seg * L.heads_q)
