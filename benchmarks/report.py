@@ -92,7 +92,7 @@ def paged_section() -> str:
 def training_section() -> str:
     """Model-level training steps; each CSV is one process, so ratios are taken within a file only."""
     body = []
-    for name in ("model_training.csv", "model_one_seq.csv", "model_flex.csv"):
+    for name in ("model_training.csv",):
         rows = read(name)
         for layout in dict.fromkeys(r["layout"] for r in rows):
             here = {r["impl"]: r for r in rows if r["layout"] == layout}
@@ -111,8 +111,23 @@ def generate_batch_section() -> str:
     parts = []
     rows = read("generate_batch.csv")
     if rows:
-        parts.append(simple_section("generate_batch.csv", "generate_batch, ~1B Llama GQA, 128 requests, 128 new tokens",
+        parts.append(simple_section("generate_batch.csv", "generate_batch, ~1B Llama GQA, 128 requests, 128 new tokens "
+                                    "(two samples each, one process, transformers' defaults, cache sized by transformers)",
                                     ["impl", "transformers", "generated", "seconds", "new_tokens_per_s"]))
+    if read("generate_batch_configs.csv"):
+        parts.append(simple_section(
+            "generate_batch_configs.csv", "generate_batch under ContinuousBatchingConfig options (one process, cache of "
+            "1024 pages of 256; +blocktable: decode steps read the block table, +decodegraphs: those steps in CUDA "
+            "graphs, +graphs: every step, +async: async batching; identical = greedy tokens equal to plain plugin)",
+            ["impl", "seconds", "new_tokens_per_s", "identical_vs_plugin"]))
+    host = read("host_overhead_generate_batch.csv")
+    if host:
+        cols = ["impl", "wall_ms_per_step", "prepare_ms", "compute_fwd_ms", "ours_ms", "glue_ms", "compute_wait_ms",
+                "update_ms", "other_ms"]
+        parts.append("**Host time per step** (ms; `prepare`: transformers' scheduler and index lists, `compute_fwd`: "
+                     "the model forward on the host, of which `ours`: our attention path, `glue`: ours minus kernel "
+                     "launches; benchmarks/host_overhead_generate_batch.py)\n\n"
+                     + table(cols, [[r.get(c, "") for c in cols] for r in host]))
     prof = [r for r in read("generate_batch_profile.csv") if r["part"] in ("total", "kernels")]
     if prof:
         parts.append("**Where a `generate_batch` step goes** (plugin, under torch.profiler)\n\n" + table(
