@@ -232,6 +232,21 @@ def test_generate_batch_decode_steps_read_block_tables(max_blocks, no_gather, mo
     assert bool(calls) == (max_blocks is not None)
 
 
+def test_generate_batch_never_switches_to_flash(no_gather, monkeypatch):
+    """transformers' manager switches a non-flash model to flash attention when flash-attn is installed; ours keeps
+    "plugin" (the issue: never fall back silently) and restores it afterwards."""
+    from transformers.generation.continuous_batching import continuous_api
+
+    monkeypatch.setattr(continuous_api, "is_flash_attn_3_available", lambda **kwargs: True)
+    monkeypatch.setattr(continuous_api, "is_flash_attn_2_available", lambda **kwargs: True)
+    ours, eager = _cb_pair("llama")
+    prompts = [[5, 6, 7, 8], [9, 10, 11]]
+    config = transformers.GenerationConfig(max_new_tokens=5, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    results = hf_attn_plugin.generate_batch(ours, prompts, config)
+    assert [r.generated_tokens for r in results.values()] == _expected(eager, prompts, 5)
+    assert ours.config._attn_implementation == "plugin"
+
+
 def test_step_from_block_table():
     """Slots of the new tokens from the block table; a padding sequence (length 0) writes nothing."""
     from hf_attn_plugin.integration.continuous_batching import _memoised_step

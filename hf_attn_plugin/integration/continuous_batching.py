@@ -243,8 +243,11 @@ def _manager_class():
                     f"hf_attn_plugin continuous batching runs models loaded with attn_implementation="
                     f"{ATTN_IMPLEMENTATION!r}; this one uses {impl!r} (call model.generate_batch directly for it)"
                 )
-            if not _CACHE_TAKES_OVER:  # 5.17-5.18: the model must call "paged|plugin" (with cache=)
-                super().switch_to_cb_friendly_attn(model)
+            if not _CACHE_TAKES_OVER and impl == ATTN_IMPLEMENTATION:
+                # 5.17-5.18: the model must call "paged|plugin" (with cache=). Switched here, not by the base class,
+                # which would switch to flash attention instead when flash-attn is installed. Restored on stop.
+                model.set_attn_implementation(PAGED_ATTN_IMPLEMENTATION)
+                self._original_attn_impl = impl
 
         def _create_batch_processor(self):
             processor = super()._create_batch_processor()
