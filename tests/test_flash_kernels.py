@@ -222,6 +222,33 @@ def test_unsupported_head_dim_is_refused(flash_cpu):
         flash_cpu.flash_attn_forward(q, q, q, None, None, 0.1, True, 0, 0.0, 8, 8)
 
 
+def test_tma_ready_copies_only_what_tma_cannot_address():
+    """The forward reads K/V through TMA: 16-byte aligned start and row strides. Aligned views pass through
+    untouched (no copy); a view starting mid-vector is copied, with the same values."""
+    from hf_attn_plugin.kernels.flash import _tma_ready
+
+    base = torch.randn(1, 9, 2, 64)
+    view = base.transpose(1, 2).transpose(1, 2)[:, 1:]  # aligned: starts 2*64 floats in
+    assert _tma_ready(view).data_ptr() == view.data_ptr()
+    flat = torch.randn(1 + 8 * 2 * 64)
+    odd = flat[1:].view(1, 8, 2, 64)  # starts 4 bytes in
+    fixed = _tma_ready(odd)
+    assert fixed.data_ptr() % 16 == 0 and fixed.data_ptr() != odd.data_ptr()
+    torch.testing.assert_close(fixed, odd, rtol=0, atol=0)
+
+
+def test_forward_with_misaligned_kv(flash_cpu):
+    """K/V views that TMA cannot address directly give the reference result (copied first)."""
+    B, S, H, D = 1, 40, 2, 64
+    q = torch.randn(B, S, 4, D)
+    k = torch.randn(1 + B * S * H * D)[1:].view(B, S, H, D)
+    v = torch.randn(1 + B * S * H * D)[1:].view(B, S, H, D)
+    out, lse = flash_cpu.flash_attn_forward(q, k, v, None, None, D**-0.5, True, 0, 0.0, S, S)
+    ref, ref_lse = reference.attention_reference(q.double(), k.double(), v.double(), causal=True)
+    torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(lse.double(), ref_lse.double(), atol=2e-5, rtol=1e-4)
+
+
 def test_op_end_to_end_interpreter(flash_cpu, monkeypatch):
     """The custom op on the Triton backend (interpreter), autograd included, vs the reference op."""
     from hf_attn_plugin import ops

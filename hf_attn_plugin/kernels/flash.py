@@ -503,7 +503,8 @@ def _tma_ready(x: torch.Tensor) -> torch.Tensor:
     """``x`` if TMA can address it (16-byte aligned start and row strides, unit last stride), else a copy that can."""
     size = x.element_size()
     aligned = x.data_ptr() % 16 == 0 and all(st * size % 16 == 0 for st in x.stride()[:-1])
-    return x if aligned and x.stride(-1) == 1 else x.contiguous()
+    # a fresh allocation (contiguous() would return a misaligned but contiguous view unchanged)
+    return x if aligned and x.stride(-1) == 1 else x.clone(memory_format=torch.contiguous_format)
 
 
 def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
