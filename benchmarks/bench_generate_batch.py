@@ -6,10 +6,10 @@ prompts of 64-1023 tokens and 128 new greedy tokens each. Both paths run in one 
 * ``plugin``: :func:`hf_attn_plugin.generate_batch` (transformers' scheduler, our in-place paged attention);
 * ``sdpa``: ``model.generate_batch`` with ``attn_implementation="sdpa"`` (transformers' own paged path).
 
-An implementation name may carry ``ContinuousBatchingConfig`` options, e.g. ``plugin+async+nographs``:
+An implementation name may carry ``ContinuousBatchingConfig`` options, e.g. ``plugin+blocktable+decodegraphs``:
 
     +graphs        use_cuda_graph=True           (every step captured, shapes padded)
-    +decodegraphs  use_cuda_graph=(False, True)  (decode-only block-table steps captured)
+    +decodegraphs  use_cuda_graph=(False, True)  (block-table decode steps captured: use with +blocktable)
     +async         use_async_batching=True
     +blocktable    max_blocks_per_request=32     (decode-only steps read transformers' block table)
 
