@@ -216,6 +216,36 @@ def test_non_contiguous(flash_cpu):
     run_case(flash_cpu, q_transposed=True, kv_transposed=True, Sq=70, Hq=4, Hkv=2)
 
 
+WARP_SPEC_CASES = {
+    "causal_gqa": dict(Sq=100, Hq=4, Hkv=2),
+    "bidirectional": dict(Sq=70, Hq=2, Hkv=1, causal=False),
+    "q_longer_than_k": dict(Sq=150, Sk=37, Hq=2, Hkv=1),  # top rows see no key: out 0, lse 0
+    "window_rows_outside": dict(window=24, Sq=120, Sk=80, Hq=4, Hkv=2),
+    "segments_with_empty": dict(segments=CACHE, B=2, Sq=64, Sk=90, Hq=2, Hkv=1),
+    "everything_fp16": dict(sinks=True, softcap=5.0, window=21, segments=PACKED, Sq=100, Hq=4, Hkv=2,
+                            dtype=torch.float16, q_transposed=True),
+    "head_dim_80": dict(D=80, Sq=50, Hq=2, Hkv=1, dtype=torch.float16),
+}
+
+
+@pytest.mark.parametrize("case", list(WARP_SPEC_CASES))
+def test_warp_specialized_forward(flash_cpu, monkeypatch, case):
+    """The forward's warp-specialized variant (one masked key loop, Q through TMA, no early exit for tiles past
+    the segment) against the oracles: the interpreter runs its code path, the GPU suite its compiled form."""
+    from hf_attn_plugin.kernels import configs
+
+    monkeypatch.setitem(configs._INTERPRET, "fwd", configs.Config(32, 16, 4, 1, warp_spec=True))
+    run_case(flash_cpu, **WARP_SPEC_CASES[case])
+
+
+def test_warp_specialized_configs_refuse_deep_pipelines():
+    from hf_attn_plugin.kernels import configs
+
+    with pytest.raises(ValueError, match="num_stages <= 2"):
+        configs.Config(128, 64, 4, 3, warp_spec=True)
+    assert all(c.num_stages <= 2 for opts in configs._GPU.values() for c in opts if c.warp_spec)
+
+
 def test_unsupported_head_dim_is_refused(flash_cpu):
     q = torch.randn(1, 8, 2, 48)
     with pytest.raises(ValueError, match="head_dim 48"):
@@ -335,8 +365,13 @@ def test_gpu_every_tuning_candidate(flash_gpu, monkeypatch):
             opts = configs._GPU[(kind, configs._dim_bucket(block_d))]
             return (opts[min(i, len(opts) - 1)],)
         monkeypatch.setattr(configs, "candidates", one)
-        run_case(flash_gpu, device="cuda", dtype=torch.bfloat16, D=128, Sq=1100, Sk=1300, Hq=4, Hkv=2, window=400)
-        run_case(flash_gpu, device="cuda", dtype=torch.bfloat16, D=256, Sq=300, Hq=2, Hkv=1)
+        for D, kw in ((128, dict(Sq=1100, Sk=1300, Hq=4, Hkv=2, window=400)), (256, dict(Sq=300, Hq=2, Hkv=1)),
+                      (64, dict(Sq=700, Hq=4, Hkv=1))):
+            try:
+                run_case(flash_gpu, device="cuda", dtype=torch.bfloat16, D=D, **kw)
+            except AssertionError as exc:
+                used = {kind: one(kind, D)[0] for kind in ("fwd", "bwd_dq", "bwd_dkdv")}
+                pytest.fail(f"candidate #{i} at D={D} {used}: {exc}")
 
 
 @pytest.mark.gpu

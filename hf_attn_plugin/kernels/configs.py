@@ -25,12 +25,23 @@ __all__ = ["Config", "interpreting", "candidates", "pick", "seq_bucket", "CACHE"
 
 @dataclass(frozen=True)
 class Config:
-    """``block_m``: query rows per tile; ``block_n``: key rows per tile (in every kernel)."""
+    """``block_m``: query rows per tile; ``block_n``: key rows per tile (in every kernel).
+
+    ``warp_spec`` (forward only): Triton's warp specialization of the key loop; ``num_warps`` is then the size of
+    each consumer warpgroup (Triton adds a producer warpgroup and splits the query tile over two consumers).
+    """
 
     block_m: int
     block_n: int
     num_warps: int
     num_stages: int
+    warp_spec: bool = False
+
+    def __post_init__(self):
+        if self.warp_spec and self.num_stages > 2:
+            # Triton 3.6 on the H200: warp-specialized forwards with 3 stages returned NaN / wrong LSE (128x64 at
+            # D=128, 128x128 at D=64) while 1 and 2 stages matched the reference; never offered to the tuner.
+            raise ValueError("warp-specialized configs are limited to num_stages <= 2 (miscompiled with more)")
 
 
 def interpreting() -> bool:
@@ -49,14 +60,17 @@ _INTERPRET = {
 # tiles sits at the register limit, so the larger tiles are only tried where they can fit.
 _GPU: Dict[Tuple[str, int], Sequence[Config]] = {
     ("fwd", 64): (Config(128, 128, 8, 3), Config(128, 64, 4, 3), Config(128, 128, 4, 3)),
-    # Forward: no 2-stage candidates: with TMA loads, ptxas (Triton 3.6's) crashes on them (checked by compiling
-    # for sm_90 on a CPU machine; 1 and 3 stages compile).
+    # Forward: no 2-stage candidates without warp specialization: with TMA loads, ptxas (Triton 3.6's) crashes on
+    # them (checked by compiling for sm_90 on a CPU machine; 1 and 3 stages compile). Warp-specialized candidates
+    # (H200, session 4, same process): D=256 +23% (601 vs 490 TFLOP/s at S=8k), D=128 +13% at S=1k but -1..-4% at
+    # 4k-16k (the tuner decides per bucket), D=64 -25% (none listed).
     # D=128: 128x128 tiles win every bf16 bucket from S=4k to 16k when tuned (H200, TMA forward, run 4: 4.36 vs
     # 4.63 ms at 16k), but the default (used untuned: HF_ATTN_PLUGIN_AUTOTUNE=0, CUDA-graph capture) must fit every
     # dtype: fp32 128x128 tiles need 393 KB of shared memory, 128x64 fit (230 KB).
     ("fwd", 128): (Config(128, 64, 8, 3), Config(128, 128, 8, 3), Config(128, 64, 4, 3), Config(128, 64, 8, 4),
-                   Config(128, 32, 4, 4)),
-    ("fwd", 256): (Config(128, 32, 8, 3), Config(64, 32, 4, 3), Config(64, 64, 4, 3), Config(128, 64, 8, 1)),
+                   Config(128, 32, 4, 4), Config(128, 128, 4, 2, True), Config(128, 128, 4, 1, True)),
+    ("fwd", 256): (Config(128, 32, 8, 3), Config(64, 32, 4, 3), Config(64, 64, 4, 3), Config(128, 64, 8, 1),
+                   Config(128, 64, 4, 1, True), Config(128, 64, 4, 2, True)),
     ("bwd_dq", 64): (Config(128, 64, 8, 2), Config(64, 64, 4, 3), Config(128, 128, 8, 2)),
     ("bwd_dq", 128): (Config(128, 64, 8, 2), Config(64, 64, 4, 3), Config(64, 128, 8, 2), Config(128, 64, 8, 3),
                       Config(128, 32, 8, 3)),

@@ -194,12 +194,12 @@ def _fwd_inner(acc, l_i, m_i, q, k_desc, v_desc, m0, start, end, len_q, len_k, w
                sm_scale2, cap_scale, cap2,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-               DOT_PRECISION: tl.constexpr):
+               DOT_PRECISION: tl.constexpr, WARP_SPEC: tl.constexpr):
     """K/V tiles come through TMA descriptors bounded by the segment: rows past ``len_k`` and columns past
     ``HEAD_DIM`` load as zeros (the masked phases also mask those scores)."""
     rows = m0 + tl.arange(0, BLOCK_M)
     off = len_k - len_q
-    for start_n in range(start, end, BLOCK_N):
+    for start_n in tl.range(start, end, BLOCK_N, warp_specialize=WARP_SPEC):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         k = k_desc.load([start_n, 0])
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
@@ -235,21 +235,28 @@ def _attn_fwd(
     sm_scale2, cap_scale, cap2,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, SINKS: tl.constexpr,
-    SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
     # Heaviest (last) causal tiles first: better tail behaviour.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     batch, head, q_start, k_start, len_q, len_k = _segment(Segments, pid_bh, heads_q, seqlen_q, seqlen_k, SEGMENTS)
     m0 = pid_m * BLOCK_M
-    if m0 >= len_q:
-        return
+    if not WARP_SPEC:  # (Triton's Hopper warp specialization rejects an early return: see the key loop below)
+        if m0 >= len_q:
+            return
     kv_head = head // group
     batch64 = batch.to(tl.int64)
-    q_base = Q + batch64 * stride_qb + head.to(tl.int64) * stride_qh + (q_start + m0).to(tl.int64) * stride_qs
+    q_seg = Q + batch64 * stride_qb + head.to(tl.int64) * stride_qh + q_start.to(tl.int64) * stride_qs
     k_base = K + batch64 * stride_kb + kv_head.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_ks
     v_base = V + batch64 * stride_vb + kv_head.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vs
-    q = _load_rows(q_base, stride_qs, len_q - m0, BLOCK_M, HEAD_DIM, BLOCK_D, True)
+    if WARP_SPEC:  # the producer warps issue every load, so Q comes through TMA as well
+        rows_q = tl.maximum(len_q, 1)
+        q_desc = tl.make_tensor_descriptor(q_seg, [rows_q, HEAD_DIM], [stride_qs, 1], [BLOCK_M, BLOCK_D])
+        # a tile past the segment loads from row rows_q: all zeros, no memory touched
+        q = q_desc.load([tl.where(m0 < len_q, m0, rows_q), 0])
+    else:
+        q = _load_rows(q_seg + m0.to(tl.int64) * stride_qs, stride_qs, len_q - m0, BLOCK_M, HEAD_DIM, BLOCK_D, True)
 
     if SINKS:
         m_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32) + tl.load(Sinks + head).to(tl.float32) * 1.4426950408889634
@@ -266,14 +273,25 @@ def _attn_fwd(
     v_desc = tl.make_tensor_descriptor(v_base, [rows_k, HEAD_DIM], [stride_vs, 1], [BLOCK_N, BLOCK_D])
 
     lo, p1_end, full_lo, full_hi, hi = _kv_range(m0, len_q, len_k, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
-    # window-edge tiles, then the unmasked bulk, then the diagonal band / ragged end
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_desc, v_desc, m0, lo, p1_end, len_q, len_k, window, sm_scale2,
-                               cap_scale, cap2, BLOCK_M, BLOCK_N, True, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_desc, v_desc, m0, full_lo, full_hi, len_q, len_k, window,
-                               sm_scale2, cap_scale, cap2, BLOCK_M, BLOCK_N, False, CAUSAL, WINDOW, SOFTCAP,
-                               DOT_PRECISION)
-    acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_desc, v_desc, m0, full_hi, hi, len_q, len_k, window, sm_scale2,
-                               cap_scale, cap2, BLOCK_M, BLOCK_N, True, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION)
+    if WARP_SPEC:
+        # One loop over every visible tile, masked throughout: Triton 3.6's Hopper warp specialization (a producer
+        # warpgroup issuing the TMA loads, two consumer warpgroups of 64 query rows each) compiles a kernel with a
+        # single key loop only (several loops, an early return or an `if` in the loop make it fail or skip it).
+        hi = tl.where(m0 < len_q, hi, lo)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_desc, v_desc, m0, lo, hi, len_q, len_k, window, sm_scale2,
+                                   cap_scale, cap2, BLOCK_M, BLOCK_N, True, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION,
+                                   True)
+    else:
+        # window-edge tiles, then the unmasked bulk, then the diagonal band / ragged end
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_desc, v_desc, m0, lo, p1_end, len_q, len_k, window, sm_scale2,
+                                   cap_scale, cap2, BLOCK_M, BLOCK_N, True, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION,
+                                   False)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_desc, v_desc, m0, full_lo, full_hi, len_q, len_k, window,
+                                   sm_scale2, cap_scale, cap2, BLOCK_M, BLOCK_N, False, CAUSAL, WINDOW, SOFTCAP,
+                                   DOT_PRECISION, False)
+        acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_desc, v_desc, m0, full_hi, hi, len_q, len_k, window, sm_scale2,
+                                   cap_scale, cap2, BLOCK_M, BLOCK_N, True, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION,
+                                   False)
 
     # Rows with nothing visible (l = 0): out = 0, lse = 0.
     live = l_i > 0.0
@@ -632,7 +650,7 @@ def flash_attn_forward(
             lse.stride(0), lse.stride(1),
             L.seqlen_q, L.seqlen_k, L.heads_q, L.group, L.window,
             L.sm_scale2, L.cap_scale, L.cap2,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SINKS=sinks is not None,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SINKS=sinks is not None, WARP_SPEC=cfg.warp_spec,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **L.flags(),
         )
 
