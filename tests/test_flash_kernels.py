@@ -225,16 +225,19 @@ WARP_SPEC_CASES = {
     "everything_fp16": dict(sinks=True, softcap=5.0, window=21, segments=PACKED, Sq=100, Hq=4, Hkv=2,
                             dtype=torch.float16, q_transposed=True),
     "head_dim_80": dict(D=80, Sq=50, Hq=2, Hkv=1, dtype=torch.float16),
+    "gqa4_q_transposed_window": dict(Sq=90, Hq=8, Hkv=2, window=30, q_transposed=True, kv_transposed=True),
+    "bidirectional_cache_segments": dict(segments=CACHE, B=2, Sq=64, Sk=90, Hq=4, Hkv=2, causal=False, window=25),
 }
 
 
 @pytest.mark.parametrize("case", list(WARP_SPEC_CASES))
 def test_warp_specialized_forward(flash_cpu, monkeypatch, case):
-    """The forward's warp-specialized variant (one masked key loop, Q through TMA, no early exit for tiles past
-    the segment) against the oracles: the interpreter runs its code path, the GPU suite its compiled form."""
+    """The warp-specialized forward and dK/dV (one masked loop, every load through TMA, no early exit for tiles
+    past the segment) against the oracles: the interpreter runs their code path, the GPU suite the compiled form."""
     from hf_attn_plugin.kernels import configs
 
     monkeypatch.setitem(configs._INTERPRET, "fwd", configs.Config(32, 16, 4, 1, warp_spec=True))
+    monkeypatch.setitem(configs._INTERPRET, "bwd_dkdv", configs.Config(16, 32, 4, 1, warp_spec=True))
     run_case(flash_cpu, **WARP_SPEC_CASES[case])
 
 

@@ -27,8 +27,9 @@ __all__ = ["Config", "interpreting", "candidates", "pick", "seq_bucket", "CACHE"
 class Config:
     """``block_m``: query rows per tile; ``block_n``: key rows per tile (in every kernel).
 
-    ``warp_spec`` (forward only): Triton's warp specialization of the key loop; ``num_warps`` is then the size of
-    each consumer warpgroup (Triton adds a producer warpgroup and splits the query tile over two consumers).
+    ``warp_spec`` (forward, dK/dV): Triton's warp specialization of the kernel's one loop; ``num_warps`` is then
+    the size of each consumer warpgroup (Triton adds a producer warpgroup that issues the TMA loads and splits
+    the stationary tile over two consumers).
     """
 
     block_m: int
@@ -75,14 +76,15 @@ _GPU: Dict[Tuple[str, int], Sequence[Config]] = {
     ("bwd_dq", 128): (Config(128, 64, 8, 2), Config(64, 64, 4, 3), Config(64, 128, 8, 2), Config(128, 64, 8, 3),
                       Config(128, 32, 8, 3)),
     ("bwd_dq", 256): (Config(64, 64, 4, 1), Config(64, 32, 4, 2), Config(128, 32, 8, 1)),
-    ("bwd_dkdv", 64): (Config(64, 128, 8, 2), Config(32, 128, 4, 2), Config(64, 64, 4, 3)),
+    ("bwd_dkdv", 64): (Config(64, 128, 8, 2), Config(32, 128, 4, 2), Config(64, 64, 4, 3), Config(64, 128, 4, 2, True)),
     # dK and dV accumulate in registers for the whole program: [BLOCK_N, D] fp32 each. At D=128 a
     # 128-row KV tile spills on 8 warps (114-214 spilled registers); 64-row KV tiles on 8 warps were
     # 2x slower still (likely: two warpgroups share a 64-row wgmma M dimension); one warpgroup on a
     # 64-row KV tile with 32-row query tiles was fastest (H200 run 2, MHA S=16k: 3.96 ms vs 5.62 ms
     # for the best run-1 config; see benchmarks/NOTES_flash.md).
     ("bwd_dkdv", 128): (Config(32, 64, 4, 3), Config(64, 128, 8, 2), Config(64, 64, 8, 3), Config(32, 64, 4, 4),
-                        Config(16, 64, 4, 4), Config(64, 64, 4, 2), Config(32, 128, 8, 3)),
+                        Config(16, 64, 4, 4), Config(64, 64, 4, 2), Config(32, 128, 8, 3), Config(64, 128, 4, 2, True),
+                        Config(32, 128, 4, 2, True), Config(64, 64, 4, 2, True)),
     ("bwd_dkdv", 256): (Config(64, 64, 8, 1), Config(32, 64, 8, 2), Config(64, 32, 8, 2)),
     ("bwd_pre", 64): (Config(128, 0, 4, 1),),
     ("bwd_pre", 128): (Config(128, 0, 4, 1),),

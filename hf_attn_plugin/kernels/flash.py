@@ -411,14 +411,33 @@ def _attn_bwd_dq(
 
 
 @triton.jit
+def _dkdv_tile(dk, dv, k, v, q, do, lse2, delta, rows, cols, off, len_k, window, sm_scale2, cap_scale, cap2,
+               MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+               DOT_PRECISION: tl.constexpr):
+    """One query tile's contribution to dK/dV. Transposed formulation: scores are ``[BLOCK_N keys, BLOCK_M
+    queries]`` so that dK and dV come out of ``dS^T @ Q`` and ``P^T @ dO`` without transposing P."""
+    qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+    sT, tT = _logits(qkT, sm_scale2, cap_scale, cap2, SOFTCAP)
+    if MASKED:
+        sT = _mask_scores(sT, rows[None, :], cols[:, None], off, len_k, window, False, CAUSAL, WINDOW)
+    pT = tl.exp2(sT - lse2[None, :])
+    dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+    dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    dsT = pT * (dpT - delta[None, :])
+    if SOFTCAP:
+        dsT = dsT * (1.0 - tT * tT)
+    dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
 def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_ds, n0, start, end,
                 len_q, len_k, window, sm_scale2, cap_scale, cap2,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
                 DOT_PRECISION: tl.constexpr):
-    """Transposed formulation: scores are ``[BLOCK_N keys, BLOCK_M queries]`` so that dK and dV come out
-    of ``dS^T @ Q`` and ``P^T @ dO`` without transposing P. Query rows past ``len_q`` load as zeros
-    (q = dO = lse = delta = 0) and contribute exactly 0, so only the masked phases check bounds."""
+    """Query rows past ``len_q`` load as zeros (q = dO = lse = delta = 0) and contribute exactly 0, so only the
+    masked phases check bounds."""
     cols = n0 + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     off = len_k - len_q
@@ -427,63 +446,56 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, 
         m_left = len_q - start_m
         q = _load_rows(q_base + start_m.to(tl.int64) * stride_qs, stride_qs, m_left, BLOCK_M, HEAD_DIM, BLOCK_D,
                        MASKED)
-        if MASKED:
-            lse2 = tl.load(lse_base + start_m + offs_m, mask=offs_m < m_left, other=0.0) * 1.4426950408889634
-        else:
-            lse2 = tl.load(lse_base + start_m + offs_m) * 1.4426950408889634
-        qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
-        sT, tT = _logits(qkT, sm_scale2, cap_scale, cap2, SOFTCAP)
-        if MASKED:
-            rows = start_m + offs_m
-            sT = _mask_scores(sT, rows[None, :], cols[:, None], off, len_k, window, False, CAUSAL, WINDOW)
-        pT = tl.exp2(sT - lse2[None, :])
         do = _load_rows(do_base + start_m.to(tl.int64) * stride_ds, stride_ds, m_left, BLOCK_M, HEAD_DIM, BLOCK_D,
                         MASKED)
-        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         if MASKED:
+            lse2 = tl.load(lse_base + start_m + offs_m, mask=offs_m < m_left, other=0.0) * 1.4426950408889634
             delta = tl.load(delta_base + start_m + offs_m, mask=offs_m < m_left, other=0.0)
         else:
+            lse2 = tl.load(lse_base + start_m + offs_m) * 1.4426950408889634
             delta = tl.load(delta_base + start_m + offs_m)
-        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        dsT = pT * (dpT - delta[None, :])
-        if SOFTCAP:
-            dsT = dsT * (1.0 - tT * tT)
-        dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+        dk, dv = _dkdv_tile(dk, dv, k, v, q, do, lse2, delta, start_m + offs_m, cols, off, len_k, window, sm_scale2,
+                            cap_scale, cap2, MASKED, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION)
     return dk, dv
 
 
 @triton.jit
-def _attn_bwd_dkdv(
-    Q, K, V, DO, Lse, Delta, DK, DV, Segments,
-    stride_qb, stride_qs, stride_qh,
-    stride_kb, stride_ks, stride_kh,
-    stride_vb, stride_vs, stride_vh,
-    stride_db, stride_ds, stride_dh,
-    stride_gkb, stride_gks, stride_gkh,
-    stride_gvb, stride_gvs, stride_gvh,
-    stride_lb, stride_lh,
-    seqlen_q, seqlen_k, heads_kv, group, window,
-    sm_scale, sm_scale2, cap_scale, cap2,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, SEGMENTS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    pid_n = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    batch, kv_head, q_start, k_start, len_q, len_k = _segment(Segments, pid_bh, heads_kv, seqlen_q, seqlen_k,
-                                                              SEGMENTS)
-    n0 = pid_n * BLOCK_N
-    if n0 >= len_k:
-        return
-    batch64 = batch.to(tl.int64)
-    krow0 = (k_start + n0).to(tl.int64)
+def _dkdv_inner_ws(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, stride_lh, n0, lo, hi, group,
+                   len_q, len_k, window, sm_scale2, cap_scale, cap2,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Warp-specialized form: one loop over (query head of the group, query tile), masked throughout, Q/dO through
+    3-D TMA descriptors ``[group, len_q, D]`` (rows past ``len_q`` load as zeros and contribute 0)."""
+    cols = n0 + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    off = len_k - len_q
+    n_tiles = tl.maximum(hi - lo + BLOCK_M - 1, 0) // BLOCK_M
+    for it in tl.range(0, group * n_tiles, warp_specialize=True):
+        g = it // n_tiles
+        start_m = lo + (it - g * n_tiles) * BLOCK_M
+        q = q_desc.load([g, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+        do = do_desc.load([g, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+        rows = start_m + offs_m
+        stat = g.to(tl.int64) * stride_lh + rows
+        lse2 = tl.load(lse_base + stat, mask=rows < len_q, other=0.0) * 1.4426950408889634
+        delta = tl.load(delta_base + stat, mask=rows < len_q, other=0.0)
+        dk, dv = _dkdv_tile(dk, dv, k, v, q, do, lse2, delta, rows, cols, off, len_k, window, sm_scale2, cap_scale,
+                            cap2, True, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _dkdv_heads(dk, dv, Q, K, V, DO, Lse, Delta, batch64, kv_head, q_start, krow0, n0, len_q, len_k,
+                stride_qs, stride_qh, stride_qb, stride_ks, stride_kh, stride_kb, stride_vs, stride_vh, stride_vb,
+                stride_ds, stride_dh, stride_db, stride_lb, stride_lh, group, window,
+                lo, p1_end, full_lo, full_hi, hi, sm_scale2, cap_scale, cap2,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+    """Pointer-load form: K/V tile in registers, three query-tile phases per head of the group."""
     k = _load_rows(K + batch64 * stride_kb + kv_head.to(tl.int64) * stride_kh + krow0 * stride_ks, stride_ks,
                    len_k - n0, BLOCK_N, HEAD_DIM, BLOCK_D, True)
     v = _load_rows(V + batch64 * stride_vb + kv_head.to(tl.int64) * stride_vh + krow0 * stride_vs, stride_vs,
                    len_k - n0, BLOCK_N, HEAD_DIM, BLOCK_D, True)
-    dk = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=tl.float32)
-    dv = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=tl.float32)
-    lo, p1_end, full_lo, full_hi, hi = _q_range(n0, len_q, len_k, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
     # Every query head of the group reads this KV head: accumulate all of them here (no atomics).
     for g in range(0, group):
         head64 = (kv_head * group + g).to(tl.int64)
@@ -501,6 +513,65 @@ def _attn_bwd_dkdv(
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_ds, n0, full_hi,
                              hi, len_q, len_k, window, sm_scale2, cap_scale, cap2, HEAD_DIM, BLOCK_D, BLOCK_M,
                              BLOCK_N, True, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(
+    Q, K, V, DO, Lse, Delta, DK, DV, Segments,
+    stride_qb, stride_qs, stride_qh,
+    stride_kb, stride_ks, stride_kh,
+    stride_vb, stride_vs, stride_vh,
+    stride_db, stride_ds, stride_dh,
+    stride_gkb, stride_gks, stride_gkh,
+    stride_gvb, stride_gvs, stride_gvh,
+    stride_lb, stride_lh,
+    seqlen_q, seqlen_k, heads_kv, group, window,
+    sm_scale, sm_scale2, cap_scale, cap2,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, SEGMENTS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, WARP_SPEC: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    batch, kv_head, q_start, k_start, len_q, len_k = _segment(Segments, pid_bh, heads_kv, seqlen_q, seqlen_k,
+                                                              SEGMENTS)
+    n0 = pid_n * BLOCK_N
+    if not WARP_SPEC:  # (no early return under Triton's warp specialization: the loop below is empty instead)
+        if n0 >= len_k:
+            return
+    batch64 = batch.to(tl.int64)
+    krow0 = (k_start + n0).to(tl.int64)
+    dk = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=tl.float32)
+    dv = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=tl.float32)
+    lo, p1_end, full_lo, full_hi, hi = _q_range(n0, len_q, len_k, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+    if WARP_SPEC:
+        # every load through TMA (the producer warps issue them); a tile past the segment loads zeros
+        k_seg = K + batch64 * stride_kb + kv_head.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_ks
+        v_seg = V + batch64 * stride_vb + kv_head.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vs
+        rows_k = tl.maximum(len_k, 1)
+        k = tl.make_tensor_descriptor(k_seg, [rows_k, HEAD_DIM], [stride_ks, 1], [BLOCK_N, BLOCK_D]).load(
+            [tl.where(n0 < len_k, n0, rows_k), 0])
+        v = tl.make_tensor_descriptor(v_seg, [rows_k, HEAD_DIM], [stride_vs, 1], [BLOCK_N, BLOCK_D]).load(
+            [tl.where(n0 < len_k, n0, rows_k), 0])
+        head0 = (kv_head * group).to(tl.int64)
+        qrow0 = q_start.to(tl.int64)
+        rows_q = tl.maximum(len_q, 1)
+        q_desc = tl.make_tensor_descriptor(Q + batch64 * stride_qb + head0 * stride_qh + qrow0 * stride_qs,
+                                           [group, rows_q, HEAD_DIM], [stride_qh, stride_qs, 1], [1, BLOCK_M, BLOCK_D])
+        do_desc = tl.make_tensor_descriptor(DO + batch64 * stride_db + head0 * stride_dh + qrow0 * stride_ds,
+                                            [group, rows_q, HEAD_DIM], [stride_dh, stride_ds, 1], [1, BLOCK_M, BLOCK_D])
+        hi = tl.where(n0 < len_k, hi, lo)
+        dk, dv = _dkdv_inner_ws(dk, dv, k, v, q_desc, do_desc, Lse + batch64 * stride_lb + head0 * stride_lh + q_start,
+                                Delta + batch64 * stride_lb + head0 * stride_lh + q_start, stride_lh, n0, lo, hi, group,
+                                len_q, len_k, window, sm_scale2, cap_scale, cap2, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N,
+                                CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION)
+    else:
+        dk, dv = _dkdv_heads(dk, dv, Q, K, V, DO, Lse, Delta, batch64, kv_head, q_start, krow0, n0, len_q, len_k,
+                             stride_qs, stride_qh, stride_qb, stride_ks, stride_kh, stride_kb, stride_vs, stride_vh,
+                             stride_vb, stride_ds, stride_dh, stride_db, stride_lb, stride_lh, group, window,
+                             lo, p1_end, full_lo, full_hi, hi, sm_scale2, cap_scale, cap2, HEAD_DIM, BLOCK_D,
+                             BLOCK_M, BLOCK_N, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION)
     dk = dk * sm_scale
     _store_rows(DK + batch64 * stride_gkb + kv_head.to(tl.int64) * stride_gkh + krow0 * stride_gks, stride_gks,
                 len_k - n0, dk, BLOCK_N, HEAD_DIM, BLOCK_D)
@@ -677,8 +748,8 @@ def flash_attn_backward(
 ):
     """Returns ``(dq, dk, dv, dsinks)`` with ``dsinks`` float32 ``[Hq]`` (or None without sinks)."""
     _check(q, k, v)
-    q, k, v, out = _unit_last(q), _unit_last(k), _unit_last(v), _unit_last(out)
-    dout = dout.contiguous()  # a grad of sum() has stride 0
+    q, k, v, out = _tma_ready(q), _tma_ready(k), _tma_ready(v), _unit_last(out)
+    dout = _tma_ready(dout.contiguous())  # a grad of sum() has stride 0
     lse = lse.contiguous()
     L = _Launch(q, k, segments, scale, causal, window, softcap, max_seqlen_q, max_seqlen_k)
     # dq for rows outside every segment and dk/dv for keys outside every segment are never written.
@@ -736,8 +807,8 @@ def flash_attn_backward(
             dv.stride(0), dv.stride(1), dv.stride(2),
             lse.stride(0), lse.stride(1),
             *args,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            **L.flags(),
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, WARP_SPEC=cfg.warp_spec, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages, **L.flags(),
         )
 
     key = L.key(q.dtype)
