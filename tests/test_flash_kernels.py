@@ -241,56 +241,6 @@ def test_warp_specialized_forward(flash_cpu, monkeypatch, case):
     run_case(flash_cpu, **WARP_SPEC_CASES[case])
 
 
-FUSED_DQ_CASES = {
-    "causal_gqa4": dict(Sq=100, Hq=8, Hkv=2),
-    "bidirectional_mha": dict(Sq=70, Hq=2, Hkv=2, causal=False),
-    "q_longer_than_k": dict(Sq=150, Sk=37, Hq=2, Hkv=1),
-    "window_rows_outside": dict(window=24, Sq=120, Sk=80, Hq=4, Hkv=2),
-    "segments_with_empty": dict(segments=CACHE, B=2, Sq=64, Sk=90, Hq=4, Hkv=1),
-    "everything_fp16": dict(sinks=True, softcap=5.0, window=21, segments=PACKED, Sq=100, Hq=4, Hkv=2,
-                            dtype=torch.float16, q_transposed=True),
-    "head_dim_80": dict(D=80, Sq=50, Hq=2, Hkv=1, dtype=torch.float16),
-}
-
-
-@pytest.mark.parametrize("case", list(FUSED_DQ_CASES))
-def test_fused_dq_backward(flash_cpu, monkeypatch, case):
-    """dQ accumulated inside the dK/dV kernel (float32 TMA reductions, no dQ kernel) against the oracles."""
-    monkeypatch.setenv("HF_ATTN_PLUGIN_FUSED_DQ", "1")
-    run_case(flash_cpu, **FUSED_DQ_CASES[case])
-
-
-def test_fused_dq_mode(monkeypatch):
-    from hf_attn_plugin.kernels import flash
-
-    monkeypatch.delenv("HF_ATTN_PLUGIN_FUSED_DQ", raising=False)
-    assert flash._fused_dq_mode() == "auto"
-    monkeypatch.setenv("HF_ATTN_PLUGIN_FUSED_DQ", "1")
-    assert flash._fused_dq_mode() == "always"
-    monkeypatch.setenv("HF_ATTN_PLUGIN_FUSED_DQ", "0")
-    assert flash._fused_dq_mode() == "never"
-    monkeypatch.setenv("HF_ATTN_PLUGIN_FUSED_DQ", "1")
-    torch.use_deterministic_algorithms(True)
-    try:  # atomics are not bitwise reproducible: deterministic mode keeps the separate dQ kernel
-        assert flash._fused_dq_mode() == "never"
-    finally:
-        torch.use_deterministic_algorithms(False)
-    monkeypatch.setenv("HF_ATTN_PLUGIN_FUSED_DQ", "yes")
-    with pytest.raises(ValueError, match="HF_ATTN_PLUGIN_FUSED_DQ"):
-        flash._fused_dq_mode()
-
-
-def test_fused_dq_chosen_only_when_measured_faster(monkeypatch):
-    from hf_attn_plugin.kernels import configs, flash
-
-    monkeypatch.setattr(configs, "TIMES", {})
-    assert flash._fused_dq_wins(128, ("k",)) is None
-    configs.TIMES.update({("bwd_dkdv", 128, "k"): 2.0, ("bwd_dq", 128, "k"): 1.5, ("bwd_fused", 128, "k"): 3.0})
-    assert flash._fused_dq_wins(128, ("k",)) is True
-    configs.TIMES[("bwd_fused", 128, "k")] = 3.6
-    assert flash._fused_dq_wins(128, ("k",)) is False
-
-
 def test_warp_specialized_configs_refuse_deep_pipelines():
     from hf_attn_plugin.kernels import configs
 
@@ -425,50 +375,6 @@ def test_gpu_every_tuning_candidate(flash_gpu, monkeypatch):
             except AssertionError as exc:
                 used = {kind: one(kind, D)[0] for kind in ("fwd", "bwd_dq", "bwd_dkdv")}
                 pytest.fail(f"candidate #{i} at D={D} {used}: {exc}")
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (run `pytest -m gpu` there)")
-@pytest.mark.parametrize("case", ["causal_gqa_d128", "causal_gqa_d64", "causal_mqa_d256", "window_rows_outside",
-                                  "everything", "packed", "long_16k"])
-def test_gpu_fused_dq_every_candidate(flash_gpu, monkeypatch, case):
-    """The fused dK/dV/dQ kernel (TMA reductions into float32 dQ), each candidate config, vs the oracles."""
-    from hf_attn_plugin.kernels import configs
-
-    monkeypatch.setenv("HF_ATTN_PLUGIN_FUSED_DQ", "1")
-    D = GPU_CASES[case].get("D", 64)
-    for cfg in configs._GPU[("bwd_fused", configs._dim_bucket(D))]:
-        monkeypatch.setattr(configs, "candidates", lambda kind, block_d, cfg=cfg: (
-            (cfg,) if kind == "bwd_fused" else configs._GPU[(kind, configs._dim_bucket(block_d))][:1]))
-        try:
-            run_case(flash_gpu, device="cuda", dtype=torch.bfloat16, **GPU_CASES[case])
-        except AssertionError as exc:
-            pytest.fail(f"fused candidate {cfg}: {exc}")
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (run `pytest -m gpu` there)")
-@pytest.mark.parametrize("fused", ["0", "1"])
-def test_gpu_autograd_backward_thread_with_descriptors(flash_gpu, monkeypatch, fused):
-    """Autograd runs the backward in its own thread, where Triton has no allocator unless we set one: the
-    warp-specialized dK/dV and the fused dQ build TMA descriptors there (a model benchmark caught this)."""
-    from hf_attn_plugin import ops
-    from hf_attn_plugin.kernels import configs
-
-    monkeypatch.setenv("HF_ATTN_PLUGIN_BACKEND", "triton")
-    monkeypatch.setenv("HF_ATTN_PLUGIN_FUSED_DQ", fused)
-    ws = next(c for c in configs._GPU[("bwd_dkdv", 128)] if c.warp_spec)
-    monkeypatch.setattr(configs, "candidates", lambda kind, block_d: (
-        (ws,) if kind == "bwd_dkdv" else configs._GPU[(kind, configs._dim_bucket(block_d))][:1]))
-    q = torch.randn(1, 8, 900, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
-    k = torch.randn(1, 900, 2, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    v = torch.randn(1, 900, 2, 128, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-    ops.attention(q, k, v, causal=True).float().square().sum().backward()
-    xs = [t.detach().float().requires_grad_() for t in (q, k, v)]
-    ref, _ = reference.attention_reference(*xs, causal=True)
-    ref.square().sum().backward()
-    for got, want in zip((q.grad, k.grad, v.grad), (x.grad for x in xs)):
-        assert (got.float() - want).abs().max() <= 0.02 * want.abs().max() + 1e-3
 
 
 @pytest.mark.gpu

@@ -20,7 +20,7 @@ from typing import Callable, Dict, Sequence, Tuple
 
 import torch
 
-__all__ = ["Config", "interpreting", "candidates", "pick", "tuned_ms", "tuning_enabled", "seq_bucket", "CACHE"]
+__all__ = ["Config", "interpreting", "candidates", "pick", "seq_bucket", "CACHE"]
 
 
 @dataclass(frozen=True)
@@ -54,7 +54,6 @@ _INTERPRET = {
     "fwd": Config(32, 16, 4, 1),
     "bwd_dq": Config(32, 16, 4, 1),
     "bwd_dkdv": Config(16, 32, 4, 1),
-    "bwd_fused": Config(16, 32, 4, 1),
     "bwd_pre": Config(32, 16, 4, 1),
 }
 
@@ -87,18 +86,12 @@ _GPU: Dict[Tuple[str, int], Sequence[Config]] = {
                         Config(16, 64, 4, 4), Config(64, 64, 4, 2), Config(32, 128, 8, 3), Config(64, 128, 4, 2, True),
                         Config(32, 128, 4, 2, True), Config(64, 64, 4, 2, True)),
     ("bwd_dkdv", 256): (Config(64, 64, 8, 1), Config(32, 64, 8, 2), Config(64, 32, 8, 2)),
-    # dK/dV with dQ accumulated in the same loop (float32 TMA reductions), replacing the dQ kernel: used when tuning
-    # measures it faster than the two split kernels together (flash.py: _fused_dq_mode).
-    ("bwd_fused", 64): (Config(64, 128, 8, 2), Config(32, 64, 4, 3)),
-    ("bwd_fused", 128): (Config(32, 64, 4, 3), Config(32, 128, 8, 3), Config(16, 64, 4, 3), Config(64, 128, 8, 2)),
-    ("bwd_fused", 256): (Config(32, 64, 8, 2), Config(64, 64, 8, 1)),
     ("bwd_pre", 64): (Config(128, 0, 4, 1),),
     ("bwd_pre", 128): (Config(128, 0, 4, 1),),
     ("bwd_pre", 256): (Config(64, 0, 4, 1),),
 }
 
 CACHE: Dict[tuple, Config] = {}
-TIMES: Dict[tuple, float] = {}  # the tuned winner's median time, for choices between kernels (see tuned_ms)
 
 
 def _dim_bucket(block_d: int) -> int:
@@ -126,12 +119,6 @@ def _unusable_config(exc: Exception) -> bool:
     return "OutOfResources" in name or "PTXASError" in name or "out of resource" in str(exc).lower()
 
 
-def tuning_enabled() -> bool:
-    """Whether a first sight of a key may benchmark (not interpreted, not disabled, no CUDA graph being captured)."""
-    return (not interpreting() and os.environ.get("HF_ATTN_PLUGIN_AUTOTUNE", "1") != "0"
-            and not torch.cuda.is_current_stream_capturing())
-
-
 def pick(kind: str, block_d: int, key: tuple, launch: Callable[[Config], None]) -> Config:
     """The config for ``(kind, block_d, key)``, benchmarking ``launch(config)`` on first sight.
 
@@ -144,7 +131,7 @@ def pick(kind: str, block_d: int, key: tuple, launch: Callable[[Config], None]) 
     hit = CACHE.get(full_key)
     if hit is not None:
         return hit
-    if not tuning_enabled():
+    if os.environ.get("HF_ATTN_PLUGIN_AUTOTUNE", "1") == "0" or torch.cuda.is_current_stream_capturing():
         return options[0]
     from triton.testing import do_bench
 
@@ -167,11 +154,4 @@ def pick(kind: str, block_d: int, key: tuple, launch: Callable[[Config], None]) 
         if ms < best_ms:
             best, best_ms = cfg, ms
     CACHE[full_key] = best
-    if best_ms < float("inf"):
-        TIMES[full_key] = best_ms
     return best
-
-
-def tuned_ms(kind: str, block_d: int, key: tuple):
-    """Median milliseconds of the tuned winner for ``(kind, block_d, key)``; None if it was never benchmarked."""
-    return TIMES.get((kind, block_d) + tuple(key))

@@ -33,7 +33,6 @@ logit with no value row).
 from __future__ import annotations
 
 import math
-import os
 from typing import Optional
 
 import torch
@@ -427,21 +426,18 @@ def _dkdv_tile(dk, dv, k, v, q, do, lse2, delta, rows, cols, off, len_k, window,
     dsT = pT * (dpT - delta[None, :])
     if SOFTCAP:
         dsT = dsT * (1.0 - tT * tT)
-    dsT = dsT.to(q.dtype)
-    dk = tl.dot(dsT, q, dk, input_precision=DOT_PRECISION)
-    return dk, dv, dsT
+    dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    return dk, dv
 
 
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_ds, n0, start, end,
-                len_q, len_k, window, sm_scale, sm_scale2, cap_scale, cap2, dq_dst, stride_gqs,
+                len_q, len_k, window, sm_scale2, cap_scale, cap2,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-                DOT_PRECISION: tl.constexpr, FUSED_DQ: tl.constexpr, DQ_TMA: tl.constexpr):
+                DOT_PRECISION: tl.constexpr):
     """Query rows past ``len_q`` load as zeros (q = dO = lse = delta = 0) and contribute exactly 0, so only the
-    masked phases check bounds. ``FUSED_DQ``: this tile's ``dQ = scale * dS @ K`` is added into the float32
-    accumulator ``dq_dst``: a TMA reduction through a descriptor (``DQ_TMA``, on the GPU; rows past ``len_q`` are
-    dropped by the descriptor), else element atomics from a base pointer (the interpreter has no TMA reduce)."""
+    masked phases check bounds."""
     cols = n0 + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     off = len_k - len_q
@@ -458,16 +454,8 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, 
         else:
             lse2 = tl.load(lse_base + start_m + offs_m) * 1.4426950408889634
             delta = tl.load(delta_base + start_m + offs_m)
-        dk, dv, dsT = _dkdv_tile(dk, dv, k, v, q, do, lse2, delta, start_m + offs_m, cols, off, len_k, window,
-                                 sm_scale2, cap_scale, cap2, MASKED, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION)
-        if FUSED_DQ:
-            dq = tl.dot(tl.trans(dsT), k, input_precision=DOT_PRECISION) * sm_scale
-            if DQ_TMA:
-                dq_dst.atomic_add([start_m, 0], dq)
-            else:
-                d_offs = tl.arange(0, BLOCK_D)
-                tl.atomic_add(dq_dst + (start_m + offs_m)[:, None].to(tl.int64) * stride_gqs + d_offs[None, :], dq,
-                              mask=(offs_m[:, None] < m_left) & (d_offs[None, :] < HEAD_DIM), sem="relaxed")
+        dk, dv = _dkdv_tile(dk, dv, k, v, q, do, lse2, delta, start_m + offs_m, cols, off, len_k, window, sm_scale2,
+                            cap_scale, cap2, MASKED, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION)
     return dk, dv
 
 
@@ -491,19 +479,18 @@ def _dkdv_inner_ws(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, stride_l
         stat = g.to(tl.int64) * stride_lh + rows
         lse2 = tl.load(lse_base + stat, mask=rows < len_q, other=0.0) * 1.4426950408889634
         delta = tl.load(delta_base + stat, mask=rows < len_q, other=0.0)
-        dk, dv, _ = _dkdv_tile(dk, dv, k, v, q, do, lse2, delta, rows, cols, off, len_k, window, sm_scale2,
-                               cap_scale, cap2, True, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION)
+        dk, dv = _dkdv_tile(dk, dv, k, v, q, do, lse2, delta, rows, cols, off, len_k, window, sm_scale2, cap_scale,
+                            cap2, True, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION)
     return dk, dv
 
 
 @triton.jit
-def _dkdv_heads(dk, dv, Q, K, V, DO, Lse, Delta, DQ, batch64, kv_head, q_start, krow0, n0, len_q, len_k,
+def _dkdv_heads(dk, dv, Q, K, V, DO, Lse, Delta, batch64, kv_head, q_start, krow0, n0, len_q, len_k,
                 stride_qs, stride_qh, stride_qb, stride_ks, stride_kh, stride_kb, stride_vs, stride_vh, stride_vb,
-                stride_ds, stride_dh, stride_db, stride_lb, stride_lh, stride_gqb, stride_gqs, stride_gqh,
-                group, window, lo, p1_end, full_lo, full_hi, hi, sm_scale, sm_scale2, cap_scale, cap2,
+                stride_ds, stride_dh, stride_db, stride_lb, stride_lh, group, window,
+                lo, p1_end, full_lo, full_hi, hi, sm_scale2, cap_scale, cap2,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                FUSED_DQ: tl.constexpr, DQ_TMA: tl.constexpr):
+                CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
     """Pointer-load form: K/V tile in registers, three query-tile phases per head of the group."""
     k = _load_rows(K + batch64 * stride_kb + kv_head.to(tl.int64) * stride_kh + krow0 * stride_ks, stride_ks,
                    len_k - n0, BLOCK_N, HEAD_DIM, BLOCK_D, True)
@@ -517,44 +504,34 @@ def _dkdv_heads(dk, dv, Q, K, V, DO, Lse, Delta, DQ, batch64, kv_head, q_start, 
         do_base = DO + batch64 * stride_db + head64 * stride_dh + qrow0 * stride_ds
         lse_base = Lse + batch64 * stride_lb + head64 * stride_lh + q_start
         delta_base = Delta + batch64 * stride_lb + head64 * stride_lh + q_start
-        dq_dst = DQ + batch64 * stride_gqb + head64 * stride_gqh + qrow0 * stride_gqs
-        if FUSED_DQ and DQ_TMA:
-            dq_dst = tl.make_tensor_descriptor(dq_dst, [tl.maximum(len_q, 1), HEAD_DIM], [stride_gqs, 1],
-                                               [BLOCK_M, BLOCK_D])
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_ds, n0, lo,
-                             p1_end, len_q, len_k, window, sm_scale, sm_scale2, cap_scale, cap2, dq_dst, stride_gqs,
-                             HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION,
-                             FUSED_DQ, DQ_TMA)
+                             p1_end, len_q, len_k, window, sm_scale2, cap_scale, cap2, HEAD_DIM, BLOCK_D, BLOCK_M,
+                             BLOCK_N, True, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_ds, n0, full_lo,
-                             full_hi, len_q, len_k, window, sm_scale, sm_scale2, cap_scale, cap2, dq_dst, stride_gqs,
-                             HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION,
-                             FUSED_DQ, DQ_TMA)
+                             full_hi, len_q, len_k, window, sm_scale2, cap_scale, cap2, HEAD_DIM, BLOCK_D, BLOCK_M,
+                             BLOCK_N, False, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_ds, n0, full_hi,
-                             hi, len_q, len_k, window, sm_scale, sm_scale2, cap_scale, cap2, dq_dst, stride_gqs,
-                             HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION,
-                             FUSED_DQ, DQ_TMA)
+                             hi, len_q, len_k, window, sm_scale2, cap_scale, cap2, HEAD_DIM, BLOCK_D, BLOCK_M,
+                             BLOCK_N, True, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION)
     return dk, dv
 
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, Lse, Delta, DK, DV, DQ, Segments,
+    Q, K, V, DO, Lse, Delta, DK, DV, Segments,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_db, stride_ds, stride_dh,
     stride_gkb, stride_gks, stride_gkh,
     stride_gvb, stride_gvs, stride_gvh,
-    stride_gqb, stride_gqs, stride_gqh,
     stride_lb, stride_lh,
     seqlen_q, seqlen_k, heads_kv, group, window,
     sm_scale, sm_scale2, cap_scale, cap2,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, SEGMENTS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, WARP_SPEC: tl.constexpr, FUSED_DQ: tl.constexpr, DQ_TMA: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, WARP_SPEC: tl.constexpr,
 ):
-    """dK/dV of one key tile. ``FUSED_DQ`` (not with ``WARP_SPEC``): also adds every tile's dQ into the float32
-    accumulator ``DQ`` (TMA reductions: fast, not bitwise deterministic), so that no separate dQ kernel runs."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     batch, kv_head, q_start, k_start, len_q, len_k = _segment(Segments, pid_bh, heads_kv, seqlen_q, seqlen_k,
@@ -590,12 +567,11 @@ def _attn_bwd_dkdv(
                                 len_q, len_k, window, sm_scale2, cap_scale, cap2, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N,
                                 CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION)
     else:
-        dk, dv = _dkdv_heads(dk, dv, Q, K, V, DO, Lse, Delta, DQ, batch64, kv_head, q_start, krow0, n0, len_q,
-                             len_k, stride_qs, stride_qh, stride_qb, stride_ks, stride_kh, stride_kb, stride_vs,
-                             stride_vh, stride_vb, stride_ds, stride_dh, stride_db, stride_lb, stride_lh, stride_gqb,
-                             stride_gqs, stride_gqh, group, window, lo, p1_end, full_lo, full_hi, hi, sm_scale,
-                             sm_scale2, cap_scale, cap2, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, WINDOW, SOFTCAP,
-                             DOT_PRECISION, FUSED_DQ, DQ_TMA)
+        dk, dv = _dkdv_heads(dk, dv, Q, K, V, DO, Lse, Delta, batch64, kv_head, q_start, krow0, n0, len_q, len_k,
+                             stride_qs, stride_qh, stride_qb, stride_ks, stride_kh, stride_kb, stride_vs, stride_vh,
+                             stride_vb, stride_ds, stride_dh, stride_db, stride_lb, stride_lh, group, window,
+                             lo, p1_end, full_lo, full_hi, hi, sm_scale2, cap_scale, cap2, HEAD_DIM, BLOCK_D,
+                             BLOCK_M, BLOCK_N, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION)
     dk = dk * sm_scale
     _store_rows(DK + batch64 * stride_gkb + kv_head.to(tl.int64) * stride_gkh + krow0 * stride_gks, stride_gks,
                 len_k - n0, dk, BLOCK_N, HEAD_DIM, BLOCK_D)
@@ -635,28 +611,6 @@ def _ensure_scratch_allocator() -> None:
     current = getattr(_allocation, "_allocator", None)
     if current is None or isinstance(current.get(), _allocation.NullAllocator):
         triton.set_allocator(_scratch)
-
-
-def _fused_dq_mode() -> str:
-    """How dQ is computed: "never" (a separate dQ kernel: bitwise deterministic), "always" (accumulated inside the
-    dK/dV kernel with float32 TMA reductions) or "auto" (fused when tuning measured it faster than the two
-    separate kernels). ``torch.use_deterministic_algorithms(True)`` forces "never"; the environment variable
-    ``HF_ATTN_PLUGIN_FUSED_DQ`` = 0 / 1 / auto (default) chooses otherwise."""
-    if torch.are_deterministic_algorithms_enabled():
-        return "never"
-    value = os.environ.get("HF_ATTN_PLUGIN_FUSED_DQ", "auto").lower()
-    if value not in ("0", "1", "auto"):
-        raise ValueError(f"HF_ATTN_PLUGIN_FUSED_DQ must be 0, 1 or auto, got {value!r}")
-    return {"0": "never", "1": "always", "auto": "auto"}[value]
-
-
-def _fused_dq_wins(block_d: int, key: tuple) -> Optional[bool]:
-    """Whether the tuned fused dK/dV/dQ kernel beat the tuned split pair (None: not measured yet)."""
-    fused_ms = configs.tuned_ms("bwd_fused", block_d, key)
-    split_ms = [configs.tuned_ms(kind, block_d, key) for kind in ("bwd_dkdv", "bwd_dq")]
-    if fused_ms is None or None in split_ms:
-        return None
-    return fused_ms < sum(split_ms)
 
 
 def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -796,7 +750,6 @@ def flash_attn_backward(
     _check(q, k, v)
     q, k, v, out = _tma_ready(q), _tma_ready(k), _tma_ready(v), _unit_last(out)
     dout = _tma_ready(dout.contiguous())  # a grad of sum() has stride 0
-    _ensure_scratch_allocator()  # autograd runs the backward in its own thread (Triton's allocator is per thread)
     lse = lse.contiguous()
     L = _Launch(q, k, segments, scale, causal, window, softcap, max_seqlen_q, max_seqlen_k)
     # dq for rows outside every segment and dk/dv for keys outside every segment are never written.
@@ -840,53 +793,27 @@ def flash_attn_backward(
             **L.flags(),
         )
 
-    dq_acc = None  # float32 dQ accumulator of the fused path
-
-    def launch_dkdv(cfg: configs.Config, fused: bool = False):
+    def launch_dkdv(cfg: configs.Config):
         grid = (triton.cdiv(L.max_k, cfg.block_n), L.n_seg * L.heads_kv)
         args = list(common)
         args[2] = L.heads_kv
-        if fused:
-            dq_acc.zero_()  # accumulated into: zeroed at every launch (tuning launches repeatedly)
-        acc = dq_acc if fused else dq
         return _attn_bwd_dkdv[grid](
-            q, k, v, dout, lse, delta, dk, dv, acc, L.segments,
+            q, k, v, dout, lse, delta, dk, dv, L.segments,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             dout.stride(0), dout.stride(1), dout.stride(2),
             dk.stride(0), dk.stride(1), dk.stride(2),
             dv.stride(0), dv.stride(1), dv.stride(2),
-            acc.stride(0), acc.stride(1), acc.stride(2),
             lse.stride(0), lse.stride(1),
             *args,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, WARP_SPEC=cfg.warp_spec, FUSED_DQ=fused,
-            DQ_TMA=not configs.interpreting(),
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **L.flags(),
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, WARP_SPEC=cfg.warp_spec, num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages, **L.flags(),
         )
 
     key = L.key(q.dtype)
-    split = (configs.pick("bwd_dkdv", L.block_d, key, launch_dkdv), configs.pick("bwd_dq", L.block_d, key, launch_dq))
-
-    def launch_fused(cfg: configs.Config):
-        return launch_dkdv(cfg, fused=True)
-
-    mode = _fused_dq_mode()
-    fused = mode == "always"
-    if mode == "auto":  # fused only where tuning measured it faster than the two split kernels together
-        fused = _fused_dq_wins(L.block_d, key)
-        if fused is None and configs.tuning_enabled():
-            dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-            configs.pick("bwd_fused", L.block_d, key, launch_fused)
-            fused = _fused_dq_wins(L.block_d, key)
-    if fused:
-        if dq_acc is None:
-            dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        launch_fused(configs.pick("bwd_fused", L.block_d, key, launch_fused))
-        dq.copy_(dq_acc)
-    else:
-        launch_dkdv(split[0])
-        launch_dq(split[1])
+    launch_dkdv(configs.pick("bwd_dkdv", L.block_d, key, launch_dkdv))
+    launch_dq(configs.pick("bwd_dq", L.block_d, key, launch_dq))
 
     dsinks = None
     if sinks is not None:
