@@ -750,6 +750,7 @@ def flash_attn_backward(
     _check(q, k, v)
     q, k, v, out = _tma_ready(q), _tma_ready(k), _tma_ready(v), _unit_last(out)
     dout = _tma_ready(dout.contiguous())  # a grad of sum() has stride 0
+    _ensure_scratch_allocator()  # autograd runs the backward in its own thread (Triton's allocator is per thread)
     lse = lse.contiguous()
     L = _Launch(q, k, segments, scale, causal, window, softcap, max_seqlen_q, max_seqlen_k)
     # dq for rows outside every segment and dk/dv for keys outside every segment are never written.
