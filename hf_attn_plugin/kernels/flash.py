@@ -637,16 +637,6 @@ def _alloc(shape, like: torch.Tensor, dtype, zero: bool) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=like.device)
 
 
-def _alloc_like(x: torch.Tensor, zero: bool) -> torch.Tensor:
-    """Same strides as ``x`` (what the op's fake implementation promises via empty_like)."""
-    out = torch.empty_like(x)
-    if zero:
-        out.zero_()
-    elif POISON:
-        out.fill_(float("nan"))
-    return out
-
-
 class _Launch:
     """Everything both directions derive from the arguments (grid extents, flags, scales)."""
 
@@ -753,10 +743,11 @@ def flash_attn_backward(
     _ensure_scratch_allocator()  # autograd runs the backward in its own thread (Triton's allocator is per thread)
     lse = lse.contiguous()
     L = _Launch(q, k, segments, scale, causal, window, softcap, max_seqlen_q, max_seqlen_k)
-    # dq for rows outside every segment and dk/dv for keys outside every segment are never written.
-    dq = _alloc_like(q, zero=L.segmented)
-    dk = _alloc_like(k, zero=L.segmented)
-    dv = _alloc_like(v, zero=L.segmented)
+    # dq for rows outside every segment and dk/dv for keys outside every segment are never written. Contiguous,
+    # whatever the inputs' layout: what the op returns (a transposed q would otherwise cost a copy of dq).
+    dq = _alloc(q.shape, q, q.dtype, zero=L.segmented)
+    dk = _alloc(k.shape, k, k.dtype, zero=L.segmented)
+    dv = _alloc(v.shape, v, v.dtype, zero=L.segmented)
     if L.empty or L.seqlen_k == 0:
         dq.zero_(), dk.zero_(), dv.zero_()
         dsinks = torch.zeros(L.heads_q, dtype=torch.float32, device=q.device) if sinks is not None else None
