@@ -16,6 +16,11 @@ Kernels
   deterministic.
 * ``_attn_bwd_dq``: one program per (query tile, segment x query head).
 
+The forward and dK/dV kernels have a warp-specialized form (``WARP_SPEC``, a tuning candidate): Triton splits
+the program into a producer warpgroup issuing TMA loads and two consumer warpgroups. Triton 3.6 only accepts one
+loop with no early return and no branch inside it, so that form runs a single masked loop (dK/dV: over
+(query head, query tile) pairs, Q/dO through 3-D descriptors) instead of the three phases below.
+
 Masks and loop bounds. Inside a segment, local query row ``r`` sits at key position ``r + off``
 with ``off = len_k - len_q`` (bottom-right alignment) and sees key column ``c`` iff
 ``c <= r + off`` (causal) and ``c > r + off - W`` (window). For a tile of rows, the key loop is split
