@@ -231,7 +231,7 @@ WARP_SPEC_CASES = {
 
 
 @pytest.mark.parametrize("case", list(WARP_SPEC_CASES))
-def test_warp_specialized_forward(flash_cpu, monkeypatch, case):
+def test_warp_specialized_kernels(flash_cpu, monkeypatch, case):
     """The warp-specialized forward and dK/dV (one masked loop, every load through TMA, no early exit for tiles
     past the segment) against the oracles: the interpreter runs their code path, the GPU suite the compiled form."""
     from hf_attn_plugin.kernels import configs
