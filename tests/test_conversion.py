@@ -18,6 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from hf_attn_plugin.conversion import FAMILIES, ConversionError, convert_to_gqa
 from hf_attn_plugin.conversion import api as conversion_api
+from hf_attn_plugin.conversion.evaluation import text_token_ids, verify_conversion
 from hf_attn_plugin.conversion.families import HeadGeometry, family_for
 from hf_attn_plugin.conversion.pooling import convert_segments, similarity_groups, grouping_cost, pairwise_cost
 
@@ -36,7 +37,8 @@ CONFIGS: dict[str, tuple[type, dict]] = {
     "olmo2": (transformers.Olmo2Config, {"pad_token_id": 0}),
 }
 TOKENS = torch.tensor([[3, 17, 42, 5, 88, 1, 60, 23, 9, 71, 33, 14]])
-EXTRA_FILES = {"README.md": b"# tiny model\n", "tokenizer_extra/notes.txt": b"kept byte for byte\x00\xff"}
+EXTRA_FILES = {"README.md": b"# tiny model\n", "LICENSE": b"kept byte for byte\x00\xff"}  # allow-listed: copied
+NOT_COPIED = {"tokenizer_extra/notes.txt": b"not part of a checkpoint"}
 
 
 def _attn() -> str:
@@ -54,7 +56,7 @@ def _save_tiny(name: str, path: Path, sharded: bool, seed: int = 0) -> Path:
             if param_name.endswith("bias") or "norm" in param_name:
                 param.add_(torch.randn_like(param) * 0.1)
     model.save_pretrained(path, max_shard_size="60KB" if sharded else "1GB")
-    for rel, data in EXTRA_FILES.items():
+    for rel, data in {**EXTRA_FILES, **NOT_COPIED}.items():
         (path / rel).parent.mkdir(exist_ok=True)
         (path / rel).write_bytes(data)
     return path
@@ -140,6 +142,7 @@ def test_convert_family(name, sharded, checkpoints, tmp_path):
         assert all((dst / f).is_file() for f in index["weight_map"].values())
     for rel in [*EXTRA_FILES, "generation_config.json"]:
         assert (dst / rel).read_bytes() == (src / rel).read_bytes()
+    assert not (dst / "tokenizer_extra").exists() and report.skipped == ["tokenizer_extra/"]
     logits = _logits(dst, _attn())
     assert logits.shape == (1, TOKENS.shape[1], SMALL["vocab_size"]) and torch.isfinite(logits).all()
 
@@ -153,14 +156,17 @@ def test_olmo2_k_norm_is_pooled_per_head(checkpoints, tmp_path):
     assert torch.equal(after, before.view(2, 4, 8).mean(1).flatten())
 
 
-@pytest.mark.parametrize("name", ["llama", "llama_gqa", "qwen3", "phi3", "gemma2"])
-def test_identity_conversion_reproduces_logits_exactly(name, checkpoints, tmp_path):
+@pytest.mark.parametrize("name", ["llama", "llama_gqa"])
+def test_converting_to_the_same_kv_head_count_is_refused(name, checkpoints, tmp_path):
+    """A no-op conversion (issue 13) used to exit 0 with "0 tensors rewritten": it is refused and says why."""
     src = checkpoints[(name, True)]
     kv = json.loads((src / "config.json").read_text())["num_key_value_heads"]
+    choices = "1, 2, 4" if kv == 8 else "1, 2"
     for grouping in ("adjacent", "similarity"):
-        dst = tmp_path / grouping
-        convert_to_gqa(src, dst, num_kv_heads=kv, grouping=grouping, progress=False)
-        assert torch.equal(_logits(src), _logits(dst))
+        with pytest.raises(ConversionError, match=rf"already has {kv} KV heads, so --num-kv-heads {kv} would "
+                                                  rf"change nothing; choose one of {choices}$"):
+            convert_to_gqa(src, tmp_path / grouping, num_kv_heads=kv, grouping=grouping, progress=False)
+        assert not (tmp_path / grouping).exists()
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -240,7 +246,8 @@ def test_member_methods_keep_one_source_head(method, checkpoints, tmp_path):
 
 def test_verify_reports_logit_difference_and_perplexity(checkpoints, tmp_path):
     src = checkpoints[("llama", True)]
-    same = convert_to_gqa(src, tmp_path / "same", num_kv_heads=8, verify=True, progress=False).verify
+    ids = text_token_ids(src, None, SMALL["vocab_size"], 256)
+    same = verify_conversion(src, src, ids)
     assert same.max_abs_logit_diff == 0 and same.perplexity_src == same.perplexity_dst
     pooled = convert_to_gqa(src, tmp_path / "mqa", num_kv_heads=1, verify=True, progress=False).verify
     assert pooled.max_abs_logit_diff > 0 and pooled.attn_implementation == _attn()
@@ -310,7 +317,7 @@ def _tensors_of_file(path: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize(
     "how, kv, match",
     [
-        (None, 3, "does not divide the 8 attention heads"),
+        (None, 3, "does not divide the 8 attention heads; choose one of 1, 2, 4"),
         (None, 16, "more than the checkpoint's 8 KV heads"),
         (None, 0, ">= 1"),
         ("missing shard", 2, "missing shard"),
@@ -358,7 +365,7 @@ def test_failure_while_writing_leaves_no_partial_output(checkpoints, tmp_path, m
         save_file(tensors, path, metadata=metadata)
 
     monkeypatch.setattr(conversion_api, "write_shard", failing_write)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(ConversionError, match="disk full; nothing was written"):
         convert_to_gqa(checkpoints[("llama", True)], tmp_path / "out", num_kv_heads=2, progress=False)
     assert len(calls) == 2 and list(tmp_path.iterdir()) == []
 
@@ -372,7 +379,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_cli(checkpoints, tmp_path):
-    assert "example:" in (help_run := _cli("--help")).stdout and help_run.returncode == 0
+    assert "examples:" in (help_run := _cli("--help")).stdout and help_run.returncode == 0
 
     src = checkpoints[("qwen2", True)]
     dry = _cli(str(src), str(tmp_path / "dry"), "--num-kv-heads", "4", "--dry-run")
@@ -383,9 +390,21 @@ def test_cli(checkpoints, tmp_path):
 
     bad = _cli(str(src), str(tmp_path / "bad"), "--num-kv-heads", "3", "--quiet")
     assert bad.returncode == 2 and bad.stderr.strip() == (
-        "convert-to-gqa: error: --num-kv-heads 3 does not divide the 8 attention heads"
+        "convert-to-gqa: error: --num-kv-heads 3 does not divide the 8 attention heads; choose one of 1, 2, 4"
     )
     assert not (tmp_path / "bad").exists()
+
+
+def test_cli_choices_match_the_library():
+    """The CLI repeats the library's choices so that --help needs no torch; they must not drift apart."""
+    from hf_attn_plugin.conversion.api import GROUPINGS
+    from hf_attn_plugin.conversion.families import supported_model_types
+    from hf_attn_plugin.conversion.pooling import POOL_METHODS
+    from hf_attn_plugin_cli import convert_to_gqa as cli
+
+    assert cli.METHODS == POOL_METHODS and cli.GROUPINGS == GROUPINGS
+    listed = cli.EPILOG.split("Supported model types: ")[1].split("\n(docs")[0].replace("\n", " ")
+    assert sorted(listed.split(", ")) == supported_model_types()
 
 
 def test_conversion_imports_nothing_from_kernels():

@@ -8,7 +8,9 @@ shards, which is what lets memory stay bounded by one shard.
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -18,7 +20,7 @@ from tqdm.auto import tqdm
 
 from . import pooling
 from .errors import ConversionError
-from .evaluation import VerifyResult, input_second_moments, verify_conversion
+from .evaluation import VerifyResult, input_second_moments, text_token_ids, verify_conversion
 from .families import AttentionTensor, Family, HeadGeometry, family_for
 from .grouping import LayerTensors, kv_permutation, layer_generator, similarity_groups_for_layer
 from .io import (
@@ -26,10 +28,13 @@ from .io import (
     SUPPORTED_DTYPES,
     Checkpoint,
     TensorInfo,
+    CopyPlan,
     atomic_directory,
     check_destination,
-    copy_other_files,
+    copy_files,
     open_checkpoint,
+    plan_copies,
+    remove_stale_work_dirs,
     shard_reader,
     shard_tensor_infos,
     write_index,
@@ -38,6 +43,8 @@ from .io import (
 
 Grouping = Literal["adjacent", "similarity"]
 GROUPINGS: tuple[str, ...] = ("adjacent", "similarity")
+VERIFY_MAX_TOKENS = 256
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -74,6 +81,8 @@ class ConversionReport:
     total_bytes_before: int
     changes: list[TensorChange]
     groups: dict[str, list[list[int]]] = field(default_factory=dict)
+    copied: list[str] = field(default_factory=list)  # non-weight files carried over byte for byte
+    skipped: list[str] = field(default_factory=list)  # entries of the source that are not part of a checkpoint
     dry_run: bool = False
     verify: VerifyResult | None = None
 
@@ -97,6 +106,10 @@ class ConversionReport:
                 for c in self.changes
             ]
         lines += [f"  {layer}: KV head groups {groups}" for layer, groups in self.groups.items()]
+        if self.copied:
+            lines.append(f"{'copies' if self.dry_run else 'copied'} unchanged: {', '.join(self.copied)}")
+        if self.skipped:
+            lines.append(f"not copied (not part of a checkpoint): {', '.join(self.skipped)}")
         if self.verify is not None:
             lines.append(self.verify.summary())
         return "\n".join(lines)
@@ -186,18 +199,31 @@ def convert_to_gqa(
         progress: show tqdm progress bars.
 
     Raises:
-        ConversionError: any problem with the arguments or the input checkpoint; nothing is written then.
+        ConversionError: any problem with the arguments, the input checkpoint or the destination (including
+            I/O errors such as a full disk); nothing is written then. With ``verify``, the converted model is
+            checked in the work directory before it is renamed into place, so a failing check writes nothing too.
     """
     src, dst = Path(src), Path(dst)
+    if dst.name in ("", ".", ".."):  # "." or "..": name the directory, so its work directories get a name too
+        dst = dst.resolve()
     if method not in pooling.POOL_METHODS:
         raise ConversionError(f"unknown method {method!r}; choose from {', '.join(pooling.POOL_METHODS)}")
     if grouping not in GROUPINGS:
         raise ConversionError(f"unknown grouping {grouping!r}; choose from {', '.join(GROUPINGS)}")
     if calibration_text is not None and grouping != "similarity":
         raise ConversionError("calibration text is only used with grouping='similarity'")
-    check_destination(src, dst, overwrite=overwrite or dry_run)
-
-    plan = _plan(src, num_kv_heads, method, grouping, calibration_text, seed, allow_bin)
+    if verify_text is not None and not verify:
+        raise ConversionError("a verify text is only used with verify=True (--verify)")
+    if verify and dry_run:
+        raise ConversionError("verify needs a written output; a dry run writes nothing (drop one of the two)")
+    try:
+        check_destination(src, dst, overwrite=overwrite or dry_run)
+        plan = _plan(src, num_kv_heads, method, grouping, calibration_text, seed, allow_bin, progress)
+        # Everything --verify needs from the user is checked now, before anything is written.
+        verify_ids = text_token_ids(src, verify_text, _vocab_size(plan.config), VERIFY_MAX_TOKENS) if verify else None
+        copies = plan_copies(src, plan.checkpoint.weight_files | {"config.json"})
+    except OSError as err:
+        raise ConversionError(f"cannot read {_os_error_text(err)}") from err
     report = ConversionReport(
         src=src,
         dst=dst,
@@ -210,14 +236,51 @@ def convert_to_gqa(
         total_bytes_before=sum(i.nbytes for i in plan.infos.values()),
         changes=[_change(plan, name) for name in plan.attention if plan.rewrites(name)],
         groups=_groups_of(plan),
+        copied=copies.files,
+        skipped=copies.skipped,
         dry_run=dry_run,
     )
     if dry_run:
         return report
-    _write(plan, dst, progress)
-    if verify:
-        report.verify = verify_conversion(src, dst, int(plan.config.get("vocab_size", 256)), verify_text)
+    try:
+        for message in remove_stale_work_dirs(dst):
+            log.warning(message)
+        with atomic_directory(dst) as tmp:
+            try:
+                _write(plan, tmp, copies, progress)
+            except OSError as err:  # raised inside so that atomic_directory removes the work directory
+                raise _write_error(err, dst, report.total_bytes_after) from err
+            if verify_ids is not None:  # checked before the rename: a failing check leaves nothing behind
+                try:
+                    report.verify = verify_conversion(src, tmp, verify_ids, progress)
+                except OSError as err:
+                    raise ConversionError(f"--verify failed: {err}; nothing was written") from err
+    except OSError as err:  # creating the work directory or renaming it into place
+        raise _write_error(err, dst, report.total_bytes_after) from err
     return report
+
+
+def _write_error(err: OSError, dst: Path, size: int) -> ConversionError:
+    if err.errno == errno.ENOSPC:
+        return ConversionError(
+            f"no space left on the device of {dst.parent} while writing the output (it needs about "
+            f"{_gib(size)}); nothing was written: free some space or choose another destination"
+        )
+    return ConversionError(f"cannot write {dst}: {_os_error_text(err)}; nothing was written")
+
+
+def _os_error_text(err: OSError) -> str:
+    """``path: reason`` (or ``a -> b: reason``) for an OSError, without the errno clutter."""
+    where = " -> ".join(str(f) for f in (err.filename, err.filename2) if f is not None)
+    reason = err.strerror or str(err)
+    return f"{where}: {reason}" if where else reason
+
+
+def _vocab_size(config: dict) -> int:
+    vocab = config.get("vocab_size", 256)
+    if not isinstance(vocab, int) or isinstance(vocab, bool) or vocab < 1:
+        raise ConversionError(f"config.json: vocab_size must be a positive integer, got {vocab!r}")
+    return vocab
 
 
 def _plan(
@@ -228,6 +291,7 @@ def _plan(
     calibration_text: str | None,
     seed: int,
     allow_bin: bool,
+    progress: bool = False,
 ) -> _Plan:
     checkpoint = open_checkpoint(src, allow_bin=allow_bin)
     config = checkpoint.read_config()
@@ -252,7 +316,7 @@ def _plan(
     kv_perms: dict[str, list[int] | None] = {}
     if grouping == "similarity" and 1 < num_groups < geometry.num_kv_heads:  # else there is nothing to choose
         moments = _calibration_moments(src, family, layers, calibration_text, config)
-        for layer, tensors in layers.items():
+        for layer, tensors in tqdm(layers.items(), desc="grouping heads", unit="layer", disable=not progress):
             groups = similarity_groups_for_layer(checkpoint, tensors, geometry, num_groups, moments.get(layer))
             kv_perms[layer] = kv_permutation(groups)
     group_size = geometry.num_kv_heads // num_groups
@@ -300,7 +364,7 @@ def _calibration_moments(
     if text is None:
         return {}
     modules = {f"{layer}.{family.kv_projection}": layer for layer in layers}
-    moments = input_second_moments(src, modules, text, int(config.get("vocab_size", 256)))
+    moments = input_second_moments(src, modules, text, _vocab_size(config))
     return {modules[name]: moment for name, moment in moments.items()}
 
 
@@ -319,26 +383,26 @@ def _groups_of(plan: _Plan) -> dict[str, list[list[int]]]:
     }
 
 
-def _write(plan: _Plan, dst: Path, progress: bool) -> None:
+def _write(plan: _Plan, out: Path, copies: CopyPlan, progress: bool) -> None:
+    """Write the converted checkpoint into the (empty) work directory ``out``."""
     checkpoint = plan.checkpoint
     names_by_shard: dict[str, list[str]] = {}
     for name, shard in checkpoint.weight_map.items():
         names_by_shard.setdefault(shard, []).append(name)
     out_map = {name: checkpoint.output_shard_name(shard) for name, shard in checkpoint.weight_map.items()}
 
-    with atomic_directory(dst) as tmp:
-        for shard in tqdm(checkpoint.shards, desc="shards", unit="shard", disable=not progress):
-            with shard_reader(checkpoint, shard) as reader:
-                tensors = {
-                    name: plan.convert(name, reader[name])
-                    for name in tqdm(names_by_shard[shard], desc=shard, leave=False, disable=not progress)
-                }
-                write_shard(tmp / checkpoint.output_shard_name(shard), tensors, reader.metadata)
-            del tensors  # free this output shard before the next one is built
-        if checkpoint.indexed:
-            infos = {name: plan.output_info(name) for name in out_map}
-            write_index(tmp / SAFE_INDEX, out_map, infos, checkpoint.index_metadata)
-        copy_other_files(checkpoint.root, tmp, skip=checkpoint.weight_files | {"config.json"})
-        config = dict(plan.config)
-        config[plan.family.kv_heads_key] = plan.num_groups
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    for shard in tqdm(checkpoint.shards, desc="converting shards", unit="shard", disable=not progress):
+        with shard_reader(checkpoint, shard) as reader:
+            tensors = {
+                name: plan.convert(name, reader[name])
+                for name in tqdm(names_by_shard[shard], desc=shard, unit="tensor", leave=False, disable=not progress)
+            }
+            write_shard(out / checkpoint.output_shard_name(shard), tensors, reader.metadata)
+        del tensors  # free this output shard before the next one is built
+    if checkpoint.indexed:
+        infos = {name: plan.output_info(name) for name in out_map}
+        write_index(out / SAFE_INDEX, out_map, infos, checkpoint.index_metadata)
+    copy_files(checkpoint.root, out, copies.files)
+    config = dict(plan.config)
+    config[plan.family.kv_heads_key] = plan.num_groups
+    (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -33,7 +33,9 @@ def attention_implementation() -> str:
     return "plugin" if "plugin" in transformers.AttentionInterface._global_mapping else "eager"
 
 
-def text_token_ids(model_dir: Path, text: str | None, vocab_size: int, max_tokens: int) -> torch.Tensor:
+def text_token_ids(
+    model_dir: Path, text: str | None, vocab_size: int, max_tokens: int, what: str = "verify text (--verify-text)"
+) -> torch.Tensor:
     """Token ids of ``text`` (or the built-in sample): the checkpoint's tokenizer if it ships one, otherwise
     the text's UTF-8 bytes folded into the vocabulary (deterministic, so runs stay comparable)."""
     text = SAMPLE_TEXT if text is None else text
@@ -44,7 +46,7 @@ def text_token_ids(model_dir: Path, text: str | None, vocab_size: int, max_token
     else:
         ids = torch.tensor([b % vocab_size for b in text.encode()], dtype=torch.long)
     if ids.numel() < 2:
-        raise ConversionError("the evaluation/calibration text is shorter than two tokens")
+        raise ConversionError(f"the {what} is shorter than two tokens; give a longer text (a few sentences)")
     return ids[:max_tokens]
 
 
@@ -64,7 +66,7 @@ def input_second_moments(
     actual K/V activations on that text, which is what pooling distorts.
     """
     model = load_model(src)
-    ids = text_token_ids(src, text, vocab_size, max_tokens)
+    ids = text_token_ids(src, text, vocab_size, max_tokens, what="calibration text (--calibration-text)")
     moments: dict[str, torch.Tensor] = {}
 
     def accumulate(name: str):
@@ -115,14 +117,21 @@ def perplexity(logits: torch.Tensor, ids: torch.Tensor) -> float:
     return math.exp(torch.nn.functional.cross_entropy(logits[:-1], ids[1:]).item())
 
 
-def verify_conversion(
-    src: Path, dst: Path, vocab_size: int, text: str | None = None, max_tokens: int = 256
-) -> VerifyResult:
-    """Run source and converted model on the same tokens; one model is in memory at a time."""
+def verify_conversion(src: Path, dst: Path, ids: torch.Tensor, progress: bool = False) -> VerifyResult:
+    """Run source and converted model on the same token ids; one model is in memory at a time.
+
+    ``ids`` come from :func:`text_token_ids`, computed before the output is written so that a bad text is
+    reported before any work is done.
+    """
+    from tqdm.auto import tqdm
+
     impl = attention_implementation()
-    ids = text_token_ids(src, text, vocab_size, max_tokens)
-    before = _logits(src, ids, impl)
-    after = _logits(dst, ids, impl)
+    with tqdm(total=2, desc="verifying", unit="model", disable=not progress) as bar:
+        logits = []
+        for path in (src, dst):
+            logits.append(_logits(path, ids, impl))
+            bar.update()
+    before, after = logits
     return VerifyResult(
         attn_implementation=impl,
         num_tokens=ids.numel(),
@@ -130,4 +139,3 @@ def verify_conversion(
         perplexity_src=perplexity(before, ids),
         perplexity_dst=perplexity(after, ids),
     )
-

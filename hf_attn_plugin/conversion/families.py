@@ -143,12 +143,21 @@ class HeadGeometry:
 
     @classmethod
     def from_config(cls, family: Family, config: Mapping[str, object]) -> "HeadGeometry":
-        try:
-            num_heads = int(config[family.heads_key])  # type: ignore[arg-type]
-            hidden = int(config[family.hidden_key])  # type: ignore[arg-type]
-        except KeyError as err:
-            raise ConversionError(f"config.json has no {err.args[0]!r} (needed for a {family.name} model)") from err
+        num_heads = _positive_int(config, family.heads_key, family, required=True)
+        hidden = _positive_int(config, family.hidden_key, family, required=True)
         # Absent or null kv heads means plain multi-head attention; absent or null head_dim means hidden/heads.
-        num_kv_heads = int(config.get(family.kv_heads_key) or num_heads)  # type: ignore[arg-type]
-        head_dim = int(config.get(family.head_dim_key) or hidden // num_heads)  # type: ignore[arg-type]
+        num_kv_heads = _positive_int(config, family.kv_heads_key, family) or num_heads
+        head_dim = _positive_int(config, family.head_dim_key, family) or hidden // num_heads
         return cls(num_heads=num_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
+
+
+def _positive_int(config: Mapping[str, object], key: str, family: Family, required: bool = False) -> int | None:
+    """``config[key]`` as a positive int; None when absent or null (unless required)."""
+    value = config.get(key)
+    if value is None and not required:
+        return None
+    if value is None:
+        raise ConversionError(f"config.json has no {key!r} (needed for a {family.name} model)")
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ConversionError(f"config.json: {key!r} must be a positive integer, got {value!r}")
+    return value

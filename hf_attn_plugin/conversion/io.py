@@ -9,11 +9,14 @@ is written: an interrupted or failed conversion never leaves a half-written chec
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import pickle
+import re
 import shutil
-import tempfile
+import socket
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Mapping, Protocol
@@ -77,14 +80,47 @@ class Checkpoint:
         path = self.root / "config.json"
         if not path.is_file():
             raise ConversionError(f"{self.root} has no config.json")
-        return read_json(path)
+        return read_json(path, " (the model configuration)")
 
 
-def read_json(path: Path) -> dict:
+def read_json(path: Path, what: str = "") -> dict:
+    """A JSON object from ``path``; a ConversionError saying which file and what is wrong otherwise."""
     try:
-        return json.loads(path.read_text())
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as err:
+        raise ConversionError(f"cannot read {path}: {err.strerror or err}") from err
+    except UnicodeDecodeError as err:
+        raise ConversionError(f"{path} is not UTF-8 text (is it the right file?)") from err
     except json.JSONDecodeError as err:
         raise ConversionError(f"{path} is not valid JSON: {err}") from err
+    if not isinstance(data, dict):
+        raise ConversionError(f"{path} must hold a JSON object{what}, not a {type(data).__name__}")
+    return data
+
+
+def check_shard_name(shard: object, index_path: Path, weights_suffix: str) -> str:
+    """A shard name from an index must be a plain file name inside the checkpoint directory.
+
+    Anything else (absolute paths, ``..``, sub-directories) would make the converter read, and write its
+    output under, paths outside the directories it was given.
+    """
+    plain = (
+        isinstance(shard, str)
+        and shard not in ("", ".", "..")
+        and "/" not in shard
+        and "\\" not in shard
+        and "\0" not in shard
+        and not os.path.isabs(shard)
+        and Path(shard).name == shard
+    )
+    if not plain:
+        raise ConversionError(
+            f"{index_path}: shard name {shard!r} in weight_map is not a plain file name; shards must be files "
+            "directly inside the checkpoint directory (no directories, '..' or absolute paths)"
+        )
+    if not shard.endswith(weights_suffix):
+        raise ConversionError(f"{index_path}: shard name {shard!r} in weight_map does not end in {weights_suffix}")
+    return shard
 
 
 def open_checkpoint(root: Path, allow_bin: bool = False) -> Checkpoint:
@@ -94,10 +130,16 @@ def open_checkpoint(root: Path, allow_bin: bool = False) -> Checkpoint:
     for index_name, single, is_bin in ((SAFE_INDEX, SAFE_SINGLE, False), (BIN_INDEX, BIN_SINGLE, True)):
         if (root / index_name).is_file():
             index = read_json(root / index_name)
-            if not isinstance(index.get("weight_map"), dict):
-                raise ConversionError(f"{root / index_name} has no weight_map")
-            weight_map = dict(index["weight_map"])
-            metadata = dict(index.get("metadata", {}))
+            raw_map = index.get("weight_map")
+            if not isinstance(raw_map, dict) or not raw_map:
+                raise ConversionError(f"{root / index_name} has no weight_map (an object of tensor name -> shard)")
+            suffix = ".bin" if is_bin else ".safetensors"
+            weight_map = {
+                str(name): check_shard_name(shard, root / index_name, suffix) for name, shard in raw_map.items()
+            }
+            metadata = index.get("metadata") or {}
+            if not isinstance(metadata, dict):
+                raise ConversionError(f"{root / index_name}: metadata must be a JSON object")
         elif (root / single).is_file():
             weight_map, metadata = {}, {}
         else:
@@ -112,7 +154,7 @@ def open_checkpoint(root: Path, allow_bin: bool = False) -> Checkpoint:
         missing = [s for s in shards if not (root / s).is_file()]
         if missing:
             raise ConversionError(f"missing shard file(s) listed in {index_name}: {', '.join(missing)}")
-        checkpoint = Checkpoint(root, shards, weight_map, metadata, is_bin, indexed)
+        checkpoint = Checkpoint(root, shards, weight_map, dict(metadata), is_bin, indexed)
         if not indexed:
             checkpoint.weight_map = {info.name: single for info in shard_tensor_infos(checkpoint, single)}
         return checkpoint
@@ -192,7 +234,13 @@ def read_tensor(checkpoint: Checkpoint, name: str) -> torch.Tensor:
 
 
 def write_shard(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
-    save_file({n: t.contiguous() for n, t in tensors.items()}, path, metadata=metadata)
+    try:
+        save_file({n: t.contiguous() for n, t in tensors.items()}, path, metadata=metadata)
+    except SafetensorError as err:  # safetensors reports I/O failures (disk full, ...) as "... (os error N)"
+        code = re.search(r"os error (\d+)", str(err))
+        if code is None:
+            raise
+        raise OSError(int(code[1]), os.strerror(int(code[1])), str(path)) from err
 
 
 def write_index(path: Path, weight_map: dict[str, str], infos: Mapping[str, TensorInfo], metadata: dict) -> None:
@@ -205,22 +253,64 @@ def write_index(path: Path, weight_map: dict[str, str], infos: Mapping[str, Tens
     path.write_text(json.dumps(index, indent=2) + "\n")
 
 
-def copy_other_files(src: Path, dst: Path, skip: set[str]) -> list[str]:
-    """Copy every non-weight file and folder of ``src`` byte for byte (tokenizer, generation config, ...)."""
-    copied = []
+# The files besides weights and config.json that a converted checkpoint carries over, byte for byte: generation
+# settings, every tokenizer file transformers reads, chat templates, and the model card and licence (the
+# converted weights stay under the source's licence). Nothing else is copied: not other weight formats (a stale
+# pytorch_model.bin beside the safetensors), not notes, not arbitrary folders, not links to things outside.
+COPIED_FILES = frozenset({
+    "generation_config.json",
+    "tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json",
+    "vocab.json", "merges.txt", "vocab.txt", "spiece.model", "sentencepiece.bpe.model",
+    "chat_template.jinja", "chat_template.json",
+    "README.md", "LICENSE", "LICENSE.txt", "LICENSE.md", "NOTICE", "USE_POLICY.md",
+})
+CHAT_TEMPLATE_DIR = "additional_chat_templates"  # transformers' folder of named chat templates (*.jinja)
+
+
+@dataclass
+class CopyPlan:
+    """Which non-weight entries of the source are copied, and which are left out (reported to the user)."""
+
+    files: list[str]  # relative paths, each a regular file or a link to one
+    skipped: list[str]
+
+
+def plan_copies(src: Path, written: set[str]) -> CopyPlan:
+    """Files of ``src`` to carry over: the allow-listed ones (links followed only to regular files).
+
+    ``written`` are the names the converter writes itself (shards, index, config.json); they are not copied.
+    Hugging Face cache snapshots, where every file is a relative link into ``../../blobs``, are copied as the
+    files the links point to.
+    """
+    files, skipped = [], []
     for entry in sorted(src.iterdir()):
-        if entry.name in skip:
+        name = entry.name
+        if name in written:
             continue
-        if entry.is_dir():
-            shutil.copytree(entry, dst / entry.name, symlinks=True)
+        if name in COPIED_FILES and entry.is_file():
+            files.append(name)
+        elif name == CHAT_TEMPLATE_DIR and entry.is_dir() and not entry.is_symlink():
+            templates = sorted(t for t in entry.iterdir() if t.suffix == ".jinja" and t.is_file())
+            files += [f"{name}/{t.name}" for t in templates]
+            skipped += [f"{name}/{t.name}" for t in sorted(entry.iterdir()) if t not in templates]
         else:
-            shutil.copy2(entry, dst / entry.name)
-        copied.append(entry.name)
-    return copied
+            skipped.append(name + ("/" if entry.is_dir() else ""))
+    return CopyPlan(files, skipped)
+
+
+def copy_files(src: Path, dst: Path, files: list[str]) -> None:
+    """Copy the planned files' contents (never the links themselves); modes follow the umask."""
+    for rel in files:
+        (dst / rel).parent.mkdir(exist_ok=True)
+        shutil.copyfile(src / rel, dst / rel)
 
 
 def check_destination(src: Path, dst: Path, overwrite: bool) -> None:
-    """Refuse destinations that would clobber the source or an existing directory."""
+    """Refuse destinations that would clobber the source or an existing directory, or cannot be written."""
+    if dst.is_symlink():
+        raise ConversionError(
+            f"destination {dst} is a symbolic link (to {os.readlink(dst)}); give the real directory path instead"
+        )
     src_r, dst_r = src.resolve(), dst.resolve()
     if src_r == dst_r:
         raise ConversionError("destination is the source directory; write the converted checkpoint elsewhere")
@@ -232,20 +322,81 @@ def check_destination(src: Path, dst: Path, overwrite: bool) -> None:
         raise ConversionError(f"destination {dst} exists; pass --overwrite (overwrite=True) to replace it")
     if dst.exists() and not dst.is_dir():
         raise ConversionError(f"destination {dst} exists and is not a directory")
+    parent = dst_r.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConversionError(f"cannot create {dst}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConversionError(f"cannot create {dst}: no permission to write in {parent}")
+
+
+# Work directories live beside the destination, named after it, this tool, the host and the process:
+# ".<dst>.convert-to-gqa-tmp.<pid>@<host>" while the output is written, "...-old..." while an --overwrite swap
+# removes the previous output. A run killed half-way leaves one behind; a later run for the same destination
+# removes those of dead processes on this host.
+_WORK_DIR = re.compile(r"\.(?P<dst>.+)\.convert-to-gqa-(?:tmp|old)\.(?P<pid>\d+)@(?P<host>.+)")
+
+
+def _work_dir(dst: Path, kind: str) -> Path:
+    return dst.parent / f".{dst.name}.convert-to-gqa-{kind}.{os.getpid()}@{socket.gethostname()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_work_dirs(dst: Path) -> list[str]:
+    """Remove work directories of ``dst`` that killed runs on this host left behind; one message for each."""
+    messages = []
+    if not dst.parent.is_dir():
+        return messages
+    host = socket.gethostname()
+    for entry in sorted(dst.parent.glob(f".{glob.escape(dst.name)}.convert-to-gqa-*")):
+        match = _WORK_DIR.fullmatch(entry.name)
+        if match is None or match["dst"] != dst.name or not entry.is_dir() or entry.is_symlink():
+            continue
+        pid = int(match["pid"])
+        if match["host"] != host or _alive(pid):
+            messages.append(f"left {entry} alone: it belongs to a run that may still be going (pid {pid} on "
+                            f"{match['host']}); remove it yourself if that run is gone")
+            continue
+        shutil.rmtree(entry)
+        messages.append(f"removed {entry}, left behind by an interrupted run (pid {pid})")
+    return messages
 
 
 @contextlib.contextmanager
 def atomic_directory(dst: Path) -> Iterator[Path]:
-    """Yield a fresh temp dir beside ``dst``; on success it replaces ``dst``, on any error it is deleted."""
+    """Yield a fresh work dir beside ``dst``; on success it replaces ``dst``, on any error it is deleted.
+
+    The directory is made with ``os.mkdir`` so its mode follows the umask, and every file written into it is
+    given the umask's file mode before the rename (safetensors creates files 0600 whatever the umask).
+    """
     dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.tmp-", dir=dst.parent))
+    tmp = _work_dir(dst, "tmp")
+    if tmp.exists():  # our own pid, so a leftover of an earlier process that had it
+        shutil.rmtree(tmp)
+    os.mkdir(tmp)
     try:
         yield tmp
+        file_mode = stat.S_IMODE(tmp.stat().st_mode) & 0o666  # 0o777 minus the umask, without execute bits
+        for path in tmp.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                path.chmod(file_mode)
         if dst.exists():
             # Move the old directory aside first so the swap is two renames, never a missing destination
             # while a long rmtree runs.
-            old = Path(tempfile.mkdtemp(prefix=f".{dst.name}.old-", dir=dst.parent))
-            os.replace(dst, old / dst.name)
+            old = _work_dir(dst, "old")
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(dst, old)
             os.replace(tmp, dst)
             shutil.rmtree(old)
         else:

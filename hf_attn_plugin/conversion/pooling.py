@@ -25,19 +25,26 @@ POOL_METHODS: tuple[str, ...] = ("mean", "first", "random")
 
 
 def check_num_groups(geometry: HeadGeometry, num_groups: int) -> None:
-    """Reject group counts that cannot give equal, contiguous groups of query and KV heads."""
+    """Reject group counts that cannot give equal, contiguous groups of query and KV heads, or change nothing."""
     h, h_kv = geometry.num_heads, geometry.num_kv_heads
+    choices = [g for g in range(1, h_kv) if h % g == 0 and h_kv % g == 0]
+    hint = f"; choose one of {', '.join(map(str, choices))}" if choices else ""
     if num_groups < 1:
-        raise ConversionError(f"--num-kv-heads must be >= 1, got {num_groups}")
+        raise ConversionError(f"--num-kv-heads must be >= 1, got {num_groups}{hint}")
+    if num_groups == h_kv:
+        raise ConversionError(
+            f"the checkpoint already has {h_kv} KV heads, so --num-kv-heads {num_groups} would change nothing"
+            f"{hint or ' (and it has no fewer that divide its heads)'}"
+        )
     if num_groups > h_kv:
         raise ConversionError(
             f"--num-kv-heads {num_groups} is more than the checkpoint's {h_kv} KV heads "
-            "(the converter only merges heads)"
+            f"(the converter only merges heads){hint}"
         )
     if h % num_groups:
-        raise ConversionError(f"--num-kv-heads {num_groups} does not divide the {h} attention heads")
+        raise ConversionError(f"--num-kv-heads {num_groups} does not divide the {h} attention heads{hint}")
     if h_kv % num_groups:
-        raise ConversionError(f"--num-kv-heads {num_groups} does not divide the checkpoint's {h_kv} KV heads")
+        raise ConversionError(f"--num-kv-heads {num_groups} does not divide the checkpoint's {h_kv} KV heads{hint}")
 
 
 def query_permutation(kv_perm: Sequence[int], num_heads: int, num_kv_heads: int) -> list[int]:
