@@ -3,7 +3,8 @@
 One process, ``triton.testing.do_bench`` medians, bf16. FLOPs: ``4 * B * Hq * S^2 * D`` (/2 causal,
 x3.5 for forward+backward); sliding window counts only the visible (query, key) pairs.
 
-    python benchmarks/bench_flash.py --out DIR [--quick]
+    python benchmarks/bench_flash.py --out DIR [--seqlens 1024,4096] [--modes fwd]
+    python benchmarks/bench_flash.py --out DIR --models     # the shapes real models have -> DIR/flash_models.csv
 
 writes ``DIR/flash_fwd.csv``, ``DIR/flash_fwdbwd.csv``, ``DIR/flash_window.csv`` (columns gpu, torch,
 triton, date, impl, mode, S, B, Hq, Hkv, D, ms, tflops) and ``DIR/flash.png``, and prints a table.
@@ -41,8 +42,12 @@ def flops(b, hq, s, d, causal, window, mode):
     return f * (3.5 if mode == "fwdbwd" else 1.0)
 
 
-def make_impls(b, s, hq, hkv, d, causal, window):
-    """name -> (inputs, fn(q, k, v) -> out). Inputs are fresh random bf16 tensors per impl."""
+def make_impls(b, s, hq, hkv, d, causal, window, softcap=0.0):
+    """name -> (inputs, fn(q, k, v) -> out). Inputs are fresh random bf16 tensors per impl.
+
+    SDPA gets GQA natively (``enable_gqa=True``) where its backend takes it; otherwise K/V are repeated first (what
+    transformers' sdpa path does then), and the impl name says so (``+repeat``). SDPA has no softcap: skipped there.
+    """
     dev, dt = "cuda", torch.bfloat16
     impls = {}
 
@@ -54,19 +59,24 @@ def make_impls(b, s, hq, hkv, d, causal, window):
         return (torch.randn(b, hq, s, d, device=dev, dtype=dt), torch.randn(b, hkv, s, d, device=dev, dtype=dt),
                 torch.randn(b, hkv, s, d, device=dev, dtype=dt))
 
-    impls["ours"] = (bshd, lambda q, k, v: ops.attention(q, k, v, causal=causal, window=window or None))
+    impls["ours"] = (bshd, lambda q, k, v: ops.attention(q, k, v, causal=causal, window=window or None,
+                                                          softcap=softcap or None))
 
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    if not window:
+    if softcap:
+        pass
+    elif not window:
         for name, backend in (("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION), ("sdpa_flash", SDPBackend.FLASH_ATTENTION)):
-            def sdpa(q, k, v, backend=backend):
+            native = hq == hkv or _sdpa_takes_gqa(backend, d)
+
+            def sdpa(q, k, v, backend=backend, native=native):
                 with sdpa_kernel(backend):
-                    if hq != hkv:  # the flash backend has no native GQA: repeat (what HF sdpa does too)
+                    if not native:
                         k = k.repeat_interleave(hq // hkv, dim=1)
                         v = v.repeat_interleave(hq // hkv, dim=1)
-                    return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-            impls[name] = (bhsd, sdpa)
+                    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=hq != hkv and native)
+            impls[name if native else name + "+repeat"] = (bhsd, sdpa)
     else:
         i = torch.arange(s, device=dev)
         mask = (i[None, :] <= i[:, None]) & (i[None, :] > i[:, None] - window)
@@ -85,10 +95,82 @@ def make_impls(b, s, hq, hkv, d, causal, window):
             keep = keep & (ki > qi - window)
         return keep
 
+    def score_mod(score, bi, hi, qi, ki):
+        return softcap * torch.tanh(score / softcap)
+
     block_mask = create_block_mask(mask_mod, None, None, s, s, device=dev) if (causal or window) else None
     flex = torch.compile(flex_attention, dynamic=False)
-    impls["flex"] = (bhsd, lambda q, k, v: flex(q, k, v, block_mask=block_mask, enable_gqa=hq != hkv))
+    impls["flex"] = (bhsd, lambda q, k, v: flex(q, k, v, block_mask=block_mask, enable_gqa=hq != hkv,
+                                                score_mod=score_mod if softcap else None))
     return impls
+
+
+_GQA_SUPPORT = {}
+
+
+def _sdpa_takes_gqa(backend, d) -> bool:
+    """Whether SDPA's ``backend`` runs ``enable_gqa=True`` itself (probed once on a small input)."""
+    from torch.nn.attention import sdpa_kernel
+
+    if (backend, d) not in _GQA_SUPPORT:
+        q = torch.randn(1, 4, 128, d, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(1, 2, 128, d, device="cuda", dtype=torch.bfloat16)
+        try:
+            with sdpa_kernel(backend):
+                F.scaled_dot_product_attention(q, k, k, is_causal=True, enable_gqa=True)
+            _GQA_SUPPORT[(backend, d)] = True
+        except RuntimeError:
+            _GQA_SUPPORT[(backend, d)] = False
+    return _GQA_SUPPORT[(backend, d)]
+
+
+# The shapes real models have (issue 16): name, B, S, Hq, Hkv, D, causal, window, softcap.
+MODEL_SHAPES = [
+    ("llama3-8b D128 GQA", 1, 16384, 32, 8, 128, True, 0, 0.0),
+    ("llama3-8b D128 GQA", 4, 4096, 32, 8, 128, True, 0, 0.0),
+    ("llama3-8b D128 GQA", 16, 1024, 32, 8, 128, True, 0, 0.0),
+    ("llama3-8b D128 GQA", 32, 512, 32, 8, 128, True, 0, 0.0),
+    ("smollm2 D64 9/3", 8, 2048, 9, 3, 64, True, 0, 0.0),
+    ("llama3.2-1b D64 32/8", 4, 4096, 32, 8, 64, True, 0, 0.0),
+    ("llama3.2-1b D64 32/8", 16, 1024, 32, 8, 64, True, 0, 0.0),
+    ("llama3.2-1b D64 32/8", 32, 512, 32, 8, 64, True, 0, 0.0),
+    ("phi3 D96 MHA", 4, 3072, 32, 32, 96, True, 0, 0.0),
+    ("bert D64 non-causal", 32, 512, 12, 12, 64, False, 0, 0.0),
+    ("encoder D128 non-causal", 4, 4096, 32, 32, 128, False, 0, 0.0),
+    ("gemma2 D256 softcap50", 4, 4096, 8, 4, 256, True, 0, 50.0),
+    ("mistral D128 window4096", 1, 16384, 32, 8, 128, True, 4096, 0.0),
+]
+
+
+def run_models(args, meta):
+    """One row per (model shape, impl, mode) into flash_models.csv: the table users read."""
+    path = os.path.join(args.out, "flash_models.csv")
+    if os.path.exists(path):
+        os.remove(path)
+    fields = FIELDS[:4] + ["shape", "causal", "window", "softcap"] + FIELDS[4:]
+    for name, b, s, hq, hkv, d, causal, window, softcap in MODEL_SHAPES:
+        impls = make_impls(b, s, hq, hkv, d, causal, window, softcap)
+        for mode in args.modes.split(","):
+            for impl, (inputs_fn, fn) in impls.items():
+                if impl == "sdpa_mask" and mode == "fwdbwd":
+                    continue
+                try:
+                    ms = measure(inputs_fn, fn, mode)
+                except Exception as exc:
+                    print(f"FAILED {name} {impl} {mode}: {type(exc).__name__}: {str(exc)[:200]}", flush=True)
+                    continue
+                tf = flops(b, hq, s, d, causal, window, mode) / ms / 1e9
+                row = dict(meta, shape=name, causal=causal, window=window, softcap=softcap, impl=impl, mode=mode,
+                           S=s, B=b, Hq=hq, Hkv=hkv, D=d, ms=round(ms, 4), tflops=round(tf, 1))
+                fresh = not os.path.exists(path)
+                with open(path, "a", newline="") as f:
+                    w = csv.DictWriter(f, fields)
+                    if fresh:
+                        w.writeheader()
+                    w.writerow(row)
+                print(f"{name:26s} B={b:2d} S={s:5d} {mode:6s} {impl:18s} {ms:8.3f} ms {tf:6.1f} TFLOP/s", flush=True)
+        del impls
+        torch.cuda.empty_cache()
 
 
 def measure(inputs_fn, fn, mode):
@@ -108,12 +190,19 @@ def measure(inputs_fn, fn, mode):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default="benchmarks/results")
-    ap.add_argument("--quick", action="store_true", help="fewer shapes")
     ap.add_argument("--seqlens", default="1024,2048,4096,8192,16384")
     ap.add_argument("--modes", default="fwd,fwdbwd")
     ap.add_argument("--no-window", action="store_true")
+    ap.add_argument("--models", action="store_true",
+                    help="only the shapes real models have (MODEL_SHAPES: D 64/96/128/256, window, softcap, non-causal)"
+                         " into flash_models.csv")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    if args.models:
+        torch._dynamo.config.cache_size_limit = 256
+        run_models(args, dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+                              date=datetime.date.today().isoformat()))
+        return
     for table in ("fwd", "fwdbwd", "window"):
         if os.path.exists(os.path.join(args.out, f"flash_{table}.csv")):
             os.remove(os.path.join(args.out, f"flash_{table}.csv"))

@@ -31,6 +31,7 @@ from triton.testing import do_bench_cudagraph
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 from hf_attn_plugin.kernels import paged as kernels  # noqa: E402
+from hf_attn_plugin.kernels.configs import Config  # noqa: E402
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
 DT = torch.bfloat16
@@ -120,14 +121,14 @@ def describe_pieces(pieces: dict[int, list[int]]) -> str:
                     for c, ns in sorted(by_count.items(), reverse=True))
 
 
-def split_study(case: DecodeCase) -> list[tuple[str, int, kernels.LaunchConfig | None]]:
+def split_study(case: DecodeCase) -> list[tuple[str, int, Config | None]]:
     """(label, num_splits, config) points comparing the split-K rules on one case."""
     sms = torch.cuda.get_device_properties(case.q.device).multi_processor_count
-    fixed = kernels.LaunchConfig(1, 64, 4, 2, 1024, split_programs=2**30)  # piece length = min_split_keys
+    fixed = Config(16, 64, 4, 2, min_split_keys=1024, split_programs=2**30)  # piece length = min_split_keys
     old = case.old_default_splits()
     points = [("fixed pieces, old default grid", old, fixed), ("fixed pieces, 32 splits", 32, fixed),
               ("kernel rule, 32 splits", 32, None)]
-    points += [(f"kernel rule, fill {k}/SM", 0, kernels.LaunchConfig(1, 64, 4, 2, 1024, split_programs=k * sms))
+    points += [(f"kernel rule, fill {k}/SM", 0, Config(16, 64, 4, 2, min_split_keys=1024, split_programs=k * sms))
                for k in (2, 8)]
     return points
 
@@ -175,7 +176,10 @@ def main() -> None:
 
     gen = torch.Generator().manual_seed(1)
     skew = [32768, 32768] + [8192] * 6 + torch.randint(128, 2048, (56,), generator=gen).tolist()
-    cfg = kernels.LaunchConfig
+
+    def cfg(block_q, block_n, num_warps, num_stages, min_split_keys=1024):  # decode: block_q is 1 (one token)
+        return Config(16 * block_q, block_n, num_warps, num_stages, min_split_keys=min_split_keys)
+
     # Sweep points per case (config, splits); the first full sweep (10 tile configs x 4 split counts,
     # NOTES_paged.md) settled the default at 64-key tiles, 4 warps, 2 stages.
     cases = [
@@ -264,8 +268,8 @@ def bench_prefill(meta) -> list[dict]:
     q = torch.randn(batch * new, HQ, D, device="cuda", dtype=DT)
     flops = 4 * batch * HQ * D * (new * past + new * new / 2)
     rows = []
-    for cfg in (None, kernels.LaunchConfig(16, 128, 4, 3), kernels.LaunchConfig(32, 64, 8, 3),
-                kernels.LaunchConfig(32, 128, 8, 3), kernels.LaunchConfig(16, 64, 4, 4)):
+    # rows = query tokens x the 4 heads of a group (32/8): 16 tokens = 64 rows
+    for cfg in (None, Config(64, 128, 4, 3), Config(128, 64, 8, 3), Config(128, 128, 8, 3), Config(64, 64, 4, 4)):
         fn = lambda cfg=cfg: kernels.paged_attention(q, k_pool, v_pool, bt, seq_lens, cu, new, None, None, D**-0.5,
                                                      True, 0, 0.0, 1, cfg)
         ms = triton.testing.do_bench(fn, rep=100, return_mode="median")

@@ -35,11 +35,10 @@ def flash_section(name: str, title: str) -> str:
     rows = read(name)
     if not rows:
         return ""
-    by_shape, runs = defaultdict(dict), {}
+    by_shape = defaultdict(dict)
     for r in rows:
         heads = f"{r['Hq']}/{r['Hkv']}"
         by_shape[(heads, int(r["S"]), int(r["B"]))][r["impl"]] = float(r["tflops"])
-        runs[(heads, int(r["S"]), int(r["B"]))] = r.get("run", "")
     body = []
     for (heads, seqlen, batch), impls in sorted(by_shape.items(), key=lambda kv: (kv[0][0] != "32/8", kv[0][1])):
         ours = impls.get("ours")
@@ -50,9 +49,9 @@ def flash_section(name: str, title: str) -> str:
             return f"{ours / impls[anchor]:.2f}x" if impls.get(anchor) else "-"
 
         body.append([heads, seqlen, batch, ours, impls.get("sdpa_cudnn", "-"), impls.get("sdpa_flash", "-"),
-                     impls.get("flex", "-"), ratio("sdpa_cudnn"), ratio("flex"), runs[(heads, seqlen, batch)] or "-"])
+                     impls.get("flex", "-"), ratio("sdpa_cudnn"), ratio("flex")])
     meta = rows[0]
-    header = ["Hq/Hkv", "S", "B", "ours", "SDPA cuDNN", "SDPA flash", "Flex", "ours/cuDNN", "ours/Flex", "run"]
+    header = ["Hq/Hkv", "S", "B", "ours", "SDPA cuDNN", "SDPA flash", "Flex", "ours/cuDNN", "ours/Flex"]
     return (f"**{title}** (TFLOP/s, bf16, D={meta['D']}, causal; {meta['gpu']}, torch {meta['torch']}, "
             f"triton {meta['triton']}, {meta['date']})\n\n" + table(header, body))
 
@@ -151,8 +150,10 @@ def multi_gpu_section() -> str:
         return ""
     cols = ["label", "world_size", "fsdp", "per_device_batch", "global_batch", "step_ms", "tokens_per_s", "speedup_vs_1gpu_warm",
             "last_loss", "max_rel_loss_diff_vs_1gpu", "matches_1gpu"]
+    # Labels carry the run's notes in brackets (see docs/uptraining.md); the table shows the run's name only.
+    body = [[r["label"].split(" (")[0]] + [r.get(c, "") for c in cols[1:]] for r in rows]
     return ("**Trainer on 2 GPUs** (`benchmarks/multi_gpu_check.py`: same weights, same global batches; 32M GQA "
-            "Llama, 60 steps)\n\n" + table(cols, [[r.get(c, "") for c in cols] for r in rows]))
+            "Llama, 60 steps; 1gpu_warm is the 1-GPU baseline, measured on a warm machine)\n\n" + table(cols, body))
 
 
 def gqa_section() -> str:
@@ -189,18 +190,146 @@ def render() -> str:
     ]
     return "\n\n".join(p for p in parts if p) or "(no GPU results yet)"
 
+GUIDE_START, GUIDE_END = "<!-- guide:start -->", "<!-- guide:end -->"
+IMPL_NAMES = {"sdpa_cudnn": "SDPA (cuDNN)", "sdpa_flash": "SDPA (flash)", "flex": "Flex", "sdpa": "sdpa",
+              "flex_attention": "flex_attention", "sdpa_mask": "SDPA + 4-D mask"}
+
+
+def _x(v: float) -> str:
+    return f"{v:.2f}x"
+
+
+def _span(ratios: list[float]) -> str:
+    lo, hi = min(ratios), max(ratios)
+    return _x(lo) if f"{lo:.2f}" == f"{hi:.2f}" else f"{_x(lo)}–{_x(hi)}"
+
+
+def _verdict(points: list[tuple[int, float]], rival: str, unit: str = "S") -> str:
+    """``points`` = (size, ours / rival); who wins where, from the numbers only."""
+    wins = sorted(n for n, r in points if r >= 1.0)
+    losses = sorted(n for n, r in points if r < 1.0)
+    if not losses:
+        return "**plugin**"
+    if not wins:
+        return f"**{rival}**"
+    if max(wins) < min(losses):
+        return f"**plugin** at {unit} ≤ {max(wins)}, **{rival}** at {unit} ≥ {min(losses)}"
+    if max(losses) < min(wins):
+        return f"**{rival}** at {unit} ≤ {max(losses)}, **plugin** at {unit} ≥ {min(wins)}"
+    return f"mixed: plugin at {unit} = {', '.join(map(str, wins))}; {rival} at {unit} = {', '.join(map(str, losses))}"
+
+
+def _flash_guide(name: str, what: str) -> list[list[str]]:
+    """One row per (D, GQA or MHA): ours against the fastest other implementation of each shape."""
+    groups = defaultdict(lambda: defaultdict(dict))
+    for r in read(name):
+        kind = "GQA" if r["Hq"] != r["Hkv"] else "MHA"
+        groups[(int(r["D"]), kind, f"{r['Hq']}/{r['Hkv']}")][int(r["S"])][r["impl"]] = float(r["tflops"])
+    rows = []
+    for (dim, kind, heads), by_s in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1] != "GQA")):
+        points, rivals = [], {}
+        for seqlen, impls in sorted(by_s.items()):
+            others = {k: v for k, v in impls.items() if k != "ours"}
+            if "ours" not in impls or not others:
+                continue
+            best = max(others, key=others.get)
+            rivals[seqlen] = IMPL_NAMES.get(best, best)
+            points.append((seqlen, impls["ours"] / others[best]))
+        if not points:
+            continue
+        losing = sorted({rivals[n] for n, r in points if r < 1.0}) or sorted(set(rivals.values()))
+        rows.append([f"{what}, {kind} {heads}, D={dim}, S {points[0][0]}–{points[-1][0]}",
+                     f"{_span([r for _, r in points])} vs the fastest of {', '.join(sorted(set(rivals.values())))}",
+                     _verdict(points, " / ".join(losing)), name])
+    return rows
+
+
+def guide_section() -> str:
+    """The README's "Which attention implementation should I use?" table, from benchmarks/results only."""
+    rows = _flash_guide("flash_fwd.csv", "Forward (prefill, scoring)")
+    rows += _flash_guide("flash_fwdbwd.csv", "Forward + backward (training)")
+    window = defaultdict(dict)
+    for r in read("flash_window.csv"):
+        window[r["mode"]][int(r["S"])] = {**window[r["mode"]].get(int(r["S"]), {}), r["impl"]: float(r["tflops"])}
+    for mode, by_s in sorted(window.items()):
+        for rival in ("flex", "sdpa_mask"):
+            points = [(n, i["ours"] / i[rival]) for n, i in sorted(by_s.items()) if "ours" in i and rival in i]
+            if points:
+                label = "forward + backward" if "fwdbwd" in mode else "forward"
+                rows.append([f"Sliding window {mode.split('_')[0].replace('window', 'W=')}, {label}",
+                             f"{_span([r for _, r in points])} vs {IMPL_NAMES[rival]}",
+                             _verdict(points, IMPL_NAMES[rival]), "flash_window.csv"])
+    training = read("model_training.csv")
+    for layout in dict.fromkeys(r["layout"] for r in training):
+        here = {r["impl"]: float(r["tokens_per_s"]) for r in training if r["layout"] == layout}
+        if "plugin" not in here:
+            continue
+        for impl, tps in here.items():
+            if impl != "plugin":
+                ratio = here["plugin"] / tps
+                what = "16 packed documents" if layout == "packed" else "one 16k sequence"
+                rows.append([f"Training step, ~1B Llama, {what}", f"{_x(ratio)} vs {impl}",
+                             "**plugin**" if ratio >= 1 else f"**{impl}**", "model_training.csv"])
+    paged = defaultdict(dict)
+    for r in read("paged_decode.csv"):
+        if r["case"] != "copy" and float(r["tbps"] or 0) > 0:
+            paged[r["case"]].setdefault(r["impl"], float(r["tbps"]))
+    for case, impls in paged.items():
+        others = {k: v for k, v in impls.items() if k != "ours" and k.startswith("sdpa")}
+        if "ours" in impls and others:
+            best = max(others, key=others.get)
+            ratio = impls["ours"] / others[best]
+            cache = "padded contiguous cache" if best.endswith("_padded") else "contiguous cache"
+            base = best.removesuffix("_padded")
+            rival = f"{IMPL_NAMES.get(base, base)} on a {cache}"
+            rows.append([f"Decode, paged KV cache, {case}", f"{_x(ratio)} vs {rival}",
+                         "**plugin**" if ratio >= 1 else f"**{rival}**", "paged_decode.csv"])
+    gen = read("generate_batch.csv")
+    ours = [float(r["new_tokens_per_s"]) for r in gen if r["impl"] == "plugin"]
+    sdpa = [float(r["new_tokens_per_s"]) for r in gen if r["impl"] == "sdpa"]
+    if ours and sdpa and len(ours) == len(sdpa):
+        ratios = [a / b for a, b in zip(ours, sdpa)]
+        rows.append(["Continuous batching (`generate_batch`), ~1B Llama, 128 requests", f"{_span(ratios)} vs sdpa",
+                     "**plugin**" if min(ratios) >= 1 else "mixed", "generate_batch.csv"])
+    if not rows:
+        return "(no GPU results yet)"
+    meta = next((r for n in ("flash_fwd.csv", "model_training.csv") for r in read(n)), {})
+    where = f"{meta.get('gpu', '?')}, torch {meta.get('torch', '?')}, bf16" if meta else "GPU results"
+    return (f"Speed of `\"plugin\"` relative to the fastest other implementation measured on each shape ({where}; "
+            "above 1.00x the plugin is faster). Features decide first: `output_attentions=True` or custom 4-D "
+            "masks need `eager`/`sdpa`; on CPU the plugin runs a pure-PyTorch reference meant "
+            "for testing, not for speed: use `sdpa` there.\n\n"
+            + table(["workload", "plugin speed", "faster here", "CSV"], rows) + _dims_note())
+
+
+def _dims_note() -> str:
+    dims = sorted({int(r["D"]) for n in ("flash_fwd.csv", "flash_fwdbwd.csv") for r in read(n)})
+    missing = [d for d in (64, 128, 256) if d not in dims]
+    if not dims or not missing:
+        return ""
+    return (f"\n\nHead dims measured: {', '.join(map(str, dims))}. Not measured here: "
+            f"{', '.join(map(str, missing))} (64 is SmolLM2's and many small models'): this table says nothing "
+            "about them.")
+
+
+def replace_block(text: str, start: str, end: str, block: str) -> str:
+    if start not in text or end not in text:
+        raise SystemExit(f"README.md has no {start} ... {end} block: add the two markers where the table goes")
+    return re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _: f"{start}\n{block}\n{end}", text, flags=re.S)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--print", action="store_true", help="print the tables instead of rewriting README.md")
     args = parser.parse_args()
     block = render()
+    guide = guide_section()
     if args.print:
-        print(block)
+        print(guide + "\n\n" + block)
         return
     readme = os.path.join(ROOT, "README.md")
     text = open(readme).read()
-    new = re.sub(re.escape(START) + ".*?" + re.escape(END), lambda _: f"{START}\n{block}\n{END}", text, flags=re.S)
+    new = replace_block(replace_block(text, GUIDE_START, GUIDE_END, guide), START, END, block)
     with open(readme, "w") as f:
         f.write(new)
     print(f"updated {readme}")

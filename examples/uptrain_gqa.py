@@ -59,10 +59,22 @@ from transformers import (
 EOS = "<|endoftext|>"
 
 __all__ = [
-    "stdlib_files", "split_files", "read_documents", "train_tokenizer", "chunk_token_ids", "tokenize_documents",
+    "require_train_extras", "stdlib_files", "split_files", "read_documents", "train_tokenizer", "chunk_token_ids", "tokenize_documents",
     "load_text_datasets", "build_llama", "load_model", "rope_in_autocast_dtype", "evaluate_perplexity",
     "make_training_args", "train", "uptrain", "main",
 ]
+
+
+def require_train_extras(*modules: str) -> None:
+    """Exit with an install hint when a module of the ``[train]`` extra is missing."""
+    import importlib.util
+
+    missing = [m for m in modules if importlib.util.find_spec(m) is None]
+    if missing:
+        raise SystemExit(
+            f"examples/uptrain_gqa.py needs {' and '.join(missing)} (the recipe's extras, not installed with the "
+            "package): pip install -e \".[train]\"  (or: pip install accelerate datasets)"
+        )
 
 
 # --------------------------------------------------------------------------------------------------- data
@@ -145,6 +157,7 @@ def load_text_datasets(tokenizer, data_files: list[str] | None, seq_len: int, va
     ``data_files`` None means the standard library's sources. Returns ``(train, validation)`` datasets with one
     column, ``input_ids``.
     """
+    require_train_extras("datasets")
     from datasets import load_dataset
 
     files = data_files or stdlib_files(max_files)
@@ -322,7 +335,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("model", help="checkpoint directory (e.g. the output of convert-to-gqa), with its tokenizer")
     p.add_argument("--out", required=True, help="where the uptrained model + tokenizer are saved")
     p.add_argument("--tokenizer", help="tokenizer directory if the checkpoint has none")
-    p.add_argument("--data-files", nargs="*", help="local text files (default: the Python standard library)")
+    p.add_argument("--data-files", nargs="*",
+                   help="local text files, one document per file (default: the .py sources of Python's standard "
+                        "library, a stand-in corpus present everywhere: pass your own text for real uptraining)")
     p.add_argument("--max-files", type=int, help="use only the first N files")
     p.add_argument("--val-percent", type=float, default=5.0, help="held-out files, percent (default 5)")
     p.add_argument("--seq-len", type=int, default=512, help="chunk length in tokens (default 512)")
@@ -338,10 +353,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--num-proc", type=int, default=None, help="tokenization processes")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
+    require_train_extras("accelerate", "datasets")  # Trainer needs accelerate; the text files are read by datasets
     if a.fraction is not None and not a.pretrain_steps:
         p.error("--fraction needs --pretrain-steps")
     max_steps = a.max_steps if a.max_steps is not None else max(1, round(a.fraction * a.pretrain_steps))
 
+    tok_files = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+    if a.tokenizer is None and os.path.isdir(a.model) and not any(os.path.exists(os.path.join(a.model, f))
+                                                                  for f in tok_files):
+        p.error(f"{a.model} has no tokenizer files ({', '.join(tok_files)}): pass --tokenizer DIR, e.g. the "
+                "directory of the checkpoint it was converted from")
     tokenizer = AutoTokenizer.from_pretrained(a.tokenizer or a.model)
     model = load_model(a.model)
     train_ds, val_ds = load_text_datasets(tokenizer, a.data_files, a.seq_len, a.val_percent, a.max_files, a.num_proc)

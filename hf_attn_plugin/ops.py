@@ -10,18 +10,33 @@ backend is chosen once per call:
 ``HF_ATTN_PLUGIN_BACKEND=auto|triton|reference`` picks it (``auto``: triton on CUDA, reference on
 CPU). ``torch.compile`` sees one opaque op per direction, so a compiled model has no graph breaks
 around attention.
+
+Input checks. :func:`attention` is the public boundary and validates everything it is given; the
+integration (which builds its own segments) calls :func:`attention_trusted`, which runs only the free
+checks. ``HF_ATTN_PLUGIN_CHECKS`` picks how much :func:`attention` checks the *values* of user tensors
+(segments, sinks):
+
+* ``0``: no value checks (shapes, dtypes, devices and scalar arguments are always checked: they are free);
+* ``1`` (default): value checks that never add a host synchronisation: on CPU tensors they run on the
+  host and raise ``ValueError``; on CUDA tensors they are device-side asserts (``torch._assert_async``),
+  which fail at the next synchronisation with a device-side assertion error (the CUDA context is then
+  unusable, so rerun with ``full`` to see which input was wrong);
+* ``full``: every value check on the host, raising ``ValueError`` with details; one host
+  synchronisation per call on CUDA. Use it when debugging.
 """
 
 from __future__ import annotations
 
+import math
+import numbers
 import os
 from typing import Optional
 
 import torch
 
-from . import reference
+from . import _checks, reference
 
-__all__ = ["attention", "backend_for", "BACKENDS"]
+__all__ = ["attention", "attention_trusted", "check_segments", "backend_for", "dropout_seed", "BACKENDS"]
 
 BACKENDS = ("auto", "triton", "reference")
 
@@ -62,22 +77,47 @@ def _attention_fwd(
     softcap: float,
     max_seqlen_q: int,
     max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    dropout_seed: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if backend_for(q.device) == "triton":
         from .kernels import flash
 
         return flash.flash_attn_forward(
-            q, k, v, segments, sinks, scale, causal, window, softcap, max_seqlen_q, max_seqlen_k
+            q, k, v, segments, sinks, scale, causal, window, softcap, max_seqlen_q, max_seqlen_k,
+            dropout_p=dropout_p, dropout_seed=dropout_seed,
         )
     out, lse = reference.attention_reference(
         q, k, v, scale=scale, causal=causal, window=_window(window), softcap=_softcap(softcap),
-        sinks=sinks, segments=segments,
+        sinks=sinks, segments=segments, dropout_p=dropout_p,
+        dropout_mask=_reference_dropout_mask(q, k, dropout_p, dropout_seed),
     )
     return out.contiguous(), lse.contiguous()
 
 
+def dropout_seed(device: torch.device | str) -> torch.Tensor:
+    """A fresh attention-dropout seed: one int64 drawn with ``torch.randint`` from the default generator of
+    ``device``. Why a drawn seed (rather than reading the generator's Philox seed/offset on the host and advancing
+    the offset, as torch's fused kernels do): it stays on the device (no host synchronisation, no hidden
+    generator state inside the op), ``torch.compile`` traces it as an ordinary random op, and a CUDA graph replay
+    draws a new one (torch registers the generator with the graph); ``torch.manual_seed`` reproduces it, and each
+    call advances the generator like any other random op. The backward regenerates the mask from the same seed."""
+    return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
+
+
+def _reference_dropout_mask(q, k, dropout_p, seed) -> Optional[torch.Tensor]:
+    """The reference backend's mask ``[B, Hq, Sq, Sk]`` for ``seed`` (torch's generator seeded with it, so the
+    backward gets the same mask; the Triton kernels draw a different one, with Philox, from the same seed)."""
+    if not dropout_p:
+        return None
+    gen = torch.Generator(device=q.device).manual_seed(int(seed.reshape(-1)[0]))
+    shape = (q.shape[0], q.shape[2], q.shape[1], k.shape[1])
+    return torch.rand(shape, generator=gen, device=q.device) >= dropout_p
+
+
 @_attention_fwd.register_fake
-def _(q, k, v, segments, sinks, scale, causal, window, softcap, max_seqlen_q, max_seqlen_k):
+def _(q, k, v, segments, sinks, scale, causal, window, softcap, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+      dropout_seed=None):
     batch, seqlen_q, heads_q, _ = q.shape
     out = q.new_empty(q.shape)
     lse = q.new_empty((batch, heads_q, seqlen_q), dtype=torch.float32)
@@ -100,6 +140,8 @@ def _attention_bwd(
     softcap: float,
     max_seqlen_q: int,
     max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    dropout_seed: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns ``(dq, dk, dv, dsinks)``; ``dsinks`` is an empty tensor when there are no sinks."""
     dout = dout.contiguous()  # a grad of sum() has stride 0
@@ -107,42 +149,47 @@ def _attention_bwd(
         from .kernels import flash
 
         dq, dk, dv, dsinks = flash.flash_attn_backward(
-            dout, q, k, v, out, lse, segments, sinks, scale, causal, window, softcap, max_seqlen_q, max_seqlen_k
+            dout, q, k, v, out, lse, segments, sinks, scale, causal, window, softcap, max_seqlen_q, max_seqlen_k,
+            dropout_p=dropout_p, dropout_seed=dropout_seed,
         )
     else:
-        dq, dk, dv, dsinks = _reference_backward(dout, q, k, v, segments, sinks, scale, causal, window, softcap)
+        dq, dk, dv, dsinks = _reference_backward(dout, q, k, v, segments, sinks, scale, causal, window, softcap,
+                                                 dropout_p, dropout_seed)
     if dsinks is None:
         dsinks = q.new_empty(0, dtype=torch.float32)
     return dq.contiguous(), dk.contiguous(), dv.contiguous(), dsinks.float()
 
 
-def _reference_backward(dout, q, k, v, segments, sinks, scale, causal, window, softcap):
+def _reference_backward(dout, q, k, v, segments, sinks, scale, causal, window, softcap, dropout_p=0.0,
+                        dropout_seed=None):
     return reference.attention_reference_backward(
         dout, q, k, v, scale=scale, causal=causal, window=_window(window), softcap=_softcap(softcap),
-        sinks=sinks, segments=segments,
+        sinks=sinks, segments=segments, dropout_p=dropout_p,
+        dropout_mask=_reference_dropout_mask(q, k, dropout_p, dropout_seed),
     )
 
 
 @_attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, segments, sinks, scale, causal, window, softcap, max_seqlen_q, max_seqlen_k):
+def _(dout, q, k, v, out, lse, segments, sinks, scale, causal, window, softcap, max_seqlen_q, max_seqlen_k,
+      dropout_p=0.0, dropout_seed=None):
     dsinks = torch.empty_like(sinks, dtype=torch.float32) if sinks is not None else q.new_empty(0, dtype=torch.float32)
     grads = (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
     return *grads, dsinks
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, segments, sinks, scale, causal, window, softcap, max_seqlen_q, max_seqlen_k = inputs
+    q, k, v, segments, sinks, scale, causal, window, softcap, max_seqlen_q, max_seqlen_k, dropout_p, seed = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, segments, sinks)
-    ctx.args = (scale, causal, window, softcap, max_seqlen_q, max_seqlen_k)
+    ctx.save_for_backward(q, k, v, out, lse, segments, sinks, seed)
+    ctx.args = (scale, causal, window, softcap, max_seqlen_q, max_seqlen_k, dropout_p)
     ctx.has_sinks = sinks is not None
 
 
 def _backward(ctx, dout, dlse):
-    q, k, v, out, lse, segments, sinks = ctx.saved_tensors
-    dq, dk, dv, dsinks = _attention_bwd(dout, q, k, v, out, lse, segments, sinks, *ctx.args)
+    q, k, v, out, lse, segments, sinks, seed = ctx.saved_tensors
+    dq, dk, dv, dsinks = _attention_bwd(dout, q, k, v, out, lse, segments, sinks, *ctx.args, seed)
     dsinks = dsinks.to(sinks.dtype) if ctx.has_sinks else None
-    return dq, dk, dv, None, dsinks, None, None, None, None, None, None
+    return dq, dk, dv, None, dsinks, None, None, None, None, None, None, None, None
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
@@ -162,36 +209,190 @@ def attention(
     max_seqlen_q: int | None = None,
     max_seqlen_k: int | None = None,
     return_lse: bool = False,
+    dropout_p: float = 0.0,
 ):
     """Flash attention on ``[B, S, H, D]`` tensors; semantics in :mod:`hf_attn_plugin.reference`.
 
+    ``dropout_p``: attention dropout in ``[0, 1)`` (training); the mask comes from a seed drawn from torch's
+    default generator of the device (:func:`dropout_seed`), so ``torch.manual_seed`` reproduces it.
+
+    ``window``: ``None`` or ``0`` for none, else a positive integer (keys seen, including the query's own).
+    ``softcap``: ``None`` or ``0`` for none, else a positive finite number. ``sinks``: one finite (or
+    ``-inf``) logit per query head. ``segments``: int32 ``[N, 5]`` rows ``(batch, q_start, q_end, k_start,
+    k_end)`` with ``0 <= q_start <= q_end <= Sq``, ``0 <= k_start <= k_end <= Sk``, ``0 <= batch < B``
+    and no two non-empty query ranges, nor two non-empty key ranges, of one batch row overlapping.
     ``max_seqlen_q``/``max_seqlen_k`` bound the segment lengths (they size the kernel grid); they
-    default to the padded lengths ``Sq``/``Sk``, which is always safe.
+    default to the padded lengths ``Sq``/``Sk``, which is always safe. Values are checked according to
+    ``HF_ATTN_PLUGIN_CHECKS`` (module docstring).
     """
     _check_inputs(q, k, v, sinks, segments)
+    window, softcap = _check_window(window), _check_softcap(softcap)
+    max_q, max_k = _check_max_seqlen(max_seqlen_q, q.shape[1], "q"), _check_max_seqlen(max_seqlen_k, k.shape[1], "k")
+    level = _checks.checks_level()
+    if level != _checks.OFF and q.device.type != "meta":
+        host = level == _checks.FULL or (q.device.type == "cpu" and not torch.compiler.is_compiling())
+        if segments is not None:
+            check_segments(segments, q.shape[0], q.shape[1], k.shape[1], max_q, max_k, host=host)
+        if sinks is not None:
+            _require(~(torch.isnan(sinks) | torch.isposinf(sinks)).any(), host,
+                     lambda: f"sinks must be finite or -inf (a +inf or NaN sink makes every output row undefined), "
+                             f"got {sinks.tolist()}")
+    return _run(q, k, v, scale, causal, window, softcap, sinks, segments, max_q, max_k, return_lse, dropout_p)
+
+
+def attention_trusted(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    causal: bool = True,
+    window: int | None = None,
+    softcap: float | None = None,
+    sinks: torch.Tensor | None = None,
+    segments: torch.Tensor | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    return_lse: bool = False,
+    dropout_p: float = 0.0,
+):
+    """:func:`attention` for arguments the package built itself (valid by construction): only the free
+    checks (shapes, dtypes, devices), never a look at tensor values. Internal: the integration calls it."""
+    _check_inputs(q, k, v, sinks, segments)
+    return _run(q, k, v, scale, causal, window, softcap, sinks, segments,
+                int(max_seqlen_q or q.shape[1]), int(max_seqlen_k or k.shape[1]), return_lse, dropout_p)
+
+
+def _run(q, k, v, scale, causal, window, softcap, sinks, segments, max_q, max_k, return_lse, dropout_p=0.0):
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    dropout_p = _check_dropout(dropout_p)
     out, lse = _attention_fwd(
         q, k, v, segments, sinks, scale, bool(causal),
         int(window) if window else 0,
         float(softcap) if softcap else 0.0,
-        int(max_seqlen_q or q.shape[1]),
-        int(max_seqlen_k or k.shape[1]),
+        max_q, max_k, dropout_p, dropout_seed(q.device) if dropout_p else None,
     )
     return (out, lse) if return_lse else out
 
 
+def _require(ok: torch.Tensor, host: bool, message) -> None:
+    """Raise ``ValueError(message())`` unless ``ok`` (a 0-d bool tensor): on the host when ``host``, else as a
+    device-side assert (no synchronisation; it fires at the next one)."""
+    if host:
+        if not bool(ok):
+            raise ValueError(message())
+    else:
+        torch._assert_async(ok, "hf_attn_plugin: invalid attention input (rerun with HF_ATTN_PLUGIN_CHECKS=full "
+                                "for the details)")
+
+
+def check_segments(segments: torch.Tensor, batch: int, seqlen_q: int, seqlen_k: int, max_seqlen_q: int,
+                   max_seqlen_k: int, *, host: bool = True) -> None:
+    """Check the values of user segments (see :func:`attention`): ranges inside their rows, a batch index in
+    range, no overlapping query ranges in a batch row, lengths within ``max_seqlen_q/k``.
+
+    ``host=True`` raises ``ValueError`` (reads the values: a synchronisation on CUDA); ``host=False``
+    enqueues device-side asserts.
+    """
+    if segments.shape[0] == 0:
+        return
+    seg = segments.to(torch.int64)
+    b, qs, qe, ks, ke = seg.unbind(1)
+    bounds = ((b >= 0) & (b < batch) & (qs >= 0) & (qs <= qe) & (qe <= seqlen_q)
+              & (ks >= 0) & (ks <= ke) & (ke <= seqlen_k))
+    lengths = ((qe - qs) <= max_seqlen_q) & ((ke - ks) <= max_seqlen_k)
+    overlap_q, order_q = _overlaps(b, qs, qe, seqlen_q)
+    overlap_k, order_k = _overlaps(b, ks, ke, seqlen_k)
+
+    def where(mask):
+        return [tuple(r) for r in segments[mask].tolist()[:3]]
+
+    _require(bounds.all(), host, lambda: (
+        f"segments out of range for batch {batch}, Sq {seqlen_q}, Sk {seqlen_k}: rows (batch, q_start, q_end, "
+        f"k_start, k_end) need 0 <= batch < {batch}, 0 <= q_start <= q_end <= {seqlen_q} and "
+        f"0 <= k_start <= k_end <= {seqlen_k}; offending rows: {where(~bounds)}"))
+    _require(~overlap_q.any(), host, lambda: (
+        "segments overlap: two non-empty query ranges of one batch row share queries (each query row "
+        f"belongs to at most one segment); offending rows: {where(order_q[1:][overlap_q])}"))
+    _require(~overlap_k.any(), host, lambda: (
+        "segments overlap: two non-empty key ranges of one batch row share keys (each key row belongs to at "
+        f"most one segment, or its gradients would not add up); offending rows: {where(order_k[1:][overlap_k])}"))
+    _require(lengths.all(), host, lambda: (
+        f"max_seqlen_q={max_seqlen_q} / max_seqlen_k={max_seqlen_k} are smaller than the longest segment "
+        f"(rows {where(~lengths)}): pass the true maxima, or leave them None (the padded lengths, always safe)"))
+
+
+def _overlaps(b, start, end, length):
+    """Per adjacent pair of the non-empty ranges sorted by (batch, start) (empty ones last): do they overlap?
+    Ranges sorted by start are disjoint iff every adjacent pair is. Returns (overlap [N-1], order [N])."""
+    nonempty = end > start
+    order = torch.where(nonempty, b * (length + 1) + start, torch.iinfo(torch.int64).max).argsort()
+    sb, ss, se, sne = b[order], start[order], end[order], nonempty[order]
+    return sne[1:] & sne[:-1] & (sb[1:] == sb[:-1]) & (ss[1:] < se[:-1]), order
+
+
+def _check_window(window) -> int | None:
+    if window is None or (isinstance(window, numbers.Integral) and not isinstance(window, bool) and window >= 0):
+        return int(window) if window else None
+    raise ValueError(f"window must be None or a non-negative integer (keys seen including the query's own; 0 or "
+                     f"None for no window), got {window!r}")
+
+
+def _check_softcap(softcap) -> float | None:
+    if softcap is None or (isinstance(softcap, numbers.Real) and not isinstance(softcap, bool)
+                           and math.isfinite(softcap) and softcap >= 0):
+        return float(softcap) if softcap else None
+    raise ValueError(f"softcap must be None or a finite non-negative number (0 or None for no softcap), "
+                     f"got {softcap!r}")
+
+
+def _check_dropout(dropout_p) -> float:
+    if dropout_p is None or (isinstance(dropout_p, numbers.Real) and not isinstance(dropout_p, bool)
+                             and 0.0 <= dropout_p < 1.0):
+        return float(dropout_p or 0.0)
+    raise ValueError(f"dropout_p must be a number in [0, 1) (0 or None for no dropout), got {dropout_p!r}")
+
+
+def _check_max_seqlen(value, padded: int, which: str) -> int:
+    if value is None or value == 0:
+        return int(padded)
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0:
+        return int(value)
+    raise ValueError(f"max_seqlen_{which} must be None or a positive integer, got {value!r}")
+
+
+_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
 def _check_inputs(q, k, v, sinks, segments) -> None:
+    """The free checks: shapes, dtypes, devices (no tensor value is read)."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"expected 4-D [B, S, H, D] tensors, got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if k.shape != v.shape:
         raise ValueError(f"key and value shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
     if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"batch or head_dim of q {tuple(q.shape)} does not match k {tuple(k.shape)}")
+    if k.shape[2] == 0 or q.shape[2] == 0:
+        raise ValueError(f"q and k/v need at least one head, got q {tuple(q.shape)}, k {tuple(k.shape)}")
     if q.shape[2] % k.shape[2]:
         raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of key/value heads ({k.shape[2]})")
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
-    if sinks is not None and sinks.shape != (q.shape[2],):
-        raise ValueError(f"sinks must have one logit per query head ({q.shape[2]}), got {tuple(sinks.shape)}")
+    if q.dtype not in _DTYPES:
+        raise ValueError(f"q, k, v must be float16, bfloat16, float32 or float64, got {q.dtype}")
+    for name, t in (("k", k), ("v", v), ("sinks", sinks), ("segments", segments)):
+        if t is not None and t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}: move every input to one device")
+    if sinks is not None and (sinks.shape != (q.shape[2],) or not sinks.is_floating_point()):
+        raise ValueError(f"sinks must be a floating-point tensor with one logit per query head ({q.shape[2]}), "
+                         f"got {sinks.dtype} {tuple(sinks.shape)}")
     if segments is not None and (segments.dim() != 2 or segments.shape[1] != 5 or segments.dtype != torch.int32):
         raise ValueError("segments must be an int32 tensor [N, 5] of (batch, q_start, q_end, k_start, k_end)")
+    if q.dtype == torch.bfloat16 and q.device.type == "cpu" and backend_for(q.device) == "triton":
+        raise ValueError(
+            "bfloat16 on the Triton interpreter (CPU tensors) gives wrong results (an upstream interpreter bug in "
+            "bf16 tl.dot): use float32 or float16 under TRITON_INTERPRET=1, or HF_ATTN_PLUGIN_BACKEND=reference"
+        )

@@ -21,15 +21,25 @@ cache ``[1, L, H_kv, D]`` with one segment ``(0, 0, n, k_start, L)`` (bottom-rig
 ``n`` new tokens are the last ``n`` positions). The backend follows
 :func:`hf_attn_plugin.ops.backend_for`: Triton kernels on CUDA (or CPU under ``TRITON_INTERPRET=1``
 with ``HF_ATTN_PLUGIN_BACKEND=triton``), the gathering reference elsewhere.
+
+Checks: :func:`write_kv` and :func:`paged_attention` check shapes, dtypes and devices on every call, and the
+values of index tensors (slots, block-table entries, lengths, ``k_starts``, ``cu_seqlens_q``) as
+``HF_ATTN_PLUGIN_CHECKS`` says (:mod:`hf_attn_plugin._checks`): by default without a synchronisation, and not
+at all for the tensors of a :class:`~hf_attn_plugin.paged.StepPlan` (the allocator built them), so the decode
+hot path pays nothing. ``_write_kv``/``_paged_attention`` skip every check (integration code that built its
+arguments itself).
 """
 
 from __future__ import annotations
 
+import math
+import operator
 from typing import Optional
 
 import torch
 
 from . import reference
+from ._checks import CHEAP, FULL, OFF, built_facts, checks_level, require
 from .ops import backend_for
 
 __all__ = ["paged_attention", "write_kv", "gather_kv", "paged_attention_reference"]
@@ -37,10 +47,22 @@ __all__ = ["paged_attention", "write_kv", "gather_kv", "paged_attention_referenc
 
 # --------------------------------------------------------------------------- reference path
 def gather_kv(pool: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
-    """One sequence's first ``length`` cached tokens as a contiguous ``[1, length, H_kv, D]``."""
+    """One sequence's first ``length`` cached tokens as a contiguous ``[1, length, H_kv, D]``.
+
+    The reference path (it reads the table back to the host): the pages ``length`` covers are checked.
+    """
     page_size = pool.shape[1]
+    length = _int_arg("length", length)
+    if block_table.dim() != 1 or block_table.is_floating_point() or block_table.is_complex():
+        raise ValueError(f"gather_kv: block_table must be one integer row, got {block_table.dtype} "
+                         f"{tuple(block_table.shape)}")
+    if pool.dim() != 4 or page_size <= 0 or length > block_table.shape[0] * page_size:
+        raise ValueError(f"gather_kv: {length} tokens do not fit {block_table.shape[0]} pages of pool "
+                         f"{tuple(pool.shape)}")
     num_pages = -(-length // page_size)
     pages = block_table[:num_pages].to(device=pool.device, dtype=torch.long)
+    if num_pages and not bool(((pages >= 0) & (pages < pool.shape[0])).all()):
+        raise ValueError(f"gather_kv: block_table entries {pages.tolist()} are not all pages in [0, {pool.shape[0]})")
     return pool.index_select(0, pages).flatten(0, 1)[:length].unsqueeze(0)
 
 
@@ -71,9 +93,10 @@ def paged_attention_reference(
 def _write_kv_reference(k_pool, v_pool, k_new, v_new, slot_mapping) -> None:
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].to(torch.long)
+    page_size = k_pool.shape[1]
+    where = (slots // page_size, slots % page_size)  # any pool strides (a flat view needs contiguous pools)
     for pool, new in ((k_pool, k_new), (v_pool, v_new)):
-        flat = pool.view(-1, *pool.shape[2:])  # pools are contiguous: a view, written in place
-        flat.index_copy_(0, slots, new[keep].to(pool.dtype))
+        pool.index_put_(where, new[keep].to(pool.dtype))
 
 
 # --------------------------------------------------------------------------- custom ops
@@ -103,6 +126,13 @@ def _paged_attention_impl(q, k_pool, v_pool, block_tables, seq_lens, cu_seqlens_
     if backend_for(q.device) == "triton":
         from .kernels import paged
 
+        if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"paged_attention: the Triton paged kernels take float16, bfloat16 or float32, got "
+                             f"{q.dtype}: use HF_ATTN_PLUGIN_BACKEND=reference for it")
+        if q.dtype == torch.bfloat16 and q.device.type != "cuda":
+            raise ValueError("paged_attention: bfloat16 on the Triton interpreter (CPU tensors) gives wrong results "
+                             "(an upstream interpreter bug in bf16 tl.dot): use float32 or float16 under "
+                             "TRITON_INTERPRET=1, or HF_ATTN_PLUGIN_BACKEND=reference")
         return paged.paged_attention(
             q, k_pool, v_pool, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, k_starts, sinks,
             scale, causal, window, softcap, num_splits,
@@ -172,21 +202,135 @@ def _paged_attention(q, k_pool, v_pool, block_tables, seq_lens, cu_seqlens_q, k_
     return _paged_attention_op(*args)
 
 
+# --------------------------------------------------------------------------- argument checks
+# Metadata (shapes, dtypes, devices) is checked on every call: it costs nothing. Values of index tensors are
+# checked by HF_ATTN_PLUGIN_CHECKS (see hf_attn_plugin._checks): device-side by default, skipped for tensors
+# the package built itself (StepPlan), all of them with one read-back under "full".
+def _int_arg(name: str, value, minimum: int = 0) -> int:
+    """A host integer argument >= ``minimum`` (an integral float such as ``4.0`` is accepted)."""
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    try:
+        value = operator.index(value)
+    except TypeError:
+        raise ValueError(f"{name} must be an integer, got {value!r}") from None
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return value
+
+
+def _check_pools(fn: str, k_pool: torch.Tensor, v_pool: torch.Tensor) -> None:
+    if k_pool.dim() != 4 or k_pool.shape != v_pool.shape:
+        raise ValueError(f"{fn}: k_pool and v_pool must both be [num_pages, page_size, H_kv, D], got "
+                         f"{tuple(k_pool.shape)} and {tuple(v_pool.shape)}")
+    if min(k_pool.shape[1:]) <= 0:
+        raise ValueError(f"{fn}: pools {tuple(k_pool.shape)} need page_size, H_kv and D >= 1")
+    if not k_pool.is_floating_point() or k_pool.dtype != v_pool.dtype:
+        raise ValueError(f"{fn}: pools must share one floating dtype, got {k_pool.dtype} and {v_pool.dtype}")
+    if k_pool.stride(-1) != 1 or v_pool.stride(-1) != 1:
+        raise ValueError(f"{fn}: the pools' last dimension (head_dim) must be contiguous")
+
+
+def _check_devices(fn: str, device: torch.device, **tensors) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device != device:
+            raise ValueError(f"{fn}: {name} is on {t.device}, expected {device} (every tensor on one device)")
+
+
+def _check_index(fn: str, name: str, t: torch.Tensor | None, shape: tuple, dtypes=(torch.int32,)) -> torch.Tensor:
+    """An index tensor of ``shape`` (``None`` entries: any size) and dtype, made contiguous (kernels read it
+    with unit stride)."""
+    if t is None:
+        return None
+    if t.dim() != len(shape) or any(s is not None and s != n for s, n in zip(shape, t.shape)):
+        want = ", ".join("*" if s is None else str(s) for s in shape)
+        raise ValueError(f"{fn}: {name} must be [{want}], got {tuple(t.shape)}")
+    if t.dtype not in dtypes:
+        raise ValueError(f"{fn}: {name} must be {' or '.join(map(str, dtypes))}, got {t.dtype}")
+    return t if t.is_contiguous() else t.contiguous()
+
+
+def _check_slot_values(slot_mapping: torch.Tensor, num_slots: int, level: int) -> None:
+    facts = built_facts(slot_mapping) if level == CHEAP else None
+    if facts is not None:
+        if facts["num_slots"] > num_slots:
+            raise ValueError(f"write_kv: slot_mapping was planned for {facts['num_slots']} slots, the pools hold "
+                             f"{num_slots}: pass the pools of the cache that made the plan")
+        return
+    msg = f"write_kv: slot_mapping has a slot >= {num_slots} (the pools' num_pages * page_size); -1 skips a token"
+    conds = [(slot_mapping < num_slots, msg)]
+    if level == FULL:
+        srt = slot_mapping.sort().values
+        conds.append(((srt[1:] != srt[:-1]) | (srt[1:] < 0), "write_kv: slot_mapping holds a slot twice"))
+    require(conds, host=level == FULL or slot_mapping.device.type == "cpu")
+
+
+def _check_attention_values(block_tables, seq_lens, cu_seqlens_q, k_starts, sinks, num_tokens: int, num_pages: int,
+                            page_size: int, max_seqlen_q: int, level: int, synced: bool) -> None:
+    conds = []
+    cheap = level == CHEAP
+    bt_facts, sl_facts = (built_facts(block_tables), built_facts(seq_lens)) if cheap else (None, None)
+    width = block_tables.shape[1]
+    capacity = width * page_size
+    if bt_facts is not None and sl_facts is not None:
+        if bt_facts["num_pages"] > num_pages or sl_facts["max_len"] > capacity:
+            raise ValueError(f"paged_attention: block_tables/seq_lens were planned for {bt_facts['num_pages']} "
+                             f"pages, the pools hold {num_pages}: pass the pools of the cache that made the plan")
+    else:
+        conds.append(((seq_lens >= 0) & (seq_lens <= capacity),
+                      f"paged_attention: seq_lens must be in [0, {capacity}] (block_tables has {width} pages of "
+                      f"{page_size} tokens per sequence)"))
+        cols = torch.arange(width, device=block_tables.device, dtype=torch.int32)
+        used = cols[None, :] * page_size < seq_lens[:, None]  # entries the kernels read
+        conds.append((~used | ((block_tables >= 0) & (block_tables < num_pages)),
+                      f"paged_attention: a block_tables entry within seq_lens is not a page in [0, {num_pages})"))
+    if k_starts is not None and (not cheap or built_facts(k_starts) is None):
+        conds.append((k_starts >= 0, "paged_attention: k_starts must be >= 0"))
+    if cu_seqlens_q is not None:
+        cu_facts = built_facts(cu_seqlens_q) if cheap else None
+        if cu_facts is not None:
+            if cu_facts["total"] != num_tokens or cu_facts["max_count"] > max_seqlen_q:
+                raise ValueError(f"paged_attention: cu_seqlens_q was planned for {cu_facts['total']} tokens of at "
+                                 f"most {cu_facts['max_count']} per sequence; q has {num_tokens} tokens and "
+                                 f"max_seqlen_q={max_seqlen_q}")
+        else:
+            counts = cu_seqlens_q[1:] - cu_seqlens_q[:-1]
+            conds += [
+                ((cu_seqlens_q[:1] == 0) & (cu_seqlens_q[-1:] == num_tokens),
+                 f"paged_attention: cu_seqlens_q must start at 0 and end at q's token count {num_tokens}"),
+                (counts >= 0, "paged_attention: cu_seqlens_q must be non-decreasing"),
+                (counts <= max_seqlen_q,
+                 f"paged_attention: a sequence has more than max_seqlen_q={max_seqlen_q} query tokens"),
+            ]
+    if sinks is not None and not cheap:  # +inf: NaN on the kernels, 0 on the reference
+        conds.append((sinks != float("inf"), "paged_attention: sinks must not be +inf"))
+    require(conds, host=level == FULL or synced or seq_lens.device.type == "cpu")
+
+
 # --------------------------------------------------------------------------- public API
 def write_kv(
     k_pool: torch.Tensor, v_pool: torch.Tensor, k_new: torch.Tensor, v_new: torch.Tensor, slot_mapping: torch.Tensor
 ) -> None:
     """Write ``k_new``/``v_new`` ``[T, H_kv, D]`` into ``k_pool``/``v_pool`` at ``slot_mapping`` ``[T]``.
 
-    ``slot = page * page_size + offset``; negative slots are skipped (padding tokens). Slots must be
-    distinct (the allocator guarantees it).
+    ``slot = page * page_size + offset`` (int64 or int32); negative slots are skipped (padding tokens).
+    Slots must be distinct (the allocator guarantees it). Slots past the pools are refused (see
+    ``HF_ATTN_PLUGIN_CHECKS`` in :mod:`hf_attn_plugin._checks`).
     """
+    fn = "write_kv"
+    _check_pools(fn, k_pool, v_pool)
     if k_new.shape != v_new.shape or k_new.dim() != 3:
-        raise ValueError(f"k_new/v_new must both be [T, H_kv, D], got {tuple(k_new.shape)} and {tuple(v_new.shape)}")
-    if k_pool.shape != v_pool.shape or k_pool.dim() != 4 or k_pool.shape[2:] != k_new.shape[1:]:
-        raise ValueError(f"pools {tuple(k_pool.shape)} do not match new tokens {tuple(k_new.shape)}")
-    if slot_mapping.shape != (k_new.shape[0],):
-        raise ValueError(f"slot_mapping must be [T={k_new.shape[0]}], got {tuple(slot_mapping.shape)}")
+        raise ValueError(f"{fn}: k_new/v_new must both be [T, H_kv, D], got {tuple(k_new.shape)} and "
+                         f"{tuple(v_new.shape)}")
+    if k_pool.shape[2:] != k_new.shape[1:]:
+        raise ValueError(f"{fn}: pools {tuple(k_pool.shape)} do not match new tokens {tuple(k_new.shape)}")
+    if not (k_new.is_floating_point() and v_new.is_floating_point()):
+        raise ValueError(f"{fn}: k_new/v_new must be floating point, got {k_new.dtype} and {v_new.dtype}")
+    slot_mapping = _check_index(fn, "slot_mapping", slot_mapping, (k_new.shape[0],), (torch.int64, torch.int32))
+    _check_devices(fn, k_pool.device, v_pool=v_pool, k_new=k_new, v_new=v_new, slot_mapping=slot_mapping)
+    level = checks_level()
+    if level != OFF:
+        _check_slot_values(slot_mapping, k_pool.shape[0] * k_pool.shape[1], level)
     _write_kv(k_pool, v_pool, k_new, v_new, slot_mapping)
 
 
@@ -211,38 +355,59 @@ def paged_attention(
 
     * decode: ``cu_seqlens_q=None``, ``T == num_seqs`` (query ``b`` is sequence ``b``'s last token).
       Sync-free and of a fixed grid for given shapes and ``num_splits``: CUDA-graph capturable.
-    * prefill / chunked prefill / mixed: ``cu_seqlens_q`` int32 ``[num_seqs+1]``; ``max_seqlen_q``
-      (host int) bounds the per-sequence query count (read from ``cu_seqlens_q`` when omitted: a sync).
-    * ``k_starts`` int32 ``[num_seqs]``: cached positions before it are padding (left-padded batches).
-    * ``window`` (keys ``j > pos - window``), ``softcap``, ``sinks`` ``[H_q]``: as in
-      :mod:`hf_attn_plugin.reference`. ``scale`` defaults to ``D ** -0.5``.
+    * prefill / chunked prefill / mixed: ``cu_seqlens_q`` int32 ``[num_seqs+1]`` (``0 .. T``,
+      non-decreasing); ``max_seqlen_q`` (host int) bounds the per-sequence query count (read from
+      ``cu_seqlens_q`` when omitted: a sync).
+    * ``k_starts`` int32 ``[num_seqs]`` (>= 0): cached positions before it are padding (left-padded batches).
+    * ``window`` (keys ``j > pos - window``; ``None``/0: off), ``softcap`` (``None``/0: off), ``sinks``
+      ``[H_q]``: as in :mod:`hf_attn_plugin.reference`. ``scale`` defaults to ``D ** -0.5``.
     * ``num_splits``: split-K factor over the context (``None``: from shapes and the SM count).
+
+    ``seq_lens`` must fit the block table (``<= max_pages_per_seq * page_size``) and the table's entries
+    that ``seq_lens`` covers must be pages of the pools; checked as ``HF_ATTN_PLUGIN_CHECKS`` says
+    (:mod:`hf_attn_plugin._checks`).
     """
-    if q.dim() != 3 or k_pool.dim() != 4 or k_pool.shape != v_pool.shape:
-        raise ValueError(f"expected q [T, Hq, D] and pools [pages, page_size, Hkv, D]; got {tuple(q.shape)}, "
-                         f"{tuple(k_pool.shape)}, {tuple(v_pool.shape)}")
+    fn = "paged_attention"
+    _check_pools(fn, k_pool, v_pool)
+    if q.dim() != 3 or min(q.shape[1:]) <= 0:
+        raise ValueError(f"{fn}: q must be [T, Hq, D] with Hq, D >= 1, got {tuple(q.shape)}")
     if q.shape[-1] != k_pool.shape[-1] or q.shape[1] % k_pool.shape[2]:
-        raise ValueError(f"q {tuple(q.shape)} does not fit pools {tuple(k_pool.shape)} (head_dim, GQA grouping)")
-    if q.dtype != k_pool.dtype or k_pool.dtype != v_pool.dtype:
-        raise ValueError(f"dtypes differ: q {q.dtype}, k_pool {k_pool.dtype}, v_pool {v_pool.dtype}")
-    if block_tables.dtype != torch.int32 or seq_lens.dtype != torch.int32:
-        raise ValueError("block_tables and seq_lens must be int32")
-    for name, t in (("cu_seqlens_q", cu_seqlens_q), ("k_starts", k_starts)):
-        if t is not None and t.dtype != torch.int32:
-            raise ValueError(f"{name} must be int32")
-    if cu_seqlens_q is None and q.shape[0] != seq_lens.shape[0]:
-        raise ValueError(f"decode takes one query per sequence: q has {q.shape[0]} tokens, {seq_lens.shape[0]} sequences")
-    if sinks is not None and sinks.shape != (q.shape[1],):
-        raise ValueError(f"sinks must be [Hq={q.shape[1]}], got {tuple(sinks.shape)}")
+        raise ValueError(f"{fn}: q {tuple(q.shape)} does not fit pools {tuple(k_pool.shape)} (head_dim, GQA grouping)")
+    if q.dtype != k_pool.dtype:
+        raise ValueError(f"{fn}: dtypes differ: q {q.dtype}, pools {k_pool.dtype}")
+    num_seqs = seq_lens.shape[0] if seq_lens.dim() == 1 else -1
+    seq_lens = _check_index(fn, "seq_lens", seq_lens, (None,))
+    block_tables = _check_index(fn, "block_tables", block_tables, (num_seqs, None))
+    cu_seqlens_q = _check_index(fn, "cu_seqlens_q", cu_seqlens_q, (num_seqs + 1,))
+    k_starts = _check_index(fn, "k_starts", k_starts, (num_seqs,))
+    if cu_seqlens_q is None and q.shape[0] != num_seqs:
+        raise ValueError(f"{fn}: decode takes one query per sequence: q has {q.shape[0]} tokens, {num_seqs} "
+                         "sequences (pass cu_seqlens_q for several tokens per sequence)")
+    if sinks is not None and (sinks.shape != (q.shape[1],) or not sinks.is_floating_point()):
+        raise ValueError(f"{fn}: sinks must be floating [Hq={q.shape[1]}], got {sinks.dtype} {tuple(sinks.shape)}")
+    _check_devices(fn, q.device, k_pool=k_pool, v_pool=v_pool, block_tables=block_tables, seq_lens=seq_lens,
+                   cu_seqlens_q=cu_seqlens_q, k_starts=k_starts, sinks=sinks)
+    window = _int_arg("window", window) if window is not None else 0
+    num_splits = _int_arg("num_splits", num_splits) if num_splits is not None else 0
+    softcap = float(softcap) if softcap is not None else 0.0
+    if not (math.isfinite(softcap) and softcap >= 0):
+        raise ValueError(f"{fn}: softcap must be a finite number >= 0 (0 or None: off), got {softcap}")
     if q.stride(-1) != 1:
         q = q.contiguous()
+    synced = False
     if cu_seqlens_q is None:
         max_seqlen_q = 1
     elif max_seqlen_q is None:
-        max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item()) if cu_seqlens_q.numel() > 1 else 0
+        max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item()) if num_seqs > 0 else 0
+        synced = True
+    else:  # a loose bound is fine, but it sizes the grid: no sequence has more than T query tokens
+        max_seqlen_q = min(_int_arg("max_seqlen_q", max_seqlen_q), q.shape[0])
+    level = checks_level()
+    if level != OFF:
+        _check_attention_values(block_tables, seq_lens, cu_seqlens_q, k_starts, sinks, q.shape[0], k_pool.shape[0],
+                                k_pool.shape[1], max_seqlen_q, level, synced)
     return _paged_attention(
         q, k_pool, v_pool, block_tables, seq_lens, cu_seqlens_q, k_starts, sinks,
-        float(q.shape[-1] ** -0.5 if scale is None else scale), bool(causal),
-        int(window) if window else 0, float(softcap) if softcap else 0.0,
-        int(num_splits) if num_splits else 0, int(max_seqlen_q),
+        float(q.shape[-1] ** -0.5 if scale is None else scale), bool(causal), window, softcap, num_splits,
+        max(max_seqlen_q, 0),
     )

@@ -26,6 +26,11 @@ Scores are ``s = scale * q.k``, then ``softcap * tanh(s / softcap)`` when ``soft
 softmax denominator only, for every query row that belongs to a segment. A row with no visible key
 and no sink (padding, or outside every segment) gives a zero output and ``lse = 0`` (finite, so a
 backward pass never produces NaN); gradients through it are zero.
+
+Attention dropout (training): with ``dropout_p > 0`` and a boolean ``dropout_mask`` ``[B, Hq, Sq, Sk]`` (True =
+kept), the probabilities are multiplied by ``mask / (1 - dropout_p)`` before the product with ``V``; the
+softmax normaliser and ``lse`` are unaffected, and the sink's share of the denominator is never dropped. The
+Triton kernels draw their mask in-kernel (``kernels.flash.dropout_mask`` materialises it for a seed).
 """
 
 from __future__ import annotations
@@ -104,16 +109,36 @@ def attention_reference(
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
     segments: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Attention in float32 (float64 for float64 inputs). Returns ``(out, lse)``; see the module doc.
 
-    Differentiable with respect to ``q``, ``k``, ``v`` and ``sinks``.
+    Differentiable with respect to ``q``, ``k``, ``v`` and ``sinks``. ``dropout_mask`` (bool ``[B, Hq, Sq, Sk]``)
+    is required when ``dropout_p > 0``.
     """
     probs, _, lse, vf, _ = _probabilities(q, k, v, scale, causal, window, softcap, sinks, segments)
+    probs = _dropped(probs, dropout_p, dropout_mask)
     batch, seqlen_q, heads_q, head_dim = q.shape
     out = torch.matmul(probs, vf)  # [B, Hkv, G, Sq, D]
     out = out.reshape(batch, heads_q, seqlen_q, head_dim).permute(0, 2, 1, 3).to(q.dtype)
     return out, lse.reshape(batch, heads_q, seqlen_q).float()
+
+
+def _dropped(probs, dropout_p, dropout_mask):
+    """``probs * mask / (1 - p)`` (``probs`` ``[B, Hkv, G, Sq, Sk]``, ``mask`` ``[B, Hq, Sq, Sk]``)."""
+    if not dropout_p:
+        return probs
+    if not 0.0 < dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if dropout_mask is None:
+        raise ValueError("dropout_p > 0 needs dropout_mask: a bool [B, Hq, Sq, Sk] tensor, True where kept")
+    batch, heads_kv, group, seqlen_q, seqlen_k = probs.shape
+    if dropout_mask.shape != (batch, heads_kv * group, seqlen_q, seqlen_k):
+        raise ValueError(f"dropout_mask must be [B, Hq, Sq, Sk] = {(batch, heads_kv * group, seqlen_q, seqlen_k)}, "
+                         f"got {tuple(dropout_mask.shape)}")
+    keep = dropout_mask.to(probs.device).reshape(probs.shape)
+    return probs * keep.to(probs.dtype) * (1.0 / (1.0 - dropout_p))
 
 
 def _probabilities(q, k, v, scale, causal, window, softcap, sinks, segments):
@@ -164,12 +189,16 @@ def attention_reference_backward(
     softcap: float | None = None,
     sinks: torch.Tensor | None = None,
     segments: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    dropout_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients ``(dq, dk, dv, dsinks)`` of :func:`attention_reference`, written out (the FA2 backward maths).
 
     With ``P`` the probabilities, ``O = P V`` and ``Delta_i = sum_d dO_id O_id``:
     ``dV = P^T dO``, ``dS = P * (dO V^T - Delta)``, through the softcap ``dS *= 1 - tanh^2``,
-    ``dQ = scale dS K``, ``dK = scale dS^T Q``, and for a sink ``dsink_h = -sum_i P_sink,i Delta_i``.
+    ``dQ = scale dS K``, ``dK = scale dS^T Q``, and for a sink ``dsink_h = -sum_i P_sink,i Delta_i``. With
+    dropout (``Pd = P * mask / (1 - p)``, ``O = Pd V``): ``dV = Pd^T dO`` and ``dS = P * (dPd - Delta)`` with
+    ``dPd = (dO V^T) * mask / (1 - p)``.
     """
     probs, (qf, kf, raw_scores, scale, group), lse, vf, _ = _probabilities(
         q, k, v, scale, causal, window, softcap, sinks, segments
@@ -177,10 +206,14 @@ def attention_reference_backward(
     batch, seqlen_q, heads_q, head_dim = q.shape
     heads_kv = k.shape[2]
     do = dout.to(probs.dtype).permute(0, 2, 1, 3).reshape(batch, heads_kv, group, seqlen_q, head_dim)
-    out = torch.matmul(probs, vf)
+    dropped = _dropped(probs, dropout_p, dropout_mask)
+    out = torch.matmul(dropped, vf)
     delta = (do * out).sum(-1, keepdim=True)
-    dv = torch.matmul(probs.transpose(-1, -2), do).sum(2)  # sum over the group's query heads
-    ds = probs * (torch.matmul(do, vf.transpose(-1, -2)) - delta)
+    dv = torch.matmul(dropped.transpose(-1, -2), do).sum(2)  # sum over the group's query heads
+    dp = torch.matmul(do, vf.transpose(-1, -2))
+    if dropout_p:  # d(dropped)/d(probs) = mask / (1 - p)
+        dp = _dropped(dp, dropout_p, dropout_mask)
+    ds = probs * (dp - delta)
     if softcap:
         ds = ds * (1 - torch.tanh(raw_scores / softcap) ** 2)
     dq = torch.matmul(ds, kf) * scale

@@ -23,7 +23,7 @@ import torch
 if not torch.cuda.is_available():  # must precede the first @triton.jit import
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from hf_attn_plugin import reference
+from hf_attn_plugin import ops, reference
 from hf_attn_plugin.reference import attention_mask_from_segments, rows_in_segments
 
 HAS_CUDA = torch.cuda.is_available()
@@ -35,7 +35,7 @@ gpu = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GP
 # ----------------------------------------------------------------------------------------------
 
 
-def lowp_attention(q, k, v, *, scale, causal, window, softcap, sinks, segments):
+def lowp_attention(q, k, v, *, scale, causal, window, softcap, sinks, segments, dropout_p=0.0, dropout_mask=None):
     """reference.attention_reference's function, computed entirely in ``q.dtype``."""
     batch, seqlen_q, heads_q, head_dim = q.shape
     seqlen_k, heads_kv = k.shape[1], k.shape[2]
@@ -56,14 +56,18 @@ def lowp_attention(q, k, v, *, scale, causal, window, softcap, sinks, segments):
         logits = torch.cat([scores, sink.masked_fill(~inside, -math.inf)], dim=-1)
     live = ~torch.isneginf(logits).all(-1, keepdim=True)
     lse = torch.logsumexp(logits.masked_fill(~live, 0.0), dim=-1, keepdim=True).masked_fill(~live, 0.0)
-    out = torch.matmul(torch.exp(scores - lse), vf)
+    probs = torch.exp(scores - lse)
+    if dropout_p:
+        probs = probs * dropout_mask.reshape(probs.shape).to(q.dtype) / (1 - dropout_p)
+    out = torch.matmul(probs, vf)
     return out.reshape(batch, heads_q, seqlen_q, head_dim).permute(0, 2, 1, 3), lse.reshape(batch, heads_q, seqlen_q)
 
 
 def run_case(flash, *, B=1, Sq=96, Sk=None, Hq=4, Hkv=2, D=64, dtype=torch.float32, device="cpu", causal=True,
              window=0, softcap=0.0, sinks=False, segments=None, q_transposed=False, kv_transposed=False,
-             scale=None):
-    """Run forward + backward through ``flash`` and check everything against the oracles."""
+             scale=None, dropout_p=0.0):
+    """Run forward + backward through ``flash`` and check everything against the oracles (with dropout: given the
+    kernels' own mask, materialised by ``flash.dropout_mask``)."""
     Sk = Sq if Sk is None else Sk
     scale = D**-0.5 if scale is None else scale
     if q_transposed:  # what transformers hands over: a [B, S, H, D] view of [B, H, S, D] memory
@@ -81,11 +85,16 @@ def run_case(flash, *, B=1, Sq=96, Sk=None, Hq=4, Hkv=2, D=64, dtype=torch.float
     max_q = Sq if seg is None else int((seg[:, 2] - seg[:, 1]).max().item()) if len(seg) else 1
     max_k = Sk if seg is None else int((seg[:, 4] - seg[:, 3]).max().item()) if len(seg) else 1
     kw = dict(scale=scale, causal=causal, window=window or None, softcap=softcap or None, segments=seg)
+    drop = {}
+    if dropout_p:
+        seed = ops.dropout_seed(device)
+        drop = dict(dropout_p=dropout_p, dropout_seed=seed)
+        kw.update(dropout_p=dropout_p, dropout_mask=flash.dropout_mask(seed, B, Hq, Sq, Sk, dropout_p))
 
-    out, lse = flash.flash_attn_forward(q, k, v, seg, s, scale, causal, window, softcap, max_q, max_k)
+    out, lse = flash.flash_attn_forward(q, k, v, seg, s, scale, causal, window, softcap, max_q, max_k, **drop)
     dout = torch.randn_like(out)
     dq, dk, dv, dsinks = flash.flash_attn_backward(dout, q, k, v, out, lse, seg, s, scale, causal, window, softcap,
-                                                   max_q, max_k)
+                                                   max_q, max_k, **drop)
 
     def grads(fn, dt):
         xs = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
@@ -249,9 +258,33 @@ def test_warp_specialized_configs_refuse_deep_pipelines():
     configs.Config(128, 64, 4, 3)  # without warp specialization: fine
 
 
+def test_gluon_config_falls_back_to_triton_without_importing_gluon(flash_cpu, monkeypatch):
+    """A Gluon forward config (Config.gluon >= 0) picked under the interpreter (or for CPU tensors): the forward
+    runs the key's Triton config instead and never imports Gluon (kernels/gluon_fwd.py is blocked here)."""
+    import sys
+
+    from hf_attn_plugin import kernels
+    from hf_attn_plugin.kernels import configs
+
+    monkeypatch.delattr(kernels, "gluon_fwd", raising=False)
+    monkeypatch.setitem(sys.modules, "hf_attn_plugin.kernels.gluon_fwd", None)  # any import raises ImportError
+    asked = []
+    real = configs.pick
+
+    def pick(kind, block_d, key, launch=None, *, triton_only=False):
+        asked.append((kind, triton_only))
+        if kind == "fwd" and not triton_only:
+            return configs.Config(128, 128, 4, 2, gluon=3)
+        return real(kind, block_d, key, launch, triton_only=triton_only)
+
+    monkeypatch.setattr(configs, "pick", pick)
+    run_case(flash_cpu, Sq=70, Hq=4, Hkv=2, D=64)
+    assert asked[:2] == [("fwd", False), ("fwd", True)]
+
+
 def test_unsupported_head_dim_is_refused(flash_cpu):
-    q = torch.randn(1, 8, 2, 48)
-    with pytest.raises(ValueError, match="head_dim 48"):
+    q = torch.randn(1, 8, 2, 44)  # not a multiple of 8 (every supported dim is: tests/test_head_dims.py)
+    with pytest.raises(ValueError, match="head_dim 44 is not supported"):
         flash_cpu.flash_attn_forward(q, q, q, None, None, 0.1, True, 0, 0.0, 8, 8)
 
 
@@ -377,6 +410,123 @@ def test_gpu_every_tuning_candidate(flash_gpu, monkeypatch):
                 pytest.fail(f"candidate #{i} at D={D} {used}: {exc}")
 
 
+HAS_HOPPER = HAS_CUDA and torch.cuda.get_device_capability() == (9, 0)
+needs_hopper = pytest.mark.skipif(not HAS_HOPPER, reason="needs an sm_90 GPU (run `pytest -m gpu` there)")
+
+
+@pytest.fixture
+def gluon_ran(monkeypatch):
+    """The ``warp_spec`` of every Gluon forward launched (through flash_attn_forward's dispatch), with NaN-poisoned
+    outputs so that every element must be written."""
+    from hf_attn_plugin.kernels import gluon_fwd
+
+    ran = []
+    real = gluon_fwd.gluon_attn_forward
+
+    def spy(*args, warp_spec=0, **kwargs):
+        ran.append(warp_spec)
+        return real(*args, warp_spec=warp_spec, **kwargs)
+
+    monkeypatch.setattr(gluon_fwd, "gluon_attn_forward", spy)
+    monkeypatch.setattr(gluon_fwd, "POISON", True)
+    return ran
+
+
+def _force_fwd(monkeypatch, cfg):
+    """Forward candidates = (cfg,) (so pick returns it), the backward kernels at their defaults."""
+    from hf_attn_plugin.kernels import configs
+
+    monkeypatch.setattr(configs, "candidates", lambda kind, block_d: (
+        (cfg,) if kind == "fwd" else configs._GPU[(kind, configs._dim_bucket(block_d))][:1]))
+
+
+def _gluon_candidates(D):
+    from hf_attn_plugin.kernels import configs
+
+    return [c for c in configs._GPU[("fwd", D)] if c.gluon >= 0]
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("D", [64, 128])
+@pytest.mark.parametrize("shape", ["causal_gqa4", "bidir_ragged_transposed", "fp16_q_longer"])
+def test_gpu_every_gluon_candidate_through_the_forward(flash_gpu, monkeypatch, gluon_ran, D, shape):
+    """Each Gluon forward candidate, forced as the forward's config, runs the Gluon kernel (forward) and the Triton
+    backward, both within the FA2 rule of the oracles (tests/test_gluon_fwd.py covers the kernel itself)."""
+    kw = {"causal_gqa4": dict(Sq=1000, Hq=8, Hkv=2),
+          "bidir_ragged_transposed": dict(B=2, Sq=333, Sk=700, Hq=4, Hkv=4, causal=False, q_transposed=True,
+                                          kv_transposed=True),
+          "fp16_q_longer": dict(Sq=500, Sk=300, Hq=6, Hkv=2, dtype=torch.float16)}[shape]
+    for cfg in _gluon_candidates(D):
+        _force_fwd(monkeypatch, cfg)
+        del gluon_ran[:]
+        try:
+            run_case(flash_gpu, device="cuda", **dict(dict(dtype=torch.bfloat16, D=D), **kw))
+        except AssertionError as exc:
+            pytest.fail(f"{cfg} D={D} {kw}: {exc}")
+        assert gluon_ran == [cfg.gluon], f"{cfg}: the Gluon forward did not run ({gluon_ran})"
+
+
+GLUON_FALLBACK_CASES = {
+    "window": dict(D=128, Sq=600, Hq=4, Hkv=2, window=100),
+    "softcap_sinks": dict(D=64, Sq=500, Hq=4, Hkv=2, softcap=20.0, sinks=True),
+    "segments": dict(D=128, B=2, Sq=300, Hq=4, Hkv=2, segments=[[0, 50, 300, 50, 300], [1, 0, 300, 0, 300]]),
+    "dropout": dict(D=64, Sq=300, Hq=2, Hkv=1, dropout_p=0.1),
+    "fp32": dict(D=128, Sq=300, Hq=4, Hkv=2, dtype=torch.float32),
+    "head_dim_96": dict(D=96, Sq=400, Hq=4, Hkv=2),  # the 128 bucket, but not a Gluon head dim
+    "switched_off": dict(D=64, Sq=400, Hq=4, Hkv=2),  # plain, with HF_ATTN_PLUGIN_GLUON=0
+}
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("case", list(GLUON_FALLBACK_CASES))
+def test_gpu_gluon_config_falls_back_to_triton_where_unsupported(flash_gpu, monkeypatch, gluon_ran, case):
+    """A Gluon config picked for a call the Gluon kernel cannot run: the Triton kernel (the key's Triton config,
+    here the default: the forced candidate list has no other) computes it, the Gluon kernel is never launched."""
+    from hf_attn_plugin.kernels import configs
+
+    kw = dict(dict(dtype=torch.bfloat16), **GLUON_FALLBACK_CASES[case])
+    if case == "switched_off":
+        monkeypatch.setenv("HF_ATTN_PLUGIN_GLUON", "0")
+    for cfg in _gluon_candidates(configs._dim_bucket(kw["D"])):
+        _force_fwd(monkeypatch, cfg)
+        run_case(flash_gpu, device="cuda", **kw)
+        assert gluon_ran == [], f"{cfg} {case}: the Gluon forward ran for a call it does not support"
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("D,variant", [(128, 3), (64, 2)])
+def test_gpu_gluon_forward_triton_backward_autograd(flash_gpu, monkeypatch, gluon_ran, D, variant):
+    """ops.attention with autograd, forward by the Gluon kernel (forced config), backward by the Triton kernels
+    from its lse: out and the q/k/v gradients within the FA2 rule of the oracles."""
+    from hf_attn_plugin import ops
+
+    monkeypatch.setenv("HF_ATTN_PLUGIN_BACKEND", "triton")
+    _force_fwd(monkeypatch, next(c for c in _gluon_candidates(D) if c.gluon == variant))
+    B, S, Hq, Hkv = 2, 700, 8, 2
+    q = torch.randn(B, Hq, S, D, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+    k = torch.randn(B, S, Hkv, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(B, S, Hkv, D, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    out = ops.attention(q, k, v, causal=True)
+    assert gluon_ran == [variant]
+    dout = torch.randn_like(out)
+    got = [out, *torch.autograd.grad(out, (q, k, v), dout)]
+
+    def oracle(fn, dt, **kw):
+        xs = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
+        o = fn(*xs, scale=D**-0.5, causal=True, **kw)[0]
+        return [o, *torch.autograd.grad(o, xs, dout.to(dt))]
+
+    ref = oracle(reference.attention_reference, torch.float64)
+    low = oracle(lowp_attention, torch.bfloat16, window=0, softcap=0.0, sinks=None, segments=None)
+    for name, g, r, lo in zip(("out", "dq", "dk", "dv"), got, ref, low):
+        err = (g.double() - r.double()).abs().max().item()
+        base = (lo.double() - r.double()).abs().max().item()
+        assert err <= 2 * base + 1e-5, f"{name}: err {err:.3e} > 2 * {base:.3e} + 1e-5"
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (run `pytest -m gpu` there)")
 def test_gpu_autograd_backward_thread_with_descriptors(flash_gpu, monkeypatch):
@@ -455,8 +605,13 @@ def test_gpu_torch_compile_fullgraph(flash_gpu, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (run `pytest -m gpu` there)")
-def test_gpu_cuda_graph_forward(flash_gpu, monkeypatch):
+@pytest.mark.parametrize("gluon", [-1, 3], ids=["table", "gluon_ws3"])
+def test_gpu_cuda_graph_forward(flash_gpu, monkeypatch, gluon):
     monkeypatch.setenv("HF_ATTN_PLUGIN_BACKEND", "triton")
+    if gluon >= 0:  # the Gluon forward (host-built TMA descriptors) captured and replayed
+        if not HAS_HOPPER:
+            pytest.skip("needs an sm_90 GPU")
+        _force_fwd(monkeypatch, next(c for c in _gluon_candidates(128) if c.gluon == gluon))
     q = torch.randn(2, 700, 8, 128, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(2, 700, 2, 128, device="cuda", dtype=torch.bfloat16)
     v = torch.randn(2, 700, 2, 128, device="cuda", dtype=torch.bfloat16)
@@ -482,7 +637,7 @@ def test_gpu_cuda_graph_forward(flash_gpu, monkeypatch):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (run `pytest -m gpu` there)")
-@pytest.mark.parametrize("features", ["plain", "all"])
+@pytest.mark.parametrize("features", ["plain", "all", "dropout"])
 def test_gpu_opcheck(flash_gpu, monkeypatch, features):
     from hf_attn_plugin import ops
 
@@ -496,6 +651,8 @@ def test_gpu_opcheck(flash_gpu, monkeypatch, features):
         seg = torch.tensor([[0, 0, 100, 0, 120], [0, 120, 300, 120, 300]], dtype=torch.int32, device="cuda")
         sinks = torch.randn(4, device="cuda", requires_grad=True)
         args = (q, k, v, seg, sinks, 0.125, True, 64, 20.0, 180, 180)
+        if features == "dropout":
+            args += (0.1, ops.dropout_seed("cuda"))
     torch.library.opcheck(ops._attention_fwd, args)
     out, lse = ops._attention_fwd(*args)
     # the backward op has no autograd of its own (no double backward): its inputs must not need grad

@@ -50,7 +50,7 @@ def _fill(cache, seq_id, values):
 
 
 def _contents(cache, seq_id):
-    bt = cache.block_tables_host[seq_id]
+    bt = cache.block_table(seq_id)
     k = gather_kv(cache.k_pools[0], bt, cache.seq_len(seq_id))[0, :, 0, 0]
     v = gather_kv(cache.v_pools[0], bt, cache.seq_len(seq_id))[0, :, 0, 0]
     assert torch.equal(v, -k)
@@ -64,7 +64,7 @@ def test_append_allocates_pages_on_demand_in_order():
     assert cache.pages(a) == [0]
     assert cache.append_slots(a, 6) == [3, 4, 5, 6, 7, 8]  # fills page 0, takes pages 1 and 2
     assert cache.pages(a) == [0, 1, 2] and cache.seq_len(a) == 9
-    assert cache.block_tables_host[a, :3].tolist() == [0, 1, 2]
+    assert cache.block_table(a)[:3].tolist() == [0, 1, 2]
     assert cache.num_free_pages == 13
     cache.check_invariants()
 
@@ -98,7 +98,8 @@ def test_free_returns_pages_once_unshared():
     assert _contents(cache, b) == [float(i) for i in range(10)]
     cache.free(b)
     assert cache.num_free_pages == 16
-    assert cache.add_sequence() in (a, b)  # rows are reused
+    c = cache.add_sequence()
+    assert c not in (a, b) and cache.row(c) in (0, 1)  # ids are new, block-table rows are reused
     cache.check_invariants()
 
 
@@ -303,12 +304,12 @@ def test_decode_matches_reference(lens, hq, hkv, d, page, splits, dtype, feat):
 @pytest.mark.parametrize("sinks", [False, True])
 def test_decode_split_count_adapts_to_length(sinks):
     """A fixed grid of 5 splits; with >= 48 keys per split, short sequences use fewer of them."""
-    from hf_attn_plugin.kernels.paged import LaunchConfig
+    from hf_attn_plugin.kernels.configs import Config
 
     k_pool, v_pool, bt, seq_lens, _ = _random_paged([7, 100, 300, 0], 2, 32, 16, torch.float32)
     q = torch.randn(4, 4, 32, device=DEV)
     _check(q, k_pool, v_pool, bt, seq_lens, sinks=_sinks(4) if sinks else None, num_splits=5,
-           config=LaunchConfig(1, 16, 4, 1, min_split_keys=48))
+           config=Config(16, 16, 4, 1, min_split_keys=48))
 
 
 def _pieces_per_row(lens, num_splits, hq=4, hkv=2, d=16, page=16, config=None, **feat):

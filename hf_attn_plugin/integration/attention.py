@@ -15,9 +15,9 @@ import weakref
 
 import torch
 
-from .. import ops
+from .. import _checks, decode_ops, ops
 from .compat import is_compiling, max_length_kwarg
-from .masks import segments_from_cu_seqlens, segments_from_key_mask, segments_from_position_ids
+from .masks import segments_from_cu_seqlens, segments_from_documents, segments_from_key_mask
 from .paged_cache import paged_reader_of
 
 __all__ = ["AttentionCall", "describe_call", "describe_paged_call", "plugin_attention"]
@@ -35,6 +35,7 @@ class AttentionCall:
     segments: torch.Tensor | None = None  # int32 [N, 5], see hf_attn_plugin.reference
     max_seqlen_q: int | None = None
     max_seqlen_k: int | None = None
+    dropout: float = 0.0  # attention dropout probability (transformers passes it in training only)
 
 
 def plugin_attention(
@@ -56,10 +57,18 @@ def plugin_attention(
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     dtype = _compute_dtype(q, k)
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)  # no-ops in the common case
-    out = ops.attention(
+    # Decode and short chunks over a cache (inference): the GQA-packed split-K kernel reads the cache in place.
+    # Segments here come from the key mask unless cu_seq_lens_q packed sequences (position_ids need Sq == Sk).
+    key_segments = call.segments if kwargs.get("cu_seq_lens_q") is None else None
+    if (not dropout and (call.segments is None or key_segments is not None)
+            and decode_ops.applies(q, k, v, causal=call.causal, sinks=call.sinks, key_segments=key_segments)):
+        return decode_ops.attention(q, k, v, scale=call.scale, causal=call.causal, window=call.window,
+                                    softcap=call.softcap, sinks=call.sinks, key_segments=key_segments), None
+    out = ops.attention_trusted(  # segments built here: valid by construction, no value checks
         q, k, v,
         scale=call.scale, causal=call.causal, window=call.window, softcap=call.softcap, sinks=call.sinks,
         segments=call.segments, max_seqlen_q=call.max_seqlen_q, max_seqlen_k=call.max_seqlen_k,
+        dropout_p=call.dropout,
     )
     return out, None
 
@@ -75,6 +84,9 @@ def _compute_dtype(q: torch.Tensor, k: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return k.dtype
+
+
+_MASK_DTYPES = (torch.bool, torch.int32)  # what plugin_mask returns: a key mask, or packed document indices
 
 
 def describe_call(
@@ -103,13 +115,9 @@ def describe_call(
             "output_attentions=True is not available. Load the model with attn_implementation='eager' "
             "(or call model.set_attn_implementation('eager')) to inspect attention weights."
         )
-    if dropout:
-        raise NotImplementedError(
-            f"{model}: attention dropout ({dropout}) is not implemented by attn_implementation='plugin'. "
-            "Set the config's attention dropout to 0 (attention_dropout, or attention_probs_dropout_prob "
-            "for BERT-style encoders), or train with attn_implementation='sdpa'."
-        )
-    if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.dtype != torch.bool):
+    if dropout and not 0.0 < float(dropout) < 1.0:
+        raise ValueError(f"{model}: attention dropout must be in [0, 1), got {dropout}")
+    if attention_mask is not None and (attention_mask.dim() != 2 or attention_mask.dtype not in _MASK_DTYPES):
         raise NotImplementedError(
             f"{model}: attn_implementation='plugin' received a custom {attention_mask.dim()}-D "
             f"{attention_mask.dtype} attention mask. It supports 2-D padding masks (transformers builds them "
@@ -124,17 +132,19 @@ def describe_call(
         if batch != 1:
             raise ValueError(f"{model}: cu_seq_lens_q/k describe sequences packed into one row, got batch {batch}")
         cu_k = cu_seq_lens_k if cu_seq_lens_k is not None else cu_seq_lens_q
-        segments = segments_from_cu_seqlens(cu_seq_lens_q, cu_k)
         max_q = max_length_kwarg(kwargs, "q")
         max_k = max_length_kwarg(kwargs, "k") or max_q
+        # The user's data collator wrote these: check them once per forward pass (the memo), not per layer.
+        segments = _memoised(cu_seq_lens_q, seqlen_q, module, lambda: _checked_cu_segments(
+            cu_seq_lens_q, cu_k, seqlen_q, seqlen_k, max_q, max_k))
+    elif attention_mask is not None and attention_mask.dtype == torch.int32:
+        # Packed documents, as transformers detected them from position_ids (masks.packed_documents): its rule
+        # of each release, not ours; position_ids themselves are never read here.
+        segments, max_q = _memoised(attention_mask, seqlen_q, module, lambda: segments_from_documents(attention_mask))
+        max_k = max_q
     elif attention_mask is not None:
-        segments = _memoised(attention_mask, seqlen_q, lambda: segments_from_key_mask(attention_mask, seqlen_q))
-    elif position_ids is not None and seqlen_q == seqlen_k and seqlen_q > 1:
-        ids = position_ids.expand(batch, -1) if position_ids.shape[0] != batch else position_ids
-        packed = _memoised(position_ids, seqlen_q, lambda: segments_from_position_ids(ids))
-        if packed is not None:
-            segments, max_q = packed
-            max_k = max_q
+        segments = _memoised(attention_mask, seqlen_q, module,
+                             lambda: segments_from_key_mask(attention_mask, seqlen_q))
 
     return AttentionCall(
         scale=float(head_dim**-0.5 if scaling is None else scaling),
@@ -145,6 +155,7 @@ def describe_call(
         segments=segments,
         max_seqlen_q=max_q,
         max_seqlen_k=max_k,
+        dropout=float(dropout or 0.0),
     )
 
 
@@ -159,6 +170,12 @@ def describe_paged_call(module: torch.nn.Module, query: torch.Tensor, dropout: f
     Every step calls each layer with the same features, so the :class:`AttentionCall` is built (and checked)
     once per layer, not once per layer and step. Tensors (``s_aux``) are keyed by identity.
     """
+    if dropout:
+        raise NotImplementedError(
+            f"{type(module).__name__}: attention dropout ({dropout}) with a paged KV cache is not supported by "
+            "attn_implementation='plugin' (a paged cache serves inference): call model.eval() before generating, "
+            "or train without the paged cache."
+        )
     features = {name: kwargs[name] for name in _PAGED_FEATURES if kwargs.get(name) is not None}
     key = (query.shape[-1], module.is_causal, dropout, scaling,
            *((name, ("tensor", id(v)) if isinstance(v, torch.Tensor) else v) for name, v in features.items()))
@@ -171,17 +188,41 @@ def describe_paged_call(module: torch.nn.Module, query: torch.Tensor, dropout: f
     return call
 
 
-# Every layer of a forward pass receives the same mask / position_ids tensor: derive segments once.
-_MEMO: dict = {"ref": None, "key": None, "value": None}
+def _checked_cu_segments(cu_q, cu_k, seqlen_q, seqlen_k, max_q, max_k) -> torch.Tensor:
+    segments = segments_from_cu_seqlens(cu_q, cu_k)
+    if cu_q.dim() != 1 or cu_k.shape != cu_q.shape:
+        raise ValueError(f"cu_seq_lens_q/k must be 1-D of one length, got {tuple(cu_q.shape)} and {tuple(cu_k.shape)}")
+    level = _checks.checks_level()
+    if level != _checks.OFF:
+        host = level == _checks.FULL or (cu_q.device.type == "cpu" and not is_compiling())
+        ops.check_segments(segments, 1, seqlen_q, seqlen_k, max_q or seqlen_q, max_k or seqlen_k, host=host)
+    return segments
 
 
-def _memoised(tensor: torch.Tensor, seqlen_q: int, compute):
+# Every layer of a forward pass receives the same mask / cu_seq_lens tensor: derive segments once. A few
+# entries, so that models alternating two masks (sliding and full layers) keep both.
+_MEMO: list = []  # [weakref to the tensor, key, value, modules that used the entry]
+_MEMO_SIZE = 4
+
+
+def _memoised(tensor: torch.Tensor, seqlen_q: int, module: torch.nn.Module, compute):
+    """``compute()``, reused while ``tensor`` is the same, unmodified tensor.
+
+    "Unmodified" comes from the version counter; inference tensors (``torch.inference_mode``) have none, so
+    for them an entry lives for one forward pass: a layer that meets its own entry again starts a new one.
+    """
     if is_compiling():
         return compute()
-    key = (tensor.data_ptr(), tensor._version, tuple(tensor.shape), tensor.device, seqlen_q)
-    ref = _MEMO["ref"]
-    if ref is not None and ref() is tensor and _MEMO["key"] == key:
-        return _MEMO["value"]
+    versioned = not tensor.is_inference()
+    key = (tensor.data_ptr(), tensor._version if versioned else None, tuple(tensor.shape), tensor.device, seqlen_q)
+    for i, (ref, entry_key, value, modules) in enumerate(_MEMO):
+        if ref() is tensor and entry_key == key:
+            if versioned or module not in modules:
+                modules.add(module)
+                return value
+            del _MEMO[i]
+            break
     value = compute()
-    _MEMO.update(ref=weakref.ref(tensor), key=key, value=value)
+    _MEMO.insert(0, (weakref.ref(tensor), key, value, weakref.WeakSet([module])))
+    del _MEMO[_MEMO_SIZE:]
     return value

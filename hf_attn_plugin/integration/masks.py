@@ -3,11 +3,14 @@
 transformers builds the attention mask once per forward pass, through the mask function registered
 under the model's attention implementation, and hands the result to every layer. Our kernels never
 need a dense ``[B, 1, Sq, Sk]`` mask: causality, windows and softcaps come from the call's kwargs, so
-the mask function only has to say which key slots hold real tokens. It returns
+the mask function only has to say which key slots hold real tokens, and where packed documents start. It
+returns
 
-* ``None`` when every key slot is a real token (no padding, no empty static-cache slots), or
+* ``None`` when every key slot is a real token (no padding, no empty static-cache slots) and nothing is packed;
 * a boolean ``[B, Sk]`` key mask: ``True`` for real tokens, ``False`` for padding and for
-  static-cache slots that have not been written yet.
+  static-cache slots that have not been written yet; or
+* an int32 ``[B, S]`` document index per token (0, 1, ... in each row) when transformers detected
+  sequences packed into one row (see :func:`packed_documents`).
 
 :func:`segments_from_key_mask` turns that mask into the kernels' segments (see
 :mod:`hf_attn_plugin.reference`) with a handful of small tensor ops and no host synchronisation.
@@ -16,10 +19,13 @@ the mask function only has to say which key slots hold real tokens. It returns
 from __future__ import annotations
 
 import torch
+from transformers import masking_utils
 
 from .compat import is_compiling
 
-__all__ = ["plugin_mask", "segments_from_key_mask", "segments_from_position_ids", "segments_from_cu_seqlens"]
+__all__ = [
+    "plugin_mask", "packed_documents", "segments_from_key_mask", "segments_from_documents", "segments_from_cu_seqlens",
+]
 
 
 def plugin_mask(
@@ -50,6 +56,8 @@ def plugin_mask(
         key_mask = padded[:, kv_offset : kv_offset + kv_length] & written
     elif isinstance(q_offset, torch.Tensor) or q_offset + q_length < kv_offset + kv_length:
         key_mask = written.expand(batch_size, kv_length)
+    elif mask_function is not None and q_length == kv_length > 1 and mask_function not in _UNPACKED:
+        return packed_documents(mask_function, batch_size, q_length, q_offset, kv_offset, device)
     else:
         return None
 
@@ -105,25 +113,52 @@ def segments_from_cu_seqlens(cu_seqlens_q: torch.Tensor, cu_seqlens_k: torch.Ten
     return torch.stack([rows, cu_q[:-1], cu_q[1:], cu_k[:-1], cu_k[1:]], dim=1)
 
 
-def segments_from_position_ids(position_ids: torch.Tensor) -> tuple[torch.Tensor, int] | None:
-    """Packed documents from ``position_ids`` restarts, as ``(segments, max_seqlen)``; ``None`` if unpacked.
+# transformers' plain mask functions: nothing packed, no need to look (saves a synchronisation).
+_UNPACKED = tuple(f for f in (getattr(masking_utils, "causal_mask_function", None),
+                              getattr(masking_utils, "bidirectional_mask_function", None)) if f is not None)
 
-    A document starts wherever the position does not continue the previous one (``p[t] != p[t-1] + 1``).
-    This needs the number of documents on the host: one synchronisation per forward pass (the
-    attention function memoises the result across layers). Under ``torch.compile`` pass
-    ``cu_seq_lens_q/k`` instead (``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``).
+
+def packed_documents(mask_function, batch: int, length: int, q_offset: int, kv_offset: int, device):
+    """transformers' own packing decision, read off the mask function it built: int32 ``[B, S]`` document
+    indices, or ``None`` when nothing is packed.
+
+    When transformers detects packed sequences from ``position_ids`` (its rule, which differs between
+    releases and depends on the call: only without a 2-D mask and without a cache; in 5.x every position that
+    does not continue the previous one, ``p[t] != p[t-1] + 1`` (restarts, gaps, repeats), at any batch size),
+    it ANDs a "same document" function into ``mask_function``. Token ``t`` starts a document exactly when
+    query ``t`` may not see key ``t - 1``, so evaluating that one diagonal mirrors every release's rule without
+    restating it. (A sliding window of 1 also hides key ``t - 1``: one-token documents compute the same.)
+
+    Needs the number of documents on the host: one synchronisation per mask, i.e. per forward pass. Under
+    ``torch.compile`` packed rows are refused (a device-side assert): pass ``cu_seq_lens_q/k`` there
+    (``DataCollatorWithFlattening(return_flash_attn_kwargs=True)``).
     """
-    batch, seqlen = position_ids.shape
-    starts = torch.ones_like(position_ids, dtype=torch.bool)
-    starts[:, 1:] = position_ids[:, 1:] != position_ids[:, :-1] + 1
+    t = torch.arange(1, length, device=device)
+    rows = torch.arange(batch, device=device)[:, None]
+    head = torch.zeros((), dtype=torch.long, device=device)
+    sees_previous = mask_function(rows, head, (t + q_offset)[None], (t - 1 + kv_offset)[None])
+    starts = ~torch.as_tensor(sees_previous, dtype=torch.bool, device=device).expand(batch, length - 1)
     if is_compiling():
         torch._assert_async(
-            ~starts[:, 1:].any(),
-            "packed sequences (position_ids restarts) under torch.compile need cu_seq_lens_q/k kwargs",
+            ~starts.any(), "packed sequences (position_ids restarts) under torch.compile need cu_seq_lens_q/k kwargs"
         )
         return None
-    if not bool(starts[:, 1:].any()):
+    if not bool(starts.any()):
         return None
+    documents = torch.zeros(batch, length, dtype=torch.int32, device=device)
+    documents[:, 1:] = starts.cumsum(-1)
+    return documents
+
+
+def segments_from_documents(documents: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Segments and the longest document for int32 ``[B, S]`` document indices (:func:`packed_documents`).
+
+    Reads the number of documents on the host (one synchronisation; the attention function memoises the
+    result across layers).
+    """
+    batch, seqlen = documents.shape
+    starts = torch.ones_like(documents, dtype=torch.bool)
+    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
     row, begin = starts.nonzero(as_tuple=True)
     flat_begin = row * seqlen + begin
     flat_end = torch.cat([flat_begin[1:], flat_begin.new_tensor([batch * seqlen])])

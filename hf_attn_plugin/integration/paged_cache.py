@@ -29,6 +29,7 @@ import torch
 from transformers import Cache
 from transformers.cache_utils import CacheLayerMixin
 
+from .._checks import mark_built
 from ..paged import PagedKVCache, StepPlan
 from ..paged_ops import paged_attention, write_kv
 
@@ -181,7 +182,7 @@ class PagedCache(Cache):
             return None
         if self._k_starts[0] is not key_mask:
             starts = torch.argmax(key_mask.to(torch.int32), dim=-1).to(torch.int32)
-            self._k_starts = (key_mask, starts.to(self.kv.device))
+            self._k_starts = (key_mask, mark_built(starts.to(self.kv.device)))  # >= 0: the ops skip its check
         return self._k_starts[1]
 
 

@@ -33,6 +33,11 @@ Fully masked rows keep ``m = -inf`` and ``l = 0``; the masked phases substitute 
 ``-inf`` running max so that ``exp2(-inf - -inf)`` never appears, and the epilogue writes
 ``out = 0, lse = 0``. Sinks start the online softmax at ``m = sink * log2(e), l = 1`` (one extra
 logit with no value row).
+
+Dropout (``DROPOUT``, training): the forward drops probabilities after they enter ``l`` (the LSE ignores
+dropout) and scales the output by ``1 / (1 - p)``; the backward regenerates the same mask (``_dropout_keep``:
+Philox of the seed and the (batch, head, query, key) coordinates, never stored), uses the dropped probabilities
+for dV and masks dP. ``delta = rowsum(dO * O)`` with the dropped ``O`` is still ``rowsum(P * dP)``.
 """
 
 from __future__ import annotations
@@ -47,9 +52,17 @@ from triton.runtime import _allocation
 
 from . import configs
 
-__all__ = ["flash_attn_forward", "flash_attn_backward", "SUPPORTED_HEAD_DIMS"]
+__all__ = ["flash_attn_forward", "flash_attn_backward", "SUPPORTED_HEAD_DIMS", "check_head_dim", "dropout_mask"]
 
-SUPPORTED_HEAD_DIMS = (64, 80, 96, 128, 256)
+# Every multiple of 8 from 16 to 256 (what Hugging Face models use). Tiles are BLOCK_D = next_pow2(D) wide with
+# masked columns. Why each of these fits a TMA descriptor (global [rows, D], strides [row_stride, 1], box
+# [BLOCK_N, BLOCK_D]): D * element size is a multiple of 16 bytes for D % 8 == 0 at 2 and 4 bytes per element, so
+# the row (and head/batch) strides of a packed tensor are 16-byte aligned (other views are copied by _tma_ready);
+# the inner box is >= 32 bytes (BLOCK_D >= 16) and Triton splits a box wider than its swizzle (128 bytes) into
+# several copies; every box dimension is <= 256 (BLOCK_D <= 256, tiles <= 128 rows); columns past D and rows past
+# the segment are filled with zeros by the TMA unit. tl.dot needs an inner dimension >= 16: hence the minimum.
+HEAD_DIM_MULTIPLE, MIN_HEAD_DIM, MAX_HEAD_DIM = 8, 16, 256
+SUPPORTED_HEAD_DIMS = tuple(range(MIN_HEAD_DIM, MAX_HEAD_DIM + 1, HEAD_DIM_MULTIPLE))
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
@@ -108,6 +121,31 @@ def _store_rows(base, stride, n_rows, x, BLOCK: tl.constexpr, HEAD_DIM: tl.const
     cols = tl.arange(0, BLOCK_D)
     mask = (rows[:, None] < n_rows) & (cols[None, :] < HEAD_DIM)
     tl.store(base + rows[:, None] * stride + cols[None, :], x.to(base.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _dropout_keep(seed, bh, rows, cols, drop_p):
+    """Dropout mask: True where the probability of query ``rows`` / key ``cols`` (positions in the padded
+    ``[Sq]`` / ``[Sk]`` layout, broadcast against each other) of ``bh = batch * heads_q + head`` is kept.
+
+    Philox keyed by the 64-bit ``seed`` with counter ``(col, row, bh, 0)``: the bits depend on the coordinates
+    only, never on the tiling, so the forward, both backward kernels and :func:`dropout_mask` agree. Kept iff a
+    uniform in ``[0, 1)`` (the top 24 bits) is ``>= drop_p``."""
+    zero = (rows * 0 + cols * 0).to(tl.uint32)
+    bits, _, _, _ = tl.philox(seed, cols.to(tl.uint32) + zero, rows.to(tl.uint32) + zero, zero + bh.to(tl.uint32),
+                              zero)
+    return (bits >> 8).to(tl.float32) * (1.0 / 16777216.0) >= drop_p
+
+
+@triton.jit
+def _dropout_mask_kernel(Seed, Keep, seqlen_q, seqlen_k, drop_p, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``Keep[bh, i, j] = _dropout_keep(...)`` as int8 (tests materialise the kernels' mask with it)."""
+    bh = tl.program_id(2)
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    keep = _dropout_keep(tl.load(Seed), bh, rows[:, None], cols[None, :], drop_p)
+    ptrs = Keep + bh.to(tl.int64) * seqlen_q * seqlen_k + rows[:, None].to(tl.int64) * seqlen_k + cols[None, :]
+    tl.store(ptrs, keep.to(tl.int8), mask=(rows[:, None] < seqlen_q) & (cols[None, :] < seqlen_k))
 
 
 @triton.jit
@@ -196,10 +234,10 @@ def _mask_scores(s, rows, cols, off, len_k, window, CHECK_COLS: tl.constexpr, CA
 
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_desc, v_desc, m0, start, end, len_q, len_k, window,
-               sm_scale2, cap_scale, cap2,
+               sm_scale2, cap_scale, cap2, seed, bh, q_start, k_start, drop_p,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-               DOT_PRECISION: tl.constexpr, WARP_SPEC: tl.constexpr):
+               DOT_PRECISION: tl.constexpr, WARP_SPEC: tl.constexpr, DROPOUT: tl.constexpr):
     """K/V tiles come through TMA descriptors bounded by the segment: rows past ``len_k`` and columns past
     ``HEAD_DIM`` load as zeros (the masked phases also mask those scores)."""
     rows = m0 + tl.arange(0, BLOCK_M)
@@ -220,6 +258,10 @@ def _fwd_inner(acc, l_i, m_i, q, k_desc, v_desc, m0, start, end, len_q, len_k, w
         alpha = tl.exp2(m_i - m_use)
         p = tl.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
+        if DROPOUT:  # l (hence the LSE) sums every probability; only the P @ V product drops some
+            keep = _dropout_keep(seed, bh, q_start + rows[:, None], k_start + start_n + tl.arange(0, BLOCK_N)[None, :],
+                                 drop_p)
+            p = tl.where(keep, p, 0.0)
         v = v_desc.load([start_n, 0])
         acc = acc * alpha[:, None]
         # P in the input dtype (bf16 or fp16; fp32 stays fp32 with ieee dots).
@@ -230,17 +272,17 @@ def _fwd_inner(acc, l_i, m_i, q, k_desc, v_desc, m0, start, end, len_q, len_k, w
 
 @triton.jit
 def _attn_fwd(
-    Q, K, V, Out, Lse, Segments, Sinks,
+    Q, K, V, Out, Lse, Segments, Sinks, Seed,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_ob, stride_os, stride_oh,
     stride_lb, stride_lh,
     seqlen_q, seqlen_k, heads_q, group, window,
-    sm_scale2, cap_scale, cap2,
+    sm_scale2, cap_scale, cap2, drop_p, drop_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, SINKS: tl.constexpr,
-    SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr, WARP_SPEC: tl.constexpr,
+    SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr, WARP_SPEC: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     # Heaviest (last) causal tiles first: better tail behaviour.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -277,6 +319,8 @@ def _attn_fwd(
     k_desc = tl.make_tensor_descriptor(k_base, [rows_k, HEAD_DIM], [stride_ks, 1], [BLOCK_N, BLOCK_D])
     v_desc = tl.make_tensor_descriptor(v_base, [rows_k, HEAD_DIM], [stride_vs, 1], [BLOCK_N, BLOCK_D])
 
+    seed = tl.load(Seed) if DROPOUT else 0
+    bh = batch * heads_q + head
     lo, p1_end, full_lo, full_hi, hi = _kv_range(m0, len_q, len_k, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
     if WARP_SPEC:
         # One loop over every visible tile, masked throughout: Triton 3.6's Hopper warp specialization (a producer
@@ -284,24 +328,26 @@ def _attn_fwd(
         # single key loop only (several loops, an early return or an `if` in the loop make it fail or skip it).
         hi = tl.where(m0 < len_q, hi, lo)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_desc, v_desc, m0, lo, hi, len_q, len_k, window, sm_scale2,
-                                   cap_scale, cap2, BLOCK_M, BLOCK_N, True, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION,
-                                   True)
+                                   cap_scale, cap2, seed, bh, q_start, k_start, drop_p, BLOCK_M, BLOCK_N, True,
+                                   CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION, True, DROPOUT)
     else:
         # window-edge tiles, then the unmasked bulk, then the diagonal band / ragged end
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_desc, v_desc, m0, lo, p1_end, len_q, len_k, window, sm_scale2,
-                                   cap_scale, cap2, BLOCK_M, BLOCK_N, True, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION,
-                                   False)
+                                   cap_scale, cap2, seed, bh, q_start, k_start, drop_p, BLOCK_M, BLOCK_N, True,
+                                   CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION, False, DROPOUT)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_desc, v_desc, m0, full_lo, full_hi, len_q, len_k, window,
-                                   sm_scale2, cap_scale, cap2, BLOCK_M, BLOCK_N, False, CAUSAL, WINDOW, SOFTCAP,
-                                   DOT_PRECISION, False)
+                                   sm_scale2, cap_scale, cap2, seed, bh, q_start, k_start, drop_p, BLOCK_M, BLOCK_N,
+                                   False, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION, False, DROPOUT)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_desc, v_desc, m0, full_hi, hi, len_q, len_k, window, sm_scale2,
-                                   cap_scale, cap2, BLOCK_M, BLOCK_N, True, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION,
-                                   False)
+                                   cap_scale, cap2, seed, bh, q_start, k_start, drop_p, BLOCK_M, BLOCK_N, True,
+                                   CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION, False, DROPOUT)
 
     # Rows with nothing visible (l = 0): out = 0, lse = 0.
     live = l_i > 0.0
     l_safe = tl.where(live, l_i, 1.0)
     out = acc / l_safe[:, None]
+    if DROPOUT:  # kept probabilities scaled by 1 / (1 - p)
+        out = out * drop_scale
     lse = tl.where(live, (m_i + tl.log2(l_safe)) * 0.6931471805599453, 0.0)
     o_base = Out + batch64 * stride_ob + head.to(tl.int64) * stride_oh + (q_start + m0).to(tl.int64) * stride_os
     _store_rows(o_base, stride_os, len_q - m0, out, BLOCK_M, HEAD_DIM, BLOCK_D)
@@ -335,10 +381,10 @@ def _bwd_preprocess(Out, DO, Delta, stride_ob, stride_os, stride_oh, stride_db, 
 
 @triton.jit
 def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, m0, start, end, len_q, len_k, window,
-              sm_scale2, cap_scale, cap2,
+              sm_scale2, cap_scale, cap2, seed, bh, q_start, k_start, drop_p, drop_scale,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-              DOT_PRECISION: tl.constexpr):
+              DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
     rows = m0 + tl.arange(0, BLOCK_M)
     off = len_k - len_q
     for start_n in range(start, end, BLOCK_N):
@@ -355,6 +401,10 @@ def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, m0, 
             s = _mask_scores(s, rows[:, None], cols[None, :], off, len_k, window, True, CAUSAL, WINDOW)
         p = tl.exp2(s - lse2[:, None])  # probabilities, exactly as the forward normalised them
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
+        if DROPOUT:  # dL/dP through the dropped, rescaled probabilities
+            keep = _dropout_keep(seed, bh, q_start + rows[:, None], k_start + start_n + tl.arange(0, BLOCK_N)[None, :],
+                                 drop_p)
+            dp = tl.where(keep, dp * drop_scale, 0.0)
         ds = p * (dp - delta[:, None])  # dL/ds (s after softcap)
         if SOFTCAP:  # d(cap * tanh(x / cap)) / dx = 1 - tanh^2
             ds = ds * (1.0 - t * t)
@@ -364,7 +414,7 @@ def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, m0, 
 
 @triton.jit
 def _attn_bwd_dq(
-    Q, K, V, DO, Lse, Delta, DQ, Segments,
+    Q, K, V, DO, Lse, Delta, DQ, Segments, Seed,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -372,10 +422,10 @@ def _attn_bwd_dq(
     stride_gb, stride_gs, stride_gh,
     stride_lb, stride_lh,
     seqlen_q, seqlen_k, heads_q, group, window,
-    sm_scale, sm_scale2, cap_scale, cap2,
+    sm_scale, sm_scale2, cap_scale, cap2, drop_p, drop_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, SEGMENTS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -399,16 +449,18 @@ def _attn_bwd_dq(
     v_base = V + batch64 * stride_vb + kv_head.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vs
 
     dq = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
+    seed = tl.load(Seed) if DROPOUT else 0
+    bh = batch * heads_q + head
     lo, p1_end, full_lo, full_hi, hi = _kv_range(m0, len_q, len_k, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
     dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, m0, lo, p1_end, len_q, len_k,
-                   window, sm_scale2, cap_scale, cap2, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, CAUSAL, WINDOW,
-                   SOFTCAP, DOT_PRECISION)
+                   window, sm_scale2, cap_scale, cap2, seed, bh, q_start, k_start, drop_p, drop_scale, HEAD_DIM,
+                   BLOCK_D, BLOCK_M, BLOCK_N, True, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION, DROPOUT)
     dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, m0, full_lo, full_hi, len_q, len_k,
-                   window, sm_scale2, cap_scale, cap2, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, CAUSAL, WINDOW,
-                   SOFTCAP, DOT_PRECISION)
+                   window, sm_scale2, cap_scale, cap2, seed, bh, q_start, k_start, drop_p, drop_scale, HEAD_DIM,
+                   BLOCK_D, BLOCK_M, BLOCK_N, False, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION, DROPOUT)
     dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, m0, full_hi, hi, len_q, len_k,
-                   window, sm_scale2, cap_scale, cap2, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, CAUSAL, WINDOW,
-                   SOFTCAP, DOT_PRECISION)
+                   window, sm_scale2, cap_scale, cap2, seed, bh, q_start, k_start, drop_p, drop_scale, HEAD_DIM,
+                   BLOCK_D, BLOCK_M, BLOCK_N, True, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION, DROPOUT)
     # s = scale * q.k  =>  dq = scale * dS @ K
     dq = dq * sm_scale
     _store_rows(DQ + batch64 * stride_gb + head64 * stride_gh + row0 * stride_gs, stride_gs, len_q - m0, dq,
@@ -417,8 +469,9 @@ def _attn_bwd_dq(
 
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, q, do, lse2, delta, rows, cols, off, len_k, window, sm_scale2, cap_scale, cap2,
+               seed, bh, q_start, k_start, drop_p, drop_scale,
                MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-               DOT_PRECISION: tl.constexpr):
+               DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
     """One query tile's contribution to dK/dV. Transposed formulation: scores are ``[BLOCK_N keys, BLOCK_M
     queries]`` so that dK and dV come out of ``dS^T @ Q`` and ``P^T @ dO`` without transposing P."""
     qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
@@ -426,8 +479,14 @@ def _dkdv_tile(dk, dv, k, v, q, do, lse2, delta, rows, cols, off, len_k, window,
     if MASKED:
         sT = _mask_scores(sT, rows[None, :], cols[:, None], off, len_k, window, False, CAUSAL, WINDOW)
     pT = tl.exp2(sT - lse2[None, :])
-    dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-    dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+    if DROPOUT:  # rows / cols are local: the mask is indexed by padded-layout positions
+        keepT = _dropout_keep(seed, bh, q_start + rows[None, :], k_start + cols[:, None], drop_p)
+        dv = tl.dot(tl.where(keepT, pT * drop_scale, 0.0).to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+        dpT = tl.where(keepT, dpT * drop_scale, 0.0)
+    else:
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     dsT = pT * (dpT - delta[None, :])
     if SOFTCAP:
         dsT = dsT * (1.0 - tT * tT)
@@ -437,10 +496,10 @@ def _dkdv_tile(dk, dv, k, v, q, do, lse2, delta, rows, cols, off, len_k, window,
 
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_ds, n0, start, end,
-                len_q, len_k, window, sm_scale2, cap_scale, cap2,
+                len_q, len_k, window, sm_scale2, cap_scale, cap2, seed, bh, q_start, k_start, drop_p, drop_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-                DOT_PRECISION: tl.constexpr):
+                DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
     """Query rows past ``len_q`` load as zeros (q = dO = lse = delta = 0) and contribute exactly 0, so only the
     masked phases check bounds."""
     cols = n0 + tl.arange(0, BLOCK_N)
@@ -460,15 +519,17 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, 
             lse2 = tl.load(lse_base + start_m + offs_m) * 1.4426950408889634
             delta = tl.load(delta_base + start_m + offs_m)
         dk, dv = _dkdv_tile(dk, dv, k, v, q, do, lse2, delta, start_m + offs_m, cols, off, len_k, window, sm_scale2,
-                            cap_scale, cap2, MASKED, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION)
+                            cap_scale, cap2, seed, bh, q_start, k_start, drop_p, drop_scale, MASKED, CAUSAL, WINDOW,
+                            SOFTCAP, DOT_PRECISION, DROPOUT)
     return dk, dv
 
 
 @triton.jit
 def _dkdv_inner_ws(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, stride_lh, n0, lo, hi, group,
-                   len_q, len_k, window, sm_scale2, cap_scale, cap2,
+                   len_q, len_k, window, sm_scale2, cap_scale, cap2, seed, bh0, q_start, k_start, drop_p, drop_scale,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                   CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                   DROPOUT: tl.constexpr):
     """Warp-specialized form: one loop over (query head of the group, query tile), masked throughout, Q/dO through
     3-D TMA descriptors ``[group, len_q, D]`` (rows past ``len_q`` load as zeros and contribute 0)."""
     cols = n0 + tl.arange(0, BLOCK_N)
@@ -485,7 +546,8 @@ def _dkdv_inner_ws(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, stride_l
         lse2 = tl.load(lse_base + stat, mask=rows < len_q, other=0.0) * 1.4426950408889634
         delta = tl.load(delta_base + stat, mask=rows < len_q, other=0.0)
         dk, dv = _dkdv_tile(dk, dv, k, v, q, do, lse2, delta, rows, cols, off, len_k, window, sm_scale2, cap_scale,
-                            cap2, True, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION)
+                            cap2, seed, bh0 + g, q_start, k_start, drop_p, drop_scale, True, CAUSAL, WINDOW, SOFTCAP,
+                            DOT_PRECISION, DROPOUT)
     return dk, dv
 
 
@@ -493,9 +555,10 @@ def _dkdv_inner_ws(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, stride_l
 def _dkdv_heads(dk, dv, Q, K, V, DO, Lse, Delta, batch64, kv_head, q_start, krow0, n0, len_q, len_k,
                 stride_qs, stride_qh, stride_qb, stride_ks, stride_kh, stride_kb, stride_vs, stride_vh, stride_vb,
                 stride_ds, stride_dh, stride_db, stride_lb, stride_lh, group, window,
-                lo, p1_end, full_lo, full_hi, hi, sm_scale2, cap_scale, cap2,
+                lo, p1_end, full_lo, full_hi, hi, sm_scale2, cap_scale, cap2, seed, bh0, k_start, drop_p, drop_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr):
+                CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                DROPOUT: tl.constexpr):
     """Pointer-load form: K/V tile in registers, three query-tile phases per head of the group."""
     k = _load_rows(K + batch64 * stride_kb + kv_head.to(tl.int64) * stride_kh + krow0 * stride_ks, stride_ks,
                    len_k - n0, BLOCK_N, HEAD_DIM, BLOCK_D, True)
@@ -510,20 +573,23 @@ def _dkdv_heads(dk, dv, Q, K, V, DO, Lse, Delta, batch64, kv_head, q_start, krow
         lse_base = Lse + batch64 * stride_lb + head64 * stride_lh + q_start
         delta_base = Delta + batch64 * stride_lb + head64 * stride_lh + q_start
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_ds, n0, lo,
-                             p1_end, len_q, len_k, window, sm_scale2, cap_scale, cap2, HEAD_DIM, BLOCK_D, BLOCK_M,
-                             BLOCK_N, True, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION)
+                             p1_end, len_q, len_k, window, sm_scale2, cap_scale, cap2, seed, bh0 + g,
+                             q_start, k_start, drop_p, drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, CAUSAL,
+                             WINDOW, SOFTCAP, DOT_PRECISION, DROPOUT)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_ds, n0, full_lo,
-                             full_hi, len_q, len_k, window, sm_scale2, cap_scale, cap2, HEAD_DIM, BLOCK_D, BLOCK_M,
-                             BLOCK_N, False, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION)
+                             full_hi, len_q, len_k, window, sm_scale2, cap_scale, cap2, seed, bh0 + g,
+                             q_start, k_start, drop_p, drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, CAUSAL,
+                             WINDOW, SOFTCAP, DOT_PRECISION, DROPOUT)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_ds, n0, full_hi,
-                             hi, len_q, len_k, window, sm_scale2, cap_scale, cap2, HEAD_DIM, BLOCK_D, BLOCK_M,
-                             BLOCK_N, True, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION)
+                             hi, len_q, len_k, window, sm_scale2, cap_scale, cap2, seed, bh0 + g,
+                             q_start, k_start, drop_p, drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, CAUSAL,
+                             WINDOW, SOFTCAP, DOT_PRECISION, DROPOUT)
     return dk, dv
 
 
 @triton.jit
 def _attn_bwd_dkdv(
-    Q, K, V, DO, Lse, Delta, DK, DV, Segments,
+    Q, K, V, DO, Lse, Delta, DK, DV, Segments, Seed,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
@@ -532,10 +598,10 @@ def _attn_bwd_dkdv(
     stride_gvb, stride_gvs, stride_gvh,
     stride_lb, stride_lh,
     seqlen_q, seqlen_k, heads_kv, group, window,
-    sm_scale, sm_scale2, cap_scale, cap2,
+    sm_scale, sm_scale2, cap_scale, cap2, drop_p, drop_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, SEGMENTS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, WARP_SPEC: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, WARP_SPEC: tl.constexpr, DROPOUT: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -550,6 +616,8 @@ def _attn_bwd_dkdv(
     dk = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=tl.float32)
     dv = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=tl.float32)
     lo, p1_end, full_lo, full_hi, hi = _q_range(n0, len_q, len_k, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
+    seed = tl.load(Seed) if DROPOUT else 0
+    bh0 = (batch * heads_kv + kv_head) * group  # batch * heads_q + the group's first query head
     if WARP_SPEC:
         # every load through TMA (the producer warps issue them); a tile past the segment loads zeros
         k_seg = K + batch64 * stride_kb + kv_head.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_ks
@@ -569,14 +637,16 @@ def _attn_bwd_dkdv(
         hi = tl.where(n0 < len_k, hi, lo)
         dk, dv = _dkdv_inner_ws(dk, dv, k, v, q_desc, do_desc, Lse + batch64 * stride_lb + head0 * stride_lh + q_start,
                                 Delta + batch64 * stride_lb + head0 * stride_lh + q_start, stride_lh, n0, lo, hi, group,
-                                len_q, len_k, window, sm_scale2, cap_scale, cap2, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N,
-                                CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION)
+                                len_q, len_k, window, sm_scale2, cap_scale, cap2, seed, bh0, q_start, k_start, drop_p,
+                                drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION,
+                                DROPOUT)
     else:
         dk, dv = _dkdv_heads(dk, dv, Q, K, V, DO, Lse, Delta, batch64, kv_head, q_start, krow0, n0, len_q, len_k,
                              stride_qs, stride_qh, stride_qb, stride_ks, stride_kh, stride_kb, stride_vs, stride_vh,
                              stride_vb, stride_ds, stride_dh, stride_db, stride_lb, stride_lh, group, window,
-                             lo, p1_end, full_lo, full_hi, hi, sm_scale2, cap_scale, cap2, HEAD_DIM, BLOCK_D,
-                             BLOCK_M, BLOCK_N, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION)
+                             lo, p1_end, full_lo, full_hi, hi, sm_scale2, cap_scale, cap2, seed, bh0, k_start, drop_p,
+                             drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION,
+                             DROPOUT)
     dk = dk * sm_scale
     _store_rows(DK + batch64 * stride_gkb + kv_head.to(tl.int64) * stride_gkh + krow0 * stride_gks, stride_gks,
                 len_k - n0, dk, BLOCK_N, HEAD_DIM, BLOCK_D)
@@ -618,13 +688,18 @@ def _ensure_scratch_allocator() -> None:
         triton.set_allocator(_scratch)
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-    head_dim = q.shape[-1]
+def check_head_dim(head_dim: int, kernels: str = "flash") -> None:
+    """Raise a ValueError naming the supported set unless the Triton kernels can run ``head_dim``."""
     if head_dim not in SUPPORTED_HEAD_DIMS:
         raise ValueError(
-            f"head_dim {head_dim} is not supported by the Triton flash kernels "
-            f"(supported: {', '.join(map(str, SUPPORTED_HEAD_DIMS))})"
+            f"head_dim {head_dim} is not supported by the Triton {kernels} kernels: they support every multiple of "
+            f"{HEAD_DIM_MULTIPLE} from {MIN_HEAD_DIM} to {MAX_HEAD_DIM}. Use attn_implementation='sdpa' or 'eager' "
+            f"for this model, or HF_ATTN_PLUGIN_BACKEND=reference (plain PyTorch)."
         )
+
+
+def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    check_head_dim(q.shape[-1])
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"flash kernels support float16, bfloat16 and float32, got {q.dtype}")
     if not (q.dtype == k.dtype == v.dtype):
@@ -645,7 +720,8 @@ def _alloc(shape, like: torch.Tensor, dtype, zero: bool) -> torch.Tensor:
 class _Launch:
     """Everything both directions derive from the arguments (grid extents, flags, scales)."""
 
-    def __init__(self, q, k, segments, scale, causal, window, softcap, max_seqlen_q, max_seqlen_k):
+    def __init__(self, q, k, segments, scale, causal, window, softcap, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+                 dropout_seed=None):
         self.batch, self.seqlen_q, self.heads_q, self.head_dim = q.shape
         self.seqlen_k, self.heads_kv = k.shape[1], k.shape[2]
         self.group = self.heads_q // self.heads_kv
@@ -669,16 +745,30 @@ class _Launch:
         self.cap2 = self.softcap * LOG2E
         self.dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
         self.empty = self.n_seg == 0 or self.seqlen_q == 0
+        self.dropout_p = float(dropout_p)
+        self.dropout = self.dropout_p > 0.0
+        if self.dropout:
+            if not 0.0 < self.dropout_p < 1.0:
+                raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+            if dropout_seed is None or dropout_seed.dtype != torch.int64 or dropout_seed.numel() < 1:
+                raise ValueError("dropout needs dropout_seed: an int64 tensor on the inputs' device (ops.dropout_seed)")
+            self.seed = dropout_seed.to(q.device)
+        else:
+            self.seed = q  # dummy pointer, never read
+        self.drop_scale = 1.0 / (1.0 - self.dropout_p) if self.dropout else 1.0
 
     def flags(self):
         return dict(
             HEAD_DIM=self.head_dim, BLOCK_D=self.block_d, CAUSAL=self.causal, WINDOW=self.window > 0,
             SOFTCAP=self.softcap > 0, SEGMENTS=self.segmented, DOT_PRECISION=self.dot_precision,
+            DROPOUT=self.dropout,
         )
 
-    def key(self, dtype, *extra):
-        return (str(dtype), self.causal, self.window > 0, self.softcap > 0, self.segmented,
-                configs.seq_bucket(self.max_q), configs.seq_bucket(self.max_k), min(self.group, 8)) + extra
+    def key(self, dtype, sinks=False):
+        """What :func:`configs.pick` chooses a launch config by (raw values: configs buckets them)."""
+        return dict(dtype=dtype, causal=self.causal, window=self.window > 0, softcap=self.softcap > 0,
+                    segmented=self.segmented, seq_q=self.max_q, seq_k=self.max_k, group=self.group, sinks=sinks,
+                    dropout=self.dropout)
 
 
 def flash_attn_forward(
@@ -693,36 +783,87 @@ def flash_attn_forward(
     softcap: float,
     max_seqlen_q: int,
     max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    dropout_seed: Optional[torch.Tensor] = None,
 ):
-    """Returns ``(out [B, Sq, Hq, D] in q.dtype, lse [B, Hq, Sq] float32, natural log)``."""
+    """Returns ``(out [B, Sq, Hq, D] in q.dtype, lse [B, Hq, Sq] float32, natural log)``.
+
+    ``dropout_p > 0``: attention dropout with the mask :func:`dropout_mask` gives for ``dropout_seed`` (an int64
+    tensor on the device, from :func:`hf_attn_plugin.ops.dropout_seed`); the backward must get the same seed.
+
+    Kernel: the launch config :func:`configs.pick` gives for the call's key; a config with ``gluon`` >= 0 runs that
+    variant of the Gluon Hopper forward (``gluon_fwd.py``) where it supports the call, else the key's best Triton
+    config (``pick(..., triton_only=True)``). Both give the same contract (lse natural log), so the backward is
+    always the Triton one."""
     _check(q, k, v)
     q, k, v = _unit_last(q), _tma_ready(k), _tma_ready(v)
-    L = _Launch(q, k, segments, scale, causal, window, softcap, max_seqlen_q, max_seqlen_k)
-    out = _alloc(q.shape, q, q.dtype, zero=L.segmented)
-    lse = _alloc((L.batch, L.heads_q, L.seqlen_q), q, torch.float32, zero=L.segmented)
+    L = _Launch(q, k, segments, scale, causal, window, softcap, max_seqlen_q, max_seqlen_k, dropout_p, dropout_seed)
+    buffers = []  # out, lse of the Triton kernel (the Gluon one allocates its own)
+
+    def outputs():
+        if not buffers:
+            buffers.append(_alloc(q.shape, q, q.dtype, zero=L.segmented))
+            buffers.append(_alloc((L.batch, L.heads_q, L.seqlen_q), q, torch.float32, zero=L.segmented))
+        return buffers
+
     if L.empty:
+        out, lse = outputs()
         return out.zero_(), lse.zero_()
     sinks_arg = sinks.to(device=q.device, dtype=torch.float32).contiguous() if sinks is not None else q
     _ensure_scratch_allocator()
+    gluon_reason = []  # memo of _gluon_unsupported for this call
+
+    def gluon_unsupported():
+        if not gluon_reason:
+            gluon_reason.append(_gluon_unsupported(q, k, v, segments, sinks, causal, window, softcap, dropout_p))
+        return gluon_reason[0]
 
     def launch(cfg: configs.Config):
+        if cfg.gluon >= 0:  # a Gluon forward variant (kernels/gluon_fwd.py): returns its own (out, lse)
+            reason = gluon_unsupported()
+            if reason is not None:
+                raise configs.Unsupported(reason)
+            from . import gluon_fwd
+
+            return gluon_fwd.gluon_attn_forward(q, k, v, None, None, L.scale, L.causal, 0, 0.0, L.seqlen_q,
+                                                L.seqlen_k, warp_spec=cfg.gluon)
+        out, lse = outputs()
         grid = (triton.cdiv(L.max_q, cfg.block_m), L.n_seg * L.heads_q)
         return _attn_fwd[grid](
-            q, k, v, out, lse, L.segments, sinks_arg,
+            q, k, v, out, lse, L.segments, sinks_arg, L.seed,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
             out.stride(0), out.stride(1), out.stride(2),
             lse.stride(0), lse.stride(1),
             L.seqlen_q, L.seqlen_k, L.heads_q, L.group, L.window,
-            L.sm_scale2, L.cap_scale, L.cap2,
+            L.sm_scale2, L.cap_scale, L.cap2, L.dropout_p, L.drop_scale,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SINKS=sinks is not None, WARP_SPEC=cfg.warp_spec,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages, **L.flags(),
         )
 
-    cfg = configs.pick("fwd", L.block_d, L.key(q.dtype, sinks is not None), launch)
+    key = L.key(q.dtype, sinks is not None)
+    cfg = configs.pick("fwd", L.block_d, key, launch)
+    if cfg.gluon >= 0:
+        if gluon_unsupported() is None:
+            return launch(cfg)
+        # The key's entry names a Gluon kernel that cannot run this call: the key's best Triton config instead.
+        cfg = configs.pick("fwd", L.block_d, key, launch, triton_only=True)
     launch(cfg)
+    out, lse = outputs()
     return out, lse
+
+
+def _gluon_unsupported(q, k, v, segments, sinks, causal, window, softcap, dropout_p) -> Optional[str]:
+    """Why the Gluon forward cannot run this call (None: it can). Gluon is imported only for compiled CUDA calls:
+    never under the interpreter or for CPU tensors."""
+    if configs.interpreting() or not q.is_cuda:
+        return "the Gluon forward runs compiled on CUDA only"
+    if not configs.gluon_enabled():
+        return "the Gluon forward is switched off (HF_ATTN_PLUGIN_GLUON=0)"
+    from . import gluon_fwd
+
+    return gluon_fwd.unsupported_reason(q, k, v, segments, sinks, causal, window, softcap, dropout_p)
 
 
 def flash_attn_backward(
@@ -740,14 +881,17 @@ def flash_attn_backward(
     softcap: float,
     max_seqlen_q: int,
     max_seqlen_k: int,
+    dropout_p: float = 0.0,
+    dropout_seed: Optional[torch.Tensor] = None,
 ):
-    """Returns ``(dq, dk, dv, dsinks)`` with ``dsinks`` float32 ``[Hq]`` (or None without sinks)."""
+    """Returns ``(dq, dk, dv, dsinks)`` with ``dsinks`` float32 ``[Hq]`` (or None without sinks). ``out`` is the
+    forward's (dropped) output; ``dropout_p``/``dropout_seed`` those of the forward: the mask is regenerated."""
     _check(q, k, v)
     q, k, v, out = _tma_ready(q), _tma_ready(k), _tma_ready(v), _unit_last(out)
     dout = _tma_ready(dout.contiguous())  # a grad of sum() has stride 0
     _ensure_scratch_allocator()  # autograd runs the backward in its own thread (Triton's allocator is per thread)
     lse = lse.contiguous()
-    L = _Launch(q, k, segments, scale, causal, window, softcap, max_seqlen_q, max_seqlen_k)
+    L = _Launch(q, k, segments, scale, causal, window, softcap, max_seqlen_q, max_seqlen_k, dropout_p, dropout_seed)
     # dq for rows outside every segment and dk/dv for keys outside every segment are never written. Contiguous,
     # whatever the inputs' layout: what the op returns (a transposed q would otherwise cost a copy of dq).
     dq = _alloc(q.shape, q, q.dtype, zero=L.segmented)
@@ -770,7 +914,7 @@ def flash_attn_backward(
     )
     common = (
         L.seqlen_q, L.seqlen_k, None, L.group, L.window,
-        L.scale, L.sm_scale2, L.cap_scale, L.cap2,
+        L.scale, L.sm_scale2, L.cap_scale, L.cap2, L.dropout_p, L.drop_scale,
     )
 
     def launch_dq(cfg: configs.Config):
@@ -778,7 +922,7 @@ def flash_attn_backward(
         args = list(common)
         args[2] = L.heads_q
         return _attn_bwd_dq[grid](
-            q, k, v, dout, lse, delta, dq, L.segments,
+            q, k, v, dout, lse, delta, dq, L.segments, L.seed,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
@@ -795,7 +939,7 @@ def flash_attn_backward(
         args = list(common)
         args[2] = L.heads_kv
         return _attn_bwd_dkdv[grid](
-            q, k, v, dout, lse, delta, dk, dv, L.segments,
+            q, k, v, dout, lse, delta, dk, dv, L.segments, L.seed,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
@@ -819,3 +963,15 @@ def flash_attn_backward(
         prob_sink = torch.exp(sinks.to(device=q.device, dtype=torch.float32).view(1, -1, 1) - lse)
         dsinks = -(prob_sink * delta).sum(dim=(0, 2))
     return dq, dk, dv, dsinks
+
+
+def dropout_mask(seed: torch.Tensor, batch: int, heads_q: int, seqlen_q: int, seqlen_k: int, dropout_p: float
+                 ) -> torch.Tensor:
+    """The kernels' dropout mask for ``seed`` as a bool tensor ``[B, Hq, Sq, Sk]`` (True = kept), indexed by
+    positions in the padded layout (segments select parts of it). For tests and debugging: it materialises the
+    whole mask."""
+    keep = torch.empty((batch, heads_q, seqlen_q, seqlen_k), dtype=torch.int8, device=seed.device)
+    if keep.numel():
+        grid = (triton.cdiv(seqlen_q, 32), triton.cdiv(seqlen_k, 32), batch * heads_q)
+        _dropout_mask_kernel[grid](seed, keep, seqlen_q, seqlen_k, float(dropout_p), BLOCK_M=32, BLOCK_N=32)
+    return keep.bool()

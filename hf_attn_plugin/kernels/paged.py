@@ -31,7 +31,12 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["write_kv", "paged_attention", "split_attention", "default_num_splits", "LaunchConfig"]
+from . import configs
+from .configs import INTERPRET_SPLIT_PROGRAMS
+from .flash import check_head_dim
+from .host import cdiv, next_power_of_2  # plain Python: triton's are ~3-13 us wrapped calls on the host
+
+__all__ = ["write_kv", "paged_attention", "split_attention", "default_num_splits"]
 
 LOG2E = 1.4426950408889634
 
@@ -70,8 +75,8 @@ def write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, k_new: torch.Tensor, v_
         k_new, v_new, k_pool, v_pool, slot_mapping,
         k_new.stride(0), k_new.stride(1), v_new.stride(0), v_new.stride(1),
         k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), v_pool.stride(0), v_pool.stride(1), v_pool.stride(2),
-        NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_H=triton.next_power_of_2(num_heads),
-        BLOCK_D=triton.next_power_of_2(head_dim), PAGE_SIZE=k_pool.shape[1],
+        NUM_HEADS=num_heads, HEAD_DIM=head_dim, BLOCK_H=next_power_of_2(num_heads),
+        BLOCK_D=next_power_of_2(head_dim), PAGE_SIZE=k_pool.shape[1],
     )
 
 
@@ -280,46 +285,11 @@ def _combine_kernel(
              mask=(d < HEAD_DIM)[None, :])
 
 
-class LaunchConfig:
-    """Tile and launch parameters of the attention kernel (``BLOCK_M = block_q * HEAD_PAD``).
-
-    Split-K pieces (see :func:`_piece_tiles`): ``min_split_keys`` is the shortest piece;
-    ``split_programs`` the number of attention programs the batch should be cut into when its
-    sequences alone are too few to fill the GPU (``None``: four per SM, as in
-    :func:`default_num_splits`).
-    """
-
-    __slots__ = ("block_q", "block_n", "num_warps", "num_stages", "min_split_keys", "split_programs")
-
-    def __init__(self, block_q: int, block_n: int, num_warps: int, num_stages: int, min_split_keys: int = 1024,
-                 split_programs: int | None = None):
-        self.block_q, self.block_n, self.num_warps, self.num_stages = block_q, block_n, num_warps, num_stages
-        self.min_split_keys, self.split_programs = min_split_keys, split_programs
-
-    def __repr__(self) -> str:
-        return (f"LaunchConfig(block_q={self.block_q}, block_n={self.block_n}, num_warps={self.num_warps}, "
-                f"num_stages={self.num_stages}, min_split_keys={self.min_split_keys}, "
-                f"split_programs={self.split_programs})")
-
-
 def _head_pad(group: int, decode: bool) -> int:
-    pad = triton.next_power_of_2(group)
+    pad = next_power_of_2(group)
     return max(pad, 16) if decode else pad
 
 
-def default_config(group: int, head_dim: int, decode: bool, interpret: bool = False) -> LaunchConfig:
-    """Tiles by case (H200 sweep in benchmarks/NOTES_paged.md). Decode streams K/V once: 64-key
-    tiles, 4 warps, 2 stages. Prefill packs ~64 query rows (tokens x group heads) per program."""
-    if interpret:  # small tiles keep the interpreter quick; short pieces and few programs so tests split
-        return LaunchConfig(1 if decode else max(1, 32 // _head_pad(group, False)), 32, 4, 1, min_split_keys=32,
-                            split_programs=INTERPRET_SPLIT_PROGRAMS)
-    if decode:
-        return LaunchConfig(1, 64, 4, 2)
-    block_m = 64 if head_dim <= 128 else 32
-    return LaunchConfig(max(1, block_m // _head_pad(group, False)), 64, 4, 3)
-
-
-INTERPRET_SPLIT_PROGRAMS = 16  # stands for "programs that fill the GPU" off CUDA (interpreter tests)
 MAX_SPLITS = 64
 
 
@@ -370,7 +340,7 @@ def paged_attention(
     window: int,
     softcap: float,
     num_splits: int,
-    config: LaunchConfig | None = None,
+    config: configs.Config | None = None,
 ) -> torch.Tensor:
     """Attention of ``q`` ``[T, Hq, D]`` over paged K/V; returns ``[T, Hq, D]`` in q's dtype.
 
@@ -387,8 +357,8 @@ def paged_attention(
         num_splits = part_lse.shape[-1]
         _combine_kernel[(num_tokens, heads_q)](
             part_out, part_lse, out, sinks if sinks is not None else seq_lens, out.stride(0), out.stride(1),
-            num_splits, NUM_HEADS=heads_q, HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim),
-            BLOCK_S=triton.next_power_of_2(num_splits), HAS_SINKS=sinks is not None,
+            num_splits, NUM_HEADS=heads_q, HEAD_DIM=head_dim, BLOCK_D=next_power_of_2(head_dim),
+            BLOCK_S=next_power_of_2(num_splits), HAS_SINKS=sinks is not None,
             num_warps=4,
         )
     return out
@@ -409,7 +379,7 @@ def split_attention(
     window: int,
     softcap: float,
     num_splits: int,
-    config: LaunchConfig | None = None,
+    config: configs.Config | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
     """The attention kernel alone (arguments of :func:`paged_attention`): ``(out, partials)``.
 
@@ -418,15 +388,19 @@ def split_attention(
     ``+inf`` were one piece and are final in ``out`` already. (Tests read the piece counts here.)
     """
     num_tokens, heads_q, head_dim = q.shape
+    check_head_dim(head_dim, "paged")  # the flash kernels' set: pointer loads here, same tl.dot limits
     num_seqs = seq_lens.shape[0]
     heads_kv, page_size = k_pool.shape[2], k_pool.shape[1]
     group = heads_q // heads_kv
     decode = cu_seqlens_q is None
-    interpret = q.device.type != "cuda"
-    cfg = config or default_config(group, head_dim, decode, interpret)
+    cfg = config or configs.pick(
+        "paged_decode" if decode else "paged_prefill", next_power_of_2(head_dim),
+        dict(dtype=q.dtype, causal=causal, seq_q=1 if decode else max_seqlen_q,
+             seq_k=block_tables.shape[1] * page_size, group=group, window=window > 0, softcap=softcap > 0,
+             sinks=sinks is not None))
     head_pad = _head_pad(group, decode)
-    block_q = 1 if decode else cfg.block_q
-    num_q_tiles = 1 if decode else triton.cdiv(max(max_seqlen_q, 1), block_q)
+    block_q = 1 if decode else max(1, cfg.block_m // head_pad)
+    num_q_tiles = 1 if decode else cdiv(max(max_seqlen_q, 1), block_q)
     if num_splits <= 0:
         max_context = block_tables.shape[1] * page_size
         num_splits = default_num_splits(num_seqs * heads_kv * num_q_tiles, max_context, q.device, num_q_tiles,
@@ -455,7 +429,7 @@ def split_attention(
         scale * LOG2E, float(softcap), int(window), num_splits, max(1, cfg.min_split_keys // cfg.block_n),
         max(1, -(-fill // (heads_kv * num_q_tiles))),
         GROUP=group, HEAD_PAD=head_pad, BLOCK_Q=block_q, BLOCK_N=cfg.block_n,
-        HEAD_DIM=head_dim, BLOCK_D=triton.next_power_of_2(head_dim), PAGE_SIZE=page_size, SPLIT_K=num_splits > 1,
+        HEAD_DIM=head_dim, BLOCK_D=next_power_of_2(head_dim), PAGE_SIZE=page_size, SPLIT_K=num_splits > 1,
         VARLEN=not decode, CAUSAL=bool(causal), HAS_WINDOW=window > 0, HAS_SOFTCAP=softcap > 0,
         HAS_SINKS=sinks is not None, HAS_K_STARTS=k_starts is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",

@@ -12,6 +12,7 @@ from .allocator import (
     PagedKVCache,
     SequenceTooLongError,
     StepPlan,
+    UnknownSequenceError,
     bytes_per_page,
     num_pages_for_budget,
 )
@@ -24,6 +25,7 @@ __all__ = [
     "PagedKVCache",
     "SequenceTooLongError",
     "StepPlan",
+    "UnknownSequenceError",
     "bytes_per_page",
     "num_pages_for_budget",
 ]

@@ -1,0 +1,171 @@
+"""Every head dim a Hugging Face model uses: multiples of 8 from 16 to 256 (issue 15 item 1).
+
+CPU: the Triton interpreter, forward + backward at every listed D in fp32 and fp16 with every feature at once
+(GQA, sliding window, softcap, sinks, segments, a transposed q), FA2's error rule (``run_case``). GPU (``-m gpu``):
+bf16 at every D with every feature, and every tuning candidate of every D bucket at the new dims.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # must precede the first @triton.jit import
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from .test_flash_kernels import CACHE, HAS_CUDA, PACKED, run_case  # noqa: E402
+
+HEAD_DIMS = [16, 32, 48, 64, 72, 80, 96, 112, 128, 160, 192, 256]
+# every feature at once; a packed segment list with an empty segment, bottom-right aligned cache rows
+EVERYTHING = dict(sinks=True, softcap=5.0, window=21, segments=CACHE, B=2, Sq=64, Sk=90, Hq=4, Hkv=2,
+                  q_transposed=True)
+
+
+@pytest.fixture(scope="module")
+def flash_cpu():
+    from hf_attn_plugin.kernels import flash
+
+    if type(flash._attn_fwd).__name__ != "InterpretedFunction":
+        if not torch.cuda.is_available():
+            pytest.fail("Triton interpreter not active: set TRITON_INTERPRET=1 before triton is imported")
+        pytest.skip("GPU machine: the interpreter tests run on CPU-only machines; the GPU tests cover the kernels")
+    old, flash.POISON = flash.POISON, True
+    yield flash
+    flash.POISON = old
+
+
+def test_supported_set_is_every_multiple_of_8_from_16_to_256():
+    from hf_attn_plugin.kernels import flash
+
+    assert flash.SUPPORTED_HEAD_DIMS == tuple(range(16, 257, 8))
+    assert set(HEAD_DIMS) <= set(flash.SUPPORTED_HEAD_DIMS)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("D", HEAD_DIMS)
+def test_every_head_dim_everything(flash_cpu, D, dtype):
+    run_case(flash_cpu, D=D, dtype=dtype, **EVERYTHING)
+
+
+@pytest.mark.parametrize("D", [16, 48, 72, 112, 160, 192])
+def test_every_head_dim_plain_packed(flash_cpu, D):
+    """No mask flags but packing (unmasked bulk phases at odd D), MQA."""
+    run_case(flash_cpu, D=D, segments=PACKED, Sq=100, Hq=4, Hkv=1, causal=False)
+
+
+@pytest.mark.parametrize("D", [16, 72, 160])
+def test_every_head_dim_warp_specialized(flash_cpu, monkeypatch, D):
+    """The warp-specialized forms (Q and dO through 3-D TMA descriptors) at head dims below / between powers of 2."""
+    from hf_attn_plugin.kernels import configs
+
+    monkeypatch.setitem(configs._INTERPRET, "fwd", configs.Config(32, 16, 4, 1, warp_spec=True))
+    monkeypatch.setitem(configs._INTERPRET, "bwd_dkdv", configs.Config(16, 32, 4, 1, warp_spec=True))
+    run_case(flash_cpu, D=D, dtype=torch.float16, **EVERYTHING)
+
+
+@pytest.mark.parametrize("D", [8, 12, 20, 100, 264, 512])
+def test_unsupported_head_dims_are_refused_clearly(D):
+    from hf_attn_plugin.kernels import flash
+
+    q = torch.randn(1, 8, 2, D)
+    with pytest.raises(ValueError, match=rf"head_dim {D} is not supported .* every multiple of 8 from 16 to 256"):
+        flash.flash_attn_forward(q, q, q, None, None, 0.1, True, 0, 0.0, 8, 8)
+    with pytest.raises(ValueError, match=rf"head_dim {D} is not supported"):
+        flash.flash_attn_backward(q, q, q, q, q, q[..., 0].transpose(1, 2), None, None, 0.1, True, 0, 0.0, 8, 8)
+
+
+# ---------------------------------------------------------------------------------------------- paged kernels
+
+
+@pytest.mark.skipif(not (HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1"), reason="needs CUDA or the interpreter")
+@pytest.mark.parametrize("D", [16, 48, 72, 112, 160, 192])
+def test_paged_decode_and_prefill_every_head_dim(D):
+    from .test_paged import DEV, _check, _random_paged
+
+    k_pool, v_pool, bt, seq_lens, _ = _random_paged([9, 70], 2, D, 16, torch.float32)
+    q = torch.randn(2, 4, D, device=DEV)
+    _check(q, k_pool, v_pool, bt, seq_lens, window=40, softcap=3.0, sinks=torch.randn(4, device=DEV), num_splits=2)
+    cu = torch.tensor([0, 5, 12], dtype=torch.int32, device=DEV)
+    q = torch.randn(12, 4, D, device=DEV)
+    _check(q, k_pool, v_pool, bt, seq_lens, cu=cu, max_q=7)
+
+
+@pytest.mark.parametrize("D", [8, 44, 264])
+def test_paged_refuses_unsupported_head_dims(D):
+    from hf_attn_plugin.kernels import paged
+
+    q = torch.randn(1, 2, D)
+    pool = torch.randn(1, 16, 2, D)
+    with pytest.raises(ValueError, match=rf"head_dim {D} is not supported by the Triton paged kernels"):
+        paged.paged_attention(q, pool, pool, torch.zeros(1, 1, dtype=torch.int32), torch.ones(1, dtype=torch.int32),
+                              None, 1, None, None, 0.1, True, 0, 0.0, 1)
+
+
+# ---------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.fixture(scope="module")
+def flash_gpu():
+    from hf_attn_plugin.kernels import flash
+
+    old, flash.POISON = flash.POISON, True
+    yield flash
+    flash.POISON = old
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (run `pytest -m gpu` there)")
+@pytest.mark.parametrize("D", HEAD_DIMS)
+def test_gpu_every_head_dim_bf16(flash_gpu, D):
+    run_case(flash_gpu, device="cuda", dtype=torch.bfloat16, D=D, sinks=True, softcap=30.0, window=300,
+             segments=[[0, 10, 700, 0, 900], [1, 0, 500, 0, 500], [1, 500, 520, 500, 530]], B=2, Sq=700, Sk=900,
+             Hq=8, Hkv=2, q_transposed=True)
+    run_case(flash_gpu, device="cuda", dtype=torch.bfloat16, D=D, Sq=1000, Hq=4, Hkv=4, causal=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (run `pytest -m gpu` there)")
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
+@pytest.mark.parametrize("D", [16, 48, 72, 160, 192])
+def test_gpu_new_head_dims_other_dtypes(flash_gpu, D, dtype):
+    """fp32 (ieee dots, 4-byte TMA rows) and fp16 at the head dims that are not powers of two or below 64."""
+    run_case(flash_gpu, device="cuda", dtype=dtype, D=D, Sq=600, Hq=4, Hkv=2, window=250, sinks=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (run `pytest -m gpu` there)")
+@pytest.mark.parametrize("D", [16, 32, 48, 72, 112, 160, 192])
+def test_gpu_every_tuning_candidate_new_head_dims(flash_gpu, monkeypatch, D):
+    """Every candidate config of D's bucket compiles, runs and is right (bf16, every feature)."""
+    from hf_attn_plugin.kernels import configs
+
+    block_d = max(1 << (D - 1).bit_length(), 16)
+    longest = max(len(configs.candidates(kind, block_d)) for kind in ("fwd", "bwd_dq", "bwd_dkdv"))
+    real = configs.candidates
+    for i in range(longest):
+        def one(kind, bd, i=i):
+            opts = real(kind, bd)
+            return (opts[min(i, len(opts) - 1)],)
+
+        monkeypatch.setattr(configs, "candidates", one)
+        try:
+            run_case(flash_gpu, device="cuda", dtype=torch.bfloat16, D=D, Sq=500, Sk=650, Hq=4, Hkv=2, window=200,
+                     sinks=True, softcap=20.0)
+        except AssertionError as exc:
+            used = {kind: one(kind, block_d)[0] for kind in ("fwd", "bwd_dq", "bwd_dkdv")}
+            pytest.fail(f"candidate #{i} at D={D} {used}: {exc}")
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (run `pytest -m gpu` there)")
+@pytest.mark.parametrize("D", [16, 48, 72, 160, 192])
+def test_gpu_paged_new_head_dims(D):
+    from .test_paged import _check, _random_paged
+
+    k_pool, v_pool, bt, seq_lens, _ = _random_paged([300, 2000], 2, D, 16, torch.bfloat16)
+    _check(torch.randn(2, 8, D, device="cuda").bfloat16(), k_pool, v_pool, bt, seq_lens, sinks=torch.randn(8, device="cuda"),
+           window=500, num_splits=4)
+    cu = torch.tensor([0, 100, 300], dtype=torch.int32, device="cuda")
+    _check(torch.randn(300, 8, D, device="cuda").bfloat16(), k_pool, v_pool, bt, seq_lens, cu=cu, max_q=200)
