@@ -56,6 +56,77 @@ def flash_section(name: str, title: str) -> str:
             f"triton {meta['triton']}, {meta['date']})\n\n" + table(header, body))
 
 
+def models_section() -> str:
+    """flash_models.csv (bench_flash.py --models): the shapes real models have, ours beside SDPA and Flex."""
+    rows = read("flash_models.csv")
+    if not rows:
+        return ""
+    by = defaultdict(dict)
+    order = []
+    for r in rows:
+        key = (r["shape"], int(r["B"]), int(r["S"]), r["mode"])
+        if key not in by:
+            order.append(key)
+        by[key][r["impl"].replace("+repeat", "")] = float(r["tflops"])
+    body = []
+    for key in order:
+        impls = by[key]
+        ours = impls.get("ours")
+        if ours is None:
+            continue
+        rivals = {k: v for k, v in impls.items() if k != "ours"}
+        best = max(rivals, key=rivals.get) if rivals else None
+
+        def cell(name):
+            return impls.get(name, "-")
+
+        body.append([key[0], key[1], key[2], key[3], ours, cell("sdpa_cudnn"), cell("sdpa_flash"), cell("flex"),
+                     cell("sdpa_mask"), f"{ours / rivals[best]:.2f}x {best}" if best else "-"])
+    meta = rows[0]
+    header = ["shape", "B", "S", "mode", "ours", "SDPA cuDNN", "SDPA flash", "Flex", "SDPA + 4-D mask",
+              "ours / fastest other"]
+    return (f"**Shapes real models have** (TFLOP/s, bf16; `benchmarks/bench_flash.py --models`; {meta['gpu']}, torch "
+            f"{meta['torch']}, triton {meta['triton']}, {meta['date']}; SDPA runs GQA natively where its backend takes "
+            "it)\n\n" + table(header, body))
+
+
+def decode_section() -> str:
+    """decode_kernels.csv (bench_decode.py): one decode step's attention over a contiguous cache."""
+    rows = [r for r in read("decode_kernels.csv") if not r.get("error")]
+    if not rows:
+        return ""
+    by = defaultdict(dict)
+    for r in rows:
+        by[(int(r["batch"]), int(r["ctx"]))][r["impl"]] = (float(r["device_us"]), float(r["gbps"]))
+    body = []
+    for (batch, ctx), impls in sorted(by.items()):
+        def cell(name):
+            return f"{impls[name][0]:.0f} us, {impls[name][1] / 1000:.2f} TB/s" if name in impls else "-"
+        ratio = (f"{impls['sdpa_cudnn'][0] / impls['plugin'][0]:.2f}x" if "plugin" in impls and "sdpa_cudnn" in impls
+                 else "-")
+        body.append([batch, ctx, cell("plugin"), cell("plugin_flash"), cell("sdpa_cudnn"), cell("sdpa_flash"), ratio])
+    meta = rows[0]
+    header = ["B", "context", "plugin (decode route)", "plugin (flash path)", "SDPA cuDNN", "SDPA flash",
+              "plugin speed vs cuDNN"]
+    return (f"**Decode step, contiguous cache** (device time, bytes of K/V read per second; Hq/Hkv "
+            f"{meta['heads_q']}/{meta['heads_kv']}, D={meta['head_dim']}, {meta['dtype']}; {meta['device']}, "
+            f"{meta['stamp']})\n\n" + table(header, body))
+
+
+def generate_section() -> str:
+    """generate_single_stream.csv: plain generate() at B=1 and the compiled static-cache route."""
+    rows = read("generate_single_stream.csv")
+    if not rows:
+        return ""
+    body = [[r["code"], r["route"], r["batch"], f"{r['prompt']} + {r['new']}", r["impl"], r["tok_s"],
+             r["first_call_s"] or "-", r["compile_s"] or "-"] for r in rows]
+    meta = rows[0]
+    header = ["code", "route", "B", "tokens", "impl", "new tok/s", "first call (s)", "compile (s)"]
+    return (f"**Single-stream generate()** (~1B Llama-style, 32/8 heads, D=64, 16 layers, bf16, random weights; "
+            f"{meta['gpu']}, torch {meta['torch']}, transformers {meta['transformers']}, {meta['date']})\n\n"
+            + table(header, body))
+
+
 def window_section() -> str:
     rows = read("flash_window.csv")
     if not rows:
@@ -181,8 +252,11 @@ def render() -> str:
     parts = [
         flash_section("flash_fwd.csv", "Forward"),
         flash_section("flash_fwdbwd.csv", "Forward + backward"),
+        models_section(),
         window_section(),
         paged_section(),
+        decode_section(),
+        generate_section(),
         training_section(),
         generate_batch_section(),
         multi_gpu_section(),
@@ -303,7 +377,7 @@ def guide_section() -> str:
 
 
 def _dims_note() -> str:
-    dims = sorted({int(r["D"]) for n in ("flash_fwd.csv", "flash_fwdbwd.csv") for r in read(n)})
+    dims = sorted({int(r["D"]) for n in ("flash_fwd.csv", "flash_fwdbwd.csv", "flash_models.csv") for r in read(n)})
     missing = [d for d in (64, 128, 256) if d not in dims]
     if not dims or not missing:
         return ""

@@ -263,6 +263,45 @@ def test_pick_raises_real_errors(gpu, monkeypatch):
         configs.pick("fwd", 128, fwd_key(3000), launch)
 
 
+class OutOfResources(RuntimeError):  # what Triton raises at launch when a config needs more shared memory than the GPU has
+    pass
+
+
+def test_launch_fitting_replaces_a_config_the_gpu_cannot_hold(gpu):
+    """float32 inputs at head dims padded to 256 overflowed shared memory with the list's default (seen on the H200:
+    294944 > 232448 bytes); the next candidate that runs is used and remembered for the key."""
+    key = fwd_key(600, dtype=torch.float32)
+    picked = configs.pick("fwd", 256, key)
+    assert picked == configs.candidates("fwd", 256)[0]
+    ran = []
+
+    def launch(cfg):
+        if cfg == picked:
+            raise OutOfResources("out of resource: shared memory, Required: 294944, Hardware limit: 232448")
+        ran.append(cfg)
+        return "ran"
+
+    assert configs.launch_fitting("fwd", 256, key, picked, launch) == "ran"
+    assert ran == [configs.candidates("fwd", 256)[1]]
+    assert configs.pick("fwd", 256, key) == ran[0]  # remembered: later calls go straight to it
+
+
+def test_launch_fitting_raises_real_errors_and_gives_up_when_nothing_fits(gpu):
+    key = fwd_key(600, dtype=torch.float32)
+
+    def bug(cfg):
+        raise ValueError("a bug, not an unusable tile shape")
+
+    with pytest.raises(ValueError, match="a bug"):
+        configs.launch_fitting("fwd", 256, key, configs.pick("fwd", 256, key), bug)
+
+    def nothing_fits(cfg):
+        raise OutOfResources("out of resource: shared memory")
+
+    with pytest.raises(OutOfResources):
+        configs.launch_fitting("fwd", 256, key, configs.pick("fwd", 256, key), nothing_fits)
+
+
 def test_interpreter_uses_fixed_small_configs(monkeypatch):
     monkeypatch.setattr(configs, "interpreting", lambda: True)
     monkeypatch.setenv("HF_ATTN_PLUGIN_AUTOTUNE", "1")

@@ -8,6 +8,7 @@ the Llama-1B head layout and long contexts.
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -344,8 +345,12 @@ def test_gpu_greedy_generate_fp32_matches_eager_through_the_route(monkeypatch, p
                                       num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096)
     torch.manual_seed(0)
     ours = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="plugin").cuda().eval()
-    eager = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager").cuda().eval()
+    # a config of its own: from_config sets the attention implementation on the config object it is given, so a
+    # shared config would switch `ours` to eager as well (the route was then never taken: seen on the H200)
+    eager = transformers.AutoModelForCausalLM.from_config(copy.deepcopy(config), attn_implementation="eager")
+    eager = eager.cuda().eval()
     eager.load_state_dict(ours.state_dict())
+    assert ours.config._attn_implementation == "plugin"
     routed = []
     original = decode_ops.attention
     monkeypatch.setattr(decode_ops, "attention", lambda *a, **k: routed.append(1) or original(*a, **k))

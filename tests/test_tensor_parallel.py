@@ -3,6 +3,7 @@
 Each test launches two gloo processes with ``torchrun`` (transformers' TP builds its mesh on CPU when the
 machine has no accelerator, so the subprocesses hide any GPU) and runs ``benchmarks/tp_check.py --tiny``:
 every rank holds half the heads, and "plugin"'s greedy tokens must equal sdpa's (eager's for the sinks model).
+Small worker scripts check what a TP job can hand "plugin" directly (DTensor sinks or q/k/v, PagedCache(config)).
 The GPU run of the same script (~1B model, bf16, two H200s) is in docs/multi_gpu.md.
 """
 
@@ -85,13 +86,33 @@ def test_other_decoding_routes_under_tp(llama_tp, route):
     assert row["error"] == "" and row["tokens_equal"] == "True", row
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "PagedCache sizes its pools from config.num_key_value_heads (all heads), but under TP each rank writes "
-    "num_key_value_heads / tp_size: write_kv raises 'pools (..., 2, 16) do not match new tokens (..., 1, 16)'. "
-    "Fix belongs in hf_attn_plugin/integration/paged_cache.py (see docs/multi_gpu.md)."))
 def test_paged_cache_under_tp(llama_tp):
+    """PagedCache(model) sizes its pools for the rank's num_key_value_heads / tp_size heads (1 of 2 here)."""
     row = llama_tp[1]["plugin+PagedCache"]
     assert row["error"] == "" and row["tokens_equal"] == "True", row
+
+
+@pytest.mark.parametrize("tp_size, plan, want", [
+    (None, None, 2),           # not sharded: every KV head
+    (2, None, 1),              # the model's own plan (k_proj colwise): half of them
+    (2, {"model.layers.*.self_attn.o_proj": "rowwise"}, 2),  # a plan that leaves k/v whole (gpt_oss-like)
+    (4, None, "does not divide evenly"),
+])
+def test_paged_cache_pools_per_rank(tp_size, plan, want):
+    """The rule behind test_paged_cache_under_tp, in one process: tp_size and the plan as transformers sets them."""
+    from hf_attn_plugin import PagedCache
+    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
+        vocab_size=32, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2))
+    model._tp_size = tp_size  # what from_pretrained(tp_plan=...) sets (read through model.tp_size)
+    if plan is not None:
+        model._tp_plan = plan
+    if isinstance(want, str):
+        with pytest.raises(ValueError, match=want):
+            PagedCache(model, max_batch_size=1, num_pages=4)
+        return
+    cache = PagedCache(model, max_batch_size=1, num_pages=4, page_size=4)
+    assert [tuple(p.shape) for p in cache.kv.k_pools] == [(4, 4, want, 16)] * 2
 
 
 def _sinks_sharded_locally() -> bool:
@@ -114,6 +135,55 @@ def test_sinks_sharded_with_heads_under_tp(tmp_path):
     assert rows["plugin"]["attn_input"] == "Tensor q2/kv1 sinks Tensor[2]", rows["plugin"]["attn_input"]
 
 
+_SINKS_MODEL_WORKER = textwrap.dedent("""
+    import sys
+    import torch, torch.distributed as dist, transformers
+    from torch.distributed.tensor import DTensor
+    sys.path.insert(0, sys.argv[2])
+    import tp_check  # benchmarks/tp_check.py: the same tiny granite_swa model (distinct sinks per head)
+    import hf_attn_plugin
+
+    out = sys.argv[1]
+    a = tp_check.parse_args(["--out", out, "--device", "cpu", "--tiny", "--arch", "granite_swa"])
+    rank, _, dev = tp_check.init_distributed("cpu")
+    model_dir = tp_check.Path(out) / "model"
+    tp_check.ensure_model(a, model_dir, rank, dev)
+    ids = torch.randint(1, 256, (2, 12), generator=torch.Generator().manual_seed(1))
+    gen = dict(attention_mask=torch.ones_like(ids), max_new_tokens=6, min_new_tokens=6, do_sample=False,
+               pad_token_id=0)
+    model = tp_check.load(model_dir, "plugin", torch.float32)
+    with torch.no_grad():
+        with tp_check.Probe() as probe:  # what the attention function is handed
+            logits = model(input_ids=ids).logits[:, -1]
+        tokens = model.generate(input_ids=ids, **gen)
+        paged = model.generate(input_ids=ids, past_key_values=hf_attn_plugin.PagedCache(
+            model, max_batch_size=2, num_pages=8, page_size=16), **gen)
+    if rank == 0:  # reference: eager in one process, whole model (eager itself fails on DTensor sinks)
+        ref = transformers.AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager",
+                                                                dtype=torch.float32).eval()
+        with torch.no_grad():
+            diff = (logits - ref(input_ids=ids).logits[:, -1]).abs().max().item()
+            want = ref.generate(input_ids=ids, **gen)
+        assert diff < 1e-4, diff
+        assert torch.equal(tokens, want) and torch.equal(paged, want), (tokens, paged, want)
+        print("SINKS", *probe.calls[0]["sinks"], f"{diff:.2g}")
+    dist.barrier()
+    dist.destroy_process_group()
+    print("WORKER OK")
+""")
+
+
+def test_sinks_under_tp_equal_single_process_eager(tmp_path):
+    """granite_swa under TP against eager in one process, on every release: 5.17 hands plugin the sinks as a
+    Shard(0) DTensor (its plan has no 'local_params'; eager fails there), later releases as local tensors."""
+    worker = tmp_path / "worker.py"
+    worker.write_text(_SINKS_MODEL_WORKER)
+    proc = _torchrun([str(worker), str(tmp_path), str(ROOT / "benchmarks")], cwd=tmp_path)
+    assert proc.returncode == 0 and "WORKER OK" in proc.stdout, _errors(proc)
+    handed = "Tensor (2,)" if _sinks_sharded_locally() else "DTensor (4,)"  # 4 sinks in all, 2 per rank
+    assert f"SINKS {handed}" in proc.stdout, proc.stdout[-2000:]
+
+
 def test_gpt_oss_under_tp(tmp_path):
     """GPT-OSS (sinks, sliding windows, MoE): its plan leaves attention whole on every rank (5.17: no plan;
     later: embeddings only), so "plugin" sees all heads and the sinks as a plain parameter."""
@@ -128,7 +198,7 @@ _DTENSOR_WORKER = textwrap.dedent("""
     import sys
     import torch, torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
     from hf_attn_plugin.integration.attention import plugin_attention
 
     dist.init_process_group("gloo")
@@ -145,6 +215,27 @@ _DTENSOR_WORKER = textwrap.dedent("""
     if case == "sinks":
         got, _ = plugin_attention(Attn(), q, k, v, None, scaling=0.25, s_aux=sinks)
         assert not isinstance(got, DTensor) and torch.allclose(got, want, atol=1e-5)
+        other = plugin_attention(Attn(), q, k, v, None, scaling=0.25, s_aux=sinks.to_local().flip(0))[0]
+        assert not torch.allclose(got, other, atol=1e-3), "the sinks do not change the output: weak check"
+    elif case in ("sinks_replicated", "sinks_wrong_heads"):  # not sharded like q_proj: refused, not misread
+        bad = (distribute_tensor(torch.randn(2), mesh, [Replicate()]) if case == "sinks_replicated"
+               else distribute_tensor(torch.randn(8), mesh, [Shard(0)]))  # 4 local sinks for 2 local heads
+        try:
+            plugin_attention(Attn(), q, k, v, None, scaling=0.25, s_aux=bad)
+        except ValueError as e:
+            assert "DTensor" in str(e) and "colwise" in str(e) and "2 local query heads" in str(e), str(e)
+        else:
+            raise AssertionError(f"sinks DTensor {bad.placements} with {bad.to_local().numel()} local were accepted")
+    elif case == "paged_config":  # a bare config cannot know the rank's share of the KV heads
+        from transformers import LlamaConfig
+        from hf_attn_plugin import PagedCache
+        try:
+            PagedCache(LlamaConfig(num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                                   hidden_size=64), max_batch_size=1, num_pages=4)
+        except ValueError as e:
+            assert "torch.distributed" in str(e) and "PagedCache(model" in str(e), str(e)
+        else:
+            raise AssertionError("PagedCache(config) was accepted inside a torch.distributed job")
     else:  # q/k/v as DTensors: refused before the op, with a message that names DTensor and the fix
         qd, kd, vd = (DTensor.from_local(t, mesh, [Shard(1)], run_check=False) for t in (q, k, v))
         try:
@@ -158,17 +249,11 @@ _DTENSOR_WORKER = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("case", [
-    pytest.param("sinks", marks=pytest.mark.xfail(strict=True, reason=(
-        "describe_call passes a DTensor s_aux through; ops then sees its global shape (4,) for 2 local heads and "
-        "raises 'sinks must be ... one logit per query head (2), got (4,)'. Proposed fix in "
-        "hf_attn_plugin/integration/attention.py: use s_aux.to_local() when it is Shard(0) over the heads."))),
-    pytest.param("qkv", marks=pytest.mark.xfail(strict=True, reason=(
-        "DTensor query/key/value reach the custom op, which fails inside DTensor dispatch with 'Operator "
-        "hf_attn_plugin.attention_fwd.default does not have a sharding strategy registered'. Proposed: refuse "
-        "them in plugin_attention with the message in docs/multi_gpu.md."))),
-])
+@pytest.mark.parametrize("case", ["sinks", "sinks_replicated", "sinks_wrong_heads", "qkv", "paged_config"])
 def test_dtensor_inputs(tmp_path, case):
+    """What a TP job can hand plugin directly: sinks as a Shard(0) DTensor (transformers 5.17's 'colwise' sinks
+    without 'local_params') are used locally; other sinks DTensors, DTensor q/k/v (a custom plan with
+    use_local_output=False) and PagedCache(config) are refused with a message that says what to do."""
     worker = tmp_path / "worker.py"
     worker.write_text(_DTENSOR_WORKER)
     proc = _torchrun([str(worker), case], cwd=tmp_path, timeout=300)

@@ -20,6 +20,11 @@ from .compat import is_compiling, max_length_kwarg
 from .masks import segments_from_cu_seqlens, segments_from_documents, segments_from_key_mask
 from .paged_cache import paged_reader_of
 
+try:  # tensor parallelism: transformers' plans hand over DTensors in some cases (see _local_sinks)
+    from torch.distributed.tensor import DTensor, Shard
+except ImportError:  # torch built without torch.distributed: no DTensor can arrive
+    DTensor = Shard = None
+
 __all__ = ["AttentionCall", "describe_call", "describe_paged_call", "plugin_attention"]
 
 
@@ -49,6 +54,13 @@ def plugin_attention(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     """``AttentionInterface`` entry point for ``attn_implementation="plugin"``."""
+    if DTensor is not None and any(isinstance(t, DTensor) for t in (query, key, value)):
+        placements = [tuple(t.placements) for t in (query, key, value) if isinstance(t, DTensor)]
+        raise NotImplementedError(
+            f"attn_implementation='plugin' received query/key/value as DTensors (placements {placements}). Its "
+            "kernels run on each rank's local heads: use a tensor-parallel plan whose q/k/v projections return "
+            "local tensors (transformers' 'colwise' style, as tp_plan='auto' does)."
+        )
     reader = paged_reader_of(key)
     if reader is not None:  # a paged cache handed us its page pools: attend through its block tables in place
         call = describe_paged_call(module, query, dropout, scaling, kwargs)
@@ -124,8 +136,10 @@ def describe_call(
             "through the registered 'plugin' mask function); use 'eager' or 'sdpa' for arbitrary dense masks."
         )
 
-    batch, _, seqlen_q, head_dim = query.shape
+    batch, heads_q, seqlen_q, head_dim = query.shape
     seqlen_k = key.shape[2]
+    if DTensor is not None and isinstance(s_aux, DTensor):
+        s_aux = _local_sinks(s_aux, heads_q)
     causal = bool(module.is_causal if is_causal is None else is_causal)
     segments, max_q, max_k = None, None, None
     if cu_seq_lens_q is not None:
@@ -157,6 +171,23 @@ def describe_call(
         max_seqlen_k=max_k,
         dropout=float(dropout or 0.0),
     )
+
+
+def _local_sinks(sinks: "DTensor", heads_q: int) -> torch.Tensor:
+    """This rank's sinks from a DTensor (transformers 5.17's 'colwise' sinks rule without 'local_params').
+
+    ``Shard(0)`` over a 1-D mesh holds this rank's contiguous block of heads, the block the colwise q_proj
+    shard gives it, so the local tensor is exactly the sinks of the local query heads.
+    """
+    local = sinks.to_local()
+    if tuple(sinks.placements) != (Shard(0),) or local.shape != (heads_q,):
+        raise ValueError(
+            f"attn_implementation='plugin' received the attention sinks (s_aux) as a DTensor with placements "
+            f"{tuple(sinks.placements)} and {local.numel()} local entries for {heads_q} local query heads: under "
+            "tensor parallelism the sinks must be sharded over heads exactly like q_proj. Shard them with a "
+            "'colwise' rule (plus 'local_params' on self_attn where transformers has it)."
+        )
+    return local
 
 
 # What shapes a paged call (the reader knows the layout: positions, cu_seq_lens, masks are not needed).

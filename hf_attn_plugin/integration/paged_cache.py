@@ -43,7 +43,8 @@ class PagedCache(Cache):
     """Paged KV cache for ``model.generate`` with ``attn_implementation="plugin"``.
 
     Args:
-        model_or_config: the model (its config, dtype and device are used) or a ``PretrainedConfig``.
+        model_or_config: the model (its config, dtype, device and tensor-parallel sharding are used) or a
+            ``PretrainedConfig`` (refused while ``torch.distributed`` runs: only the model knows its TP sharding).
         max_batch_size: most rows (sequences) one ``generate`` call may have.
         num_pages / memory_gib: pool size, in pages or GiB for all layers' K and V (exactly one).
         page_size: tokens per page (a power of two).
@@ -78,7 +79,7 @@ class PagedCache(Cache):
             )
         num_heads = config.num_attention_heads
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // num_heads
-        kv_heads = getattr(config, "num_key_value_heads", None) or num_heads
+        kv_heads = _kv_heads_per_rank(model, getattr(config, "num_key_value_heads", None) or num_heads)
         if dtype is None:
             dtype = model.dtype if model is not None else torch.float32
         if device is None:
@@ -184,6 +185,34 @@ class PagedCache(Cache):
             starts = torch.argmax(key_mask.to(torch.int32), dim=-1).to(torch.int32)
             self._k_starts = (key_mask, mark_built(starts.to(self.kv.device)))  # >= 0: the ops skip its check
         return self._k_starts[1]
+
+
+_KEY_PROJECTIONS = ("k_proj", "qkv_proj", "query_key_value")  # modules whose output holds the keys, fused or not
+
+
+def _kv_heads_per_rank(model: torch.nn.Module | None, kv_heads: int) -> int:
+    """KV heads this process's attention layers write: ``kv_heads / tp_size`` when transformers' tensor
+    parallelism shards the key projection by output (``"colwise"``), else all of them."""
+    if model is None:
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            raise ValueError(
+                "PagedCache was built from a config while torch.distributed is running: under tensor parallelism "
+                "each rank holds num_key_value_heads / tp_size KV heads, which only the model knows. Pass the "
+                "model (PagedCache(model, ...))."
+            )
+        return kv_heads
+    tp_size = getattr(model, "tp_size", None) or 1  # transformers 5.17-5.24: set by from_pretrained(tp_plan=...)
+    plan = getattr(model, "tp_plan", None) or {}
+    sharded = any(name.rsplit(".", 1)[-1] in _KEY_PROJECTIONS and style == "colwise" for name, style in plan.items())
+    if tp_size == 1 or not sharded:
+        return kv_heads
+    if kv_heads % tp_size:
+        raise ValueError(
+            f"PagedCache: the model shards its {kv_heads} KV heads over {tp_size} tensor-parallel ranks, which "
+            "does not divide evenly. Use a tp_size that divides num_key_value_heads."
+        )
+    return kv_heads // tp_size
 
 
 class PagedLayer(CacheLayerMixin):

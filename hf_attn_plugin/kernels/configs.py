@@ -73,7 +73,7 @@ import torch
 
 __all__ = ["Config", "Key", "Table", "interpreting", "candidates", "pick", "lookup", "tune", "seq_bucket", "CACHE",
            "gpu_arch", "shipped_table", "user_cache_path", "dumps_table", "clear_cache", "TABLE_FORMAT",
-           "GLUON_VARIANTS", "Unsupported", "triton_default"]
+           "GLUON_VARIANTS", "Unsupported", "triton_default", "launch_fitting"]
 
 TABLE_FORMAT = 1
 GLUON_VARIANTS = (0, 1, 2, 3)  # Config.gluon: the warp_spec variants of kernels/gluon_fwd.py
@@ -627,6 +627,37 @@ def tune(options: Iterable[Config], launch: Callable[[Config], object], key: obj
 
 
 KeyLike = Union[Key, Mapping]
+
+
+def launch_fitting(kind: str, block_d: int, key: KeyLike, cfg: Config, launch: Callable[[Config], object], *,
+                   triton_only: bool = False):
+    """``launch(cfg)``; if this GPU rejects ``cfg`` for its resources (e.g. float32 tiles at head dims padded to
+    256 need more shared memory than the default, sized for 16-bit inputs, leaves), the next candidate of the list
+    that runs instead, remembered for the key so later calls go straight to it. Other errors propagate."""
+    try:
+        return launch(cfg)
+    except Exception as exc:  # noqa: BLE001 - filtered below
+        if not _unusable_config(exc):
+            raise
+        first = exc
+    for alt in candidates(kind, block_d):
+        if alt == cfg or alt.gluon >= 0:
+            continue
+        try:
+            result = launch(alt)
+        except Exception as exc:  # noqa: BLE001
+            if not _unusable_config(exc):
+                raise
+            continue
+        full = key if isinstance(key, Key) else Key.make(kind, block_d, **key)
+        CACHE[(gpu_arch(), full, "triton") if triton_only else (gpu_arch(), full)] = alt
+        _RAW.clear()  # raw memo entries may point at the rejected config
+        if _verbose():
+            print(f"[hf_attn_plugin config] {full.to_json()}: {cfg} does not fit this GPU ({first}); using {alt}",
+                  flush=True)
+        return result
+    raise first
+
 
 
 def triton_default(kind: str, block_d: int) -> Config:

@@ -844,12 +844,14 @@ def flash_attn_forward(
 
     key = L.key(q.dtype, sinks is not None)
     cfg = configs.pick("fwd", L.block_d, key, launch)
+    triton_only = False
     if cfg.gluon >= 0:
         if gluon_unsupported() is None:
             return launch(cfg)
         # The key's entry names a Gluon kernel that cannot run this call: the key's best Triton config instead.
+        triton_only = True
         cfg = configs.pick("fwd", L.block_d, key, launch, triton_only=True)
-    launch(cfg)
+    configs.launch_fitting("fwd", L.block_d, key, cfg, launch, triton_only=triton_only)
     out, lse = outputs()
     return out, lse
 
@@ -953,8 +955,8 @@ def flash_attn_backward(
         )
 
     key = L.key(q.dtype)
-    launch_dkdv(configs.pick("bwd_dkdv", L.block_d, key, launch_dkdv))
-    launch_dq(configs.pick("bwd_dq", L.block_d, key, launch_dq))
+    configs.launch_fitting("bwd_dkdv", L.block_d, key, configs.pick("bwd_dkdv", L.block_d, key, launch_dkdv), launch_dkdv)
+    configs.launch_fitting("bwd_dq", L.block_d, key, configs.pick("bwd_dq", L.block_d, key, launch_dq), launch_dq)
 
     dsinks = None
     if sinks is not None:
