@@ -30,3 +30,36 @@ def reference_backend(monkeypatch):
 
 def interpreter_available() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@pytest.fixture
+def triton_backend(monkeypatch):
+    """The Triton kernels (the interpreter on CPU), with the decode route on."""
+    monkeypatch.setenv("HF_ATTN_PLUGIN_BACKEND", "triton")
+    monkeypatch.delenv("HF_ATTN_PLUGIN_DECODE", raising=False)
+
+
+@pytest.fixture(scope="module")
+def flash_cpu():
+    """kernels/flash.py under the Triton interpreter, outputs poisoned with NaN (every element must be written)."""
+    from hf_attn_plugin.kernels import flash
+
+    if type(flash._attn_fwd).__name__ != "InterpretedFunction":
+        if not torch.cuda.is_available():
+            pytest.fail("Triton interpreter not active: set TRITON_INTERPRET=1 before triton is imported")
+        pytest.skip("GPU machine: the interpreter tests run on CPU-only machines; the GPU tests cover the kernels")
+    old, flash.POISON = flash.POISON, True
+    yield flash
+    flash.POISON = old
+
+
+@pytest.fixture(scope="module")
+def flash_gpu():
+    """kernels/flash.py compiled for the GPU, outputs poisoned with NaN."""
+    from hf_attn_plugin.kernels import flash
+
+    if type(flash._attn_fwd).__name__ == "InterpretedFunction":
+        pytest.skip("TRITON_INTERPRET=1: GPU tests need compiled kernels")
+    old, flash.POISON = flash.POISON, True
+    yield flash
+    flash.POISON = old

@@ -27,12 +27,6 @@ KERNELS_RUN = DEV == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 needs_kernels = pytest.mark.skipif(not KERNELS_RUN, reason="needs CUDA or TRITON_INTERPRET=1")
 
 
-@pytest.fixture
-def triton_backend(monkeypatch):
-    monkeypatch.setenv("HF_ATTN_PLUGIN_BACKEND", "triton")
-    monkeypatch.delenv("HF_ATTN_PLUGIN_DECODE", raising=False)
-
-
 def _cache_tensors(batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, dtype, device=DEV):
     """What transformers passes, in the flash layout: q from rotary ([B, H, S, D] memory, transposed), K/V from
     the cache's torch.cat ([B, Hkv, Sk, D] memory, transposed)."""

@@ -24,19 +24,6 @@ from hf_attn_plugin import ops, reference  # noqa: E402
 from .test_flash_kernels import CACHE, HAS_CUDA, PACKED, run_case  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def flash_cpu():
-    from hf_attn_plugin.kernels import flash
-
-    if type(flash._attn_fwd).__name__ != "InterpretedFunction":
-        if not torch.cuda.is_available():
-            pytest.fail("Triton interpreter not active: set TRITON_INTERPRET=1 before triton is imported")
-        pytest.skip("GPU machine: the interpreter tests run on CPU-only machines; the GPU tests cover the kernels")
-    old, flash.POISON = flash.POISON, True
-    yield flash
-    flash.POISON = old
-
-
 # ---------------------------------------------------------------------------------------------- exact (interpreter)
 
 
@@ -241,15 +228,6 @@ def test_paged_call_with_dropout_is_refused():
 
 
 # ---------------------------------------------------------------------------------------------- GPU
-
-
-@pytest.fixture(scope="module")
-def flash_gpu():
-    from hf_attn_plugin.kernels import flash
-
-    old, flash.POISON = flash.POISON, True
-    yield flash
-    flash.POISON = old
 
 
 @pytest.mark.gpu

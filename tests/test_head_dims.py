@@ -23,19 +23,6 @@ EVERYTHING = dict(sinks=True, softcap=5.0, window=21, segments=CACHE, B=2, Sq=64
                   q_transposed=True)
 
 
-@pytest.fixture(scope="module")
-def flash_cpu():
-    from hf_attn_plugin.kernels import flash
-
-    if type(flash._attn_fwd).__name__ != "InterpretedFunction":
-        if not torch.cuda.is_available():
-            pytest.fail("Triton interpreter not active: set TRITON_INTERPRET=1 before triton is imported")
-        pytest.skip("GPU machine: the interpreter tests run on CPU-only machines; the GPU tests cover the kernels")
-    old, flash.POISON = flash.POISON, True
-    yield flash
-    flash.POISON = old
-
-
 def test_supported_set_is_every_multiple_of_8_from_16_to_256():
     from hf_attn_plugin.kernels import flash
 
@@ -104,15 +91,6 @@ def test_paged_refuses_unsupported_head_dims(D):
 
 
 # ---------------------------------------------------------------------------------------------- GPU
-
-
-@pytest.fixture(scope="module")
-def flash_gpu():
-    from hf_attn_plugin.kernels import flash
-
-    old, flash.POISON = flash.POISON, True
-    yield flash
-    flash.POISON = old
 
 
 @pytest.mark.gpu

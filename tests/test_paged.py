@@ -30,11 +30,6 @@ KERNELS_RUN = DEV == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 needs_kernels = pytest.mark.skipif(not KERNELS_RUN, reason="needs CUDA or TRITON_INTERPRET=1")
 
 
-@pytest.fixture
-def triton_backend(monkeypatch):
-    monkeypatch.setenv("HF_ATTN_PLUGIN_BACKEND", "triton")
-
-
 # =========================================================================== allocator
 def _cache(num_pages=16, page_size=4, max_seqs=8, max_seq_len=64, **kw):
     return PagedKVCache(1, 1, 2, num_pages=num_pages, page_size=page_size, max_seqs=max_seqs,
