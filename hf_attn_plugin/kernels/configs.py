@@ -238,13 +238,16 @@ _GPU: Dict[Tuple[str, int], Sequence[Config]] = {
     # ^ Gluon forwards (sm_90, Triton 3.6; last, never the default): H200, one process, bf16
     #   (/work/.device/3/gluon_bench.log): ws3/ws2 +6..17% over ours at D=128 (S 2k-16k) and D=64 S=4k 32/8;
     #   -24..-33% at D=64 S=2k 9/3. Unsupported calls (features, fp32, D not 64/128, not sm_90) run Triton.
+    # The last entries of the D=256 lists are small single-stage tiles for float32 inputs at head dims padded to 256
+    # (160, 192, 256): the H200 refused the default forward for them (294944 > 232448 bytes of shared memory);
+    # launch_fitting walks the list to the first config that fits.
     ("fwd", 256): (Config(128, 32, 8, 3), Config(64, 32, 4, 3), Config(64, 64, 4, 3), Config(128, 64, 8, 1),
-                   Config(128, 64, 4, 1, True), Config(128, 64, 4, 2, True)),
+                   Config(128, 64, 4, 1, True), Config(128, 64, 4, 2, True), Config(64, 32, 4, 1)),
     ("bwd_dq", 64): (Config(128, 64, 8, 2), Config(64, 64, 4, 3), Config(128, 128, 8, 2), Config(64, 128, 4, 2),
                      Config(128, 64, 8, 3), Config(128, 128, 8, 3)),
     ("bwd_dq", 128): (Config(128, 64, 8, 2), Config(64, 64, 4, 3), Config(64, 128, 8, 2), Config(128, 64, 8, 3),
                       Config(128, 32, 8, 3)),
-    ("bwd_dq", 256): (Config(64, 64, 4, 1), Config(64, 32, 4, 2), Config(128, 32, 8, 1)),
+    ("bwd_dq", 256): (Config(64, 64, 4, 1), Config(64, 32, 4, 2), Config(128, 32, 8, 1), Config(32, 32, 4, 1)),
     ("bwd_dkdv", 64): (Config(64, 128, 8, 2), Config(32, 128, 4, 2), Config(64, 64, 4, 3), Config(64, 128, 4, 2, True),
                        Config(64, 128, 8, 3), Config(32, 64, 4, 3), Config(128, 128, 8, 2), Config(64, 64, 8, 3)),
     # dK and dV accumulate in registers for the whole program: [BLOCK_N, D] fp32 each. At D=128 a
@@ -256,7 +259,7 @@ _GPU: Dict[Tuple[str, int], Sequence[Config]] = {
                         Config(16, 64, 4, 4), Config(64, 64, 4, 2), Config(32, 128, 8, 3), Config(64, 128, 4, 2, True)),
     # ^ warp-specialized 64x128 (two 64-row consumers): ~2% faster where picked (session 4); WS 32x128 and 64x64
     #   were 10-50% slower at every shape and are not listed (benchmarks/results/flash_ws_bwd_variants_log.txt).
-    ("bwd_dkdv", 256): (Config(64, 64, 8, 1), Config(32, 64, 8, 2), Config(64, 32, 8, 2)),
+    ("bwd_dkdv", 256): (Config(64, 64, 8, 1), Config(32, 64, 8, 2), Config(64, 32, 8, 2), Config(32, 32, 4, 1)),
     ("bwd_pre", 64): (Config(128, 0, 4, 1),),
     ("bwd_pre", 128): (Config(128, 0, 4, 1),),
     ("bwd_pre", 256): (Config(64, 0, 4, 1),),
