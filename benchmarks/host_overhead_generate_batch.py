@@ -130,8 +130,8 @@ def instrument_ours(timers: Timers) -> None:
             timers._undo.append((_MappingSlot(mapping, key), "value", True, original))
     timers.wrap(cb_module.InPlacePagedUpdate, "__call__", "ours.update")  # 5.19+: the cache's update is ours
     timers.wrap(cb_module, "_memoised_step", "ours.blocktab")
-    for owner, names, label in ((cb_module, ("_write_kv", "write_kv"), "ours.write"),
-                                (cb_module, ("_paged_attention", "paged_attention"), "ours.attn"),
+    for owner, names, label in ((cb_module, ("write_kv_trusted", "write_kv"), "ours.write"),
+                                (cb_module, ("paged_attention_trusted", "paged_attention"), "ours.attn"),
                                 (cb_module, ("describe_paged_call", "describe_call"), "ours.describe"),
                                 (attention_module, ("describe_paged_call", "describe_call"), "ours.describe")):
         name = next(n for n in names if n in vars(owner))  # this tree's name (older trees: the public wrappers)

@@ -118,7 +118,7 @@ def wrap_pieces(timers: Timers, copies: dict) -> None:
     timers.wrap(configs, "pick", "config_pick")
     timers.wrap(flash, "_ensure_scratch_allocator", "scratch_alloc")
     timers.wrap(flash._attn_fwd, "run", "launch_flash")
-    for name in ("_tma_ready", "_unit_last"):  # count the calls that copied
+    for name in ("tma_ready", "_unit_last"):  # count the calls that copied
         original = getattr(flash, name)
 
         def counted(x, _original=original, _name=name):

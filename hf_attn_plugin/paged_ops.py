@@ -26,7 +26,7 @@ Checks: :func:`write_kv` and :func:`paged_attention` check shapes, dtypes and de
 values of index tensors (slots, block-table entries, lengths, ``k_starts``, ``cu_seqlens_q``) as
 ``HF_ATTN_PLUGIN_CHECKS`` says (:mod:`hf_attn_plugin._checks`): by default without a synchronisation, and not
 at all for the tensors of a :class:`~hf_attn_plugin.paged.StepPlan` (the allocator built them), so the decode
-hot path pays nothing. ``_write_kv``/``_paged_attention`` skip every check (integration code that built its
+hot path pays nothing. ``write_kv_trusted``/``paged_attention_trusted`` skip every check (integration code that built its
 arguments itself).
 """
 
@@ -42,7 +42,8 @@ from . import reference
 from ._checks import CHEAP, FULL, OFF, built_facts, checks_level, require
 from .ops import backend_for
 
-__all__ = ["paged_attention", "write_kv", "gather_kv", "paged_attention_reference"]
+__all__ = ["paged_attention", "write_kv", "gather_kv", "paged_attention_reference", "paged_attention_trusted",
+           "write_kv_trusted"]
 
 
 # --------------------------------------------------------------------------- reference path
@@ -180,7 +181,7 @@ def _direct(*tensors: torch.Tensor) -> bool:
     return all(type(t) is torch.Tensor and not (grad and t.requires_grad) for t in tensors)
 
 
-def _write_kv(k_pool, v_pool, k_new, v_new, slot_mapping) -> None:
+def write_kv_trusted(k_pool, v_pool, k_new, v_new, slot_mapping) -> None:
     """:func:`write_kv` without the argument checks (for callers that built the arguments themselves)."""
     if k_new.stride(-1) != 1 or v_new.stride(-1) != 1:
         k_new, v_new = k_new.contiguous(), v_new.contiguous()
@@ -191,7 +192,7 @@ def _write_kv(k_pool, v_pool, k_new, v_new, slot_mapping) -> None:
         _write_kv_op(k_pool, v_pool, k_new, v_new, slot_mapping)
 
 
-def _paged_attention(q, k_pool, v_pool, block_tables, seq_lens, cu_seqlens_q, k_starts, sinks, scale: float,
+def paged_attention_trusted(q, k_pool, v_pool, block_tables, seq_lens, cu_seqlens_q, k_starts, sinks, scale: float,
                      causal: bool, window: int, softcap: float, num_splits: int, max_seqlen_q: int) -> torch.Tensor:
     """:func:`paged_attention` without the argument checks: every argument normalised (``window``/``softcap``/
     ``num_splits`` 0 = off/auto, host ``max_seqlen_q``), ``q`` with a unit last stride."""
@@ -331,7 +332,7 @@ def write_kv(
     level = checks_level()
     if level != OFF:
         _check_slot_values(slot_mapping, k_pool.shape[0] * k_pool.shape[1], level)
-    _write_kv(k_pool, v_pool, k_new, v_new, slot_mapping)
+    write_kv_trusted(k_pool, v_pool, k_new, v_new, slot_mapping)
 
 
 def paged_attention(
@@ -406,7 +407,7 @@ def paged_attention(
     if level != OFF:
         _check_attention_values(block_tables, seq_lens, cu_seqlens_q, k_starts, sinks, q.shape[0], k_pool.shape[0],
                                 k_pool.shape[1], max_seqlen_q, level, synced)
-    return _paged_attention(
+    return paged_attention_trusted(
         q, k_pool, v_pool, block_tables, seq_lens, cu_seqlens_q, k_starts, sinks,
         float(q.shape[-1] ** -0.5 if scale is None else scale), bool(causal), window, softcap, num_splits,
         max(max_seqlen_q, 0),

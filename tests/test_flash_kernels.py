@@ -277,14 +277,14 @@ def test_unsupported_head_dim_is_refused(flash_cpu):
 def test_tma_ready_copies_only_what_tma_cannot_address():
     """The forward reads K/V through TMA: 16-byte aligned start and row strides. Aligned views pass through
     untouched (no copy); a view starting mid-vector is copied, with the same values."""
-    from hf_attn_plugin.kernels.flash import _tma_ready
+    from hf_attn_plugin.kernels.host import tma_ready
 
     base = torch.randn(1, 9, 2, 64)
     view = base.transpose(1, 2).transpose(1, 2)[:, 1:]  # aligned: starts 2*64 floats in
-    assert _tma_ready(view).data_ptr() == view.data_ptr()
+    assert tma_ready(view).data_ptr() == view.data_ptr()
     flat = torch.randn(1 + 8 * 2 * 64)
     odd = flat[1:].view(1, 8, 2, 64)  # starts 4 bytes in
-    fixed = _tma_ready(odd)
+    fixed = tma_ready(odd)
     assert fixed.data_ptr() % 16 == 0 and fixed.data_ptr() != odd.data_ptr()
     torch.testing.assert_close(fixed, odd, rtol=0, atol=0)
 

@@ -53,7 +53,7 @@ import weakref
 
 import torch
 
-from ..paged_ops import _paged_attention, _write_kv
+from ..paged_ops import paged_attention_trusted, write_kv_trusted
 from .attention import describe_paged_call
 from .compat import TRANSFORMERS_VERSION
 from .paged_cache import tag_pool
@@ -96,7 +96,7 @@ class InPlacePagedUpdate:
         k_pages, v_pages = allocator.get_cache_for_block_table(layer_idx)
         step = self._step(allocator.index, k_pages.shape[1], layer_idx, kwargs)
         as_tokens = lambda t: t[0].transpose(0, 1)  # noqa: E731  [1, H_kv, T, D] -> [T, H_kv, D]
-        _write_kv(k_pages, v_pages, as_tokens(key_states), as_tokens(value_states), step.slots)
+        write_kv_trusted(k_pages, v_pages, as_tokens(key_states), as_tokens(value_states), step.slots)
         self._current = (k_pages, v_pages, step)
         tag_pool(k_pages, self)
         return k_pages, v_pages
@@ -119,7 +119,7 @@ def _attend(call, query: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Ten
     if q.stride(-1) != 1:
         q = q.contiguous()
     # The checked public paged_attention minus its per-call validation: every argument here is built by us.
-    out = _paged_attention(
+    out = paged_attention_trusted(
         q, k_pages, v_pages, step.block_tables, step.seq_lens, step.cu_seqlens_q, None, call.sinks, call.scale,
         call.causal, call.window or 0, call.softcap or 0.0, 0, step.max_seqlen_q,
     )
@@ -206,7 +206,7 @@ def paged_plugin_attention(module, query, key, value, attention_mask, dropout=0.
     shape = (-1, cache.block_size, *cache.key_cache[index].shape[1:])
     k_pages, v_pages = cache.key_cache[index].view(shape), cache.value_cache[index].view(shape)
     as_tokens = lambda t: t[0].transpose(0, 1)  # noqa: E731  [1, H_kv, T, D] -> [T, H_kv, D]
-    _write_kv(k_pages, v_pages, as_tokens(key), as_tokens(value), memo[1].slots)
+    write_kv_trusted(k_pages, v_pages, as_tokens(key), as_tokens(value), memo[1].slots)
     call = describe_paged_call(module, query, dropout, scaling, kwargs)
     return _attend(call, query, k_pages, v_pages, memo[1]), None
 

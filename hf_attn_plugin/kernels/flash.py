@@ -51,13 +51,14 @@ import triton.language as tl
 from triton.runtime import _allocation
 
 from . import configs
+from .host import tma_ready
 
 __all__ = ["flash_attn_forward", "flash_attn_backward", "SUPPORTED_HEAD_DIMS", "check_head_dim", "dropout_mask"]
 
 # Every multiple of 8 from 16 to 256 (what Hugging Face models use). Tiles are BLOCK_D = next_pow2(D) wide with
 # masked columns. Why each of these fits a TMA descriptor (global [rows, D], strides [row_stride, 1], box
 # [BLOCK_N, BLOCK_D]): D * element size is a multiple of 16 bytes for D % 8 == 0 at 2 and 4 bytes per element, so
-# the row (and head/batch) strides of a packed tensor are 16-byte aligned (other views are copied by _tma_ready);
+# the row (and head/batch) strides of a packed tensor are 16-byte aligned (other views are copied by tma_ready);
 # the inner box is >= 32 bytes (BLOCK_D >= 16) and Triton splits a box wider than its swizzle (128 bytes) into
 # several copies; every box dimension is <= 256 (BLOCK_D <= 256, tiles <= 128 rows); columns past D and rows past
 # the segment are filled with zeros by the TMA unit. tl.dot needs an inner dimension >= 16: hence the minimum.
@@ -663,14 +664,6 @@ def _unit_last(x: torch.Tensor) -> torch.Tensor:
     return x if x.stride(-1) == 1 else x.contiguous()
 
 
-def _tma_ready(x: torch.Tensor) -> torch.Tensor:
-    """``x`` if TMA can address it (16-byte aligned start and row strides, unit last stride), else a copy that can."""
-    size = x.element_size()
-    aligned = x.data_ptr() % 16 == 0 and all(st * size % 16 == 0 for st in x.stride()[:-1])
-    # a fresh allocation (contiguous() would return a misaligned but contiguous view unchanged)
-    return x if aligned and x.stride(-1) == 1 else x.clone(memory_format=torch.contiguous_format)
-
-
 def _scratch(size: int, alignment: int, stream) -> torch.Tensor:
     """Global scratch for the TMA descriptors our kernels build on the device (one small buffer per launch)."""
     device = "cpu" if configs.interpreting() or not torch.cuda.is_available() else "cuda"
@@ -796,7 +789,7 @@ def flash_attn_forward(
     config (``pick(..., triton_only=True)``). Both give the same contract (lse natural log), so the backward is
     always the Triton one."""
     _check(q, k, v)
-    q, k, v = _unit_last(q), _tma_ready(k), _tma_ready(v)
+    q, k, v = _unit_last(q), tma_ready(k), tma_ready(v)
     L = _Launch(q, k, segments, scale, causal, window, softcap, max_seqlen_q, max_seqlen_k, dropout_p, dropout_seed)
     buffers = []  # out, lse of the Triton kernel (the Gluon one allocates its own)
 
@@ -889,8 +882,8 @@ def flash_attn_backward(
     """Returns ``(dq, dk, dv, dsinks)`` with ``dsinks`` float32 ``[Hq]`` (or None without sinks). ``out`` is the
     forward's (dropped) output; ``dropout_p``/``dropout_seed`` those of the forward: the mask is regenerated."""
     _check(q, k, v)
-    q, k, v, out = _tma_ready(q), _tma_ready(k), _tma_ready(v), _unit_last(out)
-    dout = _tma_ready(dout.contiguous())  # a grad of sum() has stride 0
+    q, k, v, out = tma_ready(q), tma_ready(k), tma_ready(v), _unit_last(out)
+    dout = tma_ready(dout.contiguous())  # a grad of sum() has stride 0
     _ensure_scratch_allocator()  # autograd runs the backward in its own thread (Triton's allocator is per thread)
     lse = lse.contiguous()
     L = _Launch(q, k, segments, scale, causal, window, softcap, max_seqlen_q, max_seqlen_k, dropout_p, dropout_seed)

@@ -30,7 +30,7 @@ from typing import Optional
 
 import torch
 
-from .flash import _tma_ready
+from .host import tma_ready
 
 try:  # Gluon exists in Triton >= 3.5; the API used here is Triton 3.6's.
     import triton
@@ -360,7 +360,7 @@ def gluon_attn_forward(
     if seqlen_k == 0:
         return out.zero_(), lse.zero_()
     cfg = _config(head_dim, warp_spec)
-    q, k, v = _tma_ready(q), _tma_ready(k), _tma_ready(v)
+    q, k, v = tma_ready(q), tma_ready(k), tma_ready(v)
     grid = (triton.cdiv(seqlen_q, cfg["BLOCK_M"]), batch * heads_q)
     sub_m = cfg["BLOCK_M"] // (2 if warp_spec >= 2 else 1)  # rows of Q/O per consumer partition
     _attn_fwd_gluon[grid](
