@@ -136,7 +136,7 @@ def test_sinks_sharded_with_heads_under_tp(tmp_path):
 
 
 _SINKS_MODEL_WORKER = textwrap.dedent("""
-    import sys
+    import os, sys
     import torch, torch.distributed as dist, transformers
     from torch.distributed.tensor import DTensor
     sys.path.insert(0, sys.argv[2])
@@ -169,7 +169,8 @@ _SINKS_MODEL_WORKER = textwrap.dedent("""
         print("SINKS", *probe.calls[0]["sinks"], f"{diff:.2g}")
     dist.barrier()
     dist.destroy_process_group()
-    print("WORKER OK")
+    print("WORKER OK", flush=True)
+    os._exit(0)  # no interpreter teardown: gloo's shutdown once aborted a rank after "WORKER OK" (CI, SIGABRT)
 """)
 
 
@@ -195,7 +196,7 @@ def test_gpt_oss_under_tp(tmp_path):
 
 
 _DTENSOR_WORKER = textwrap.dedent("""
-    import sys
+    import os, sys
     import torch, torch.distributed as dist
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
@@ -244,8 +245,10 @@ _DTENSOR_WORKER = textwrap.dedent("""
             assert "DTensor" in str(e) and "local" in str(e), str(e)
         else:
             raise AssertionError("DTensor query/key/value were accepted")
+    dist.barrier()  # both ranks done before the group goes away
     dist.destroy_process_group()
-    print("WORKER OK")
+    print("WORKER OK", flush=True)
+    os._exit(0)  # no interpreter teardown: gloo's shutdown once aborted a rank after "WORKER OK" (CI, SIGABRT)
 """)
 
 
