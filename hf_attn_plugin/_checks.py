@@ -16,12 +16,13 @@
 
 from __future__ import annotations
 
+import numbers
 import os
 from typing import Sequence
 
 import torch
 
-__all__ = ["OFF", "CHEAP", "FULL", "ENV", "checks_level", "require", "mark_built", "built_facts"]
+__all__ = ["OFF", "CHEAP", "FULL", "ENV", "checks_level", "require", "mark_built", "built_facts", "integer"]
 
 ENV = "HF_ATTN_PLUGIN_CHECKS"
 OFF, CHEAP, FULL = 0, 1, 2
@@ -35,6 +36,17 @@ def checks_level() -> int:
         return _LEVELS[value]
     except KeyError:
         raise ValueError(f"{ENV}={value!r}: expected 0 (off), 1 (cheap, the default) or full") from None
+
+
+def integer(name: str, value, minimum: int = 0) -> int:
+    """A host integer argument ``>= minimum`` (``window``, ``max_seqlen_q``, ``num_splits``, ...): ``ValueError`` for
+    anything else, bools and floats included (``2.7`` must not become ``2``, and ``4.0`` is refused alike so that
+    every entry point answers the same)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise ValueError(f"{name} must be an integer, got {value!r}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
 
 
 def require(conditions: Sequence[tuple[torch.Tensor, str]], *, host: bool) -> None:

@@ -332,10 +332,8 @@ def _overlaps(b, start, end, length):
 
 
 def _check_window(window) -> int | None:
-    if window is None or (isinstance(window, numbers.Integral) and not isinstance(window, bool) and window >= 0):
-        return int(window) if window else None
-    raise ValueError(f"window must be None or a non-negative integer (keys seen including the query's own; 0 or "
-                     f"None for no window), got {window!r}")
+    """``None``/0: no window; else the keys a query sees, its own included (a non-negative integer)."""
+    return (_checks.integer("window", window) or None) if window is not None else None
 
 
 def _check_softcap(softcap) -> float | None:
@@ -354,11 +352,9 @@ def _check_dropout(dropout_p) -> float:
 
 
 def _check_max_seqlen(value, padded: int, which: str) -> int:
-    if value is None or value == 0:
+    if value is None:
         return int(padded)
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool) and value > 0:
-        return int(value)
-    raise ValueError(f"max_seqlen_{which} must be None or a positive integer, got {value!r}")
+    return _checks.integer(f"max_seqlen_{which}", value) or int(padded)  # 0: the padded length
 
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

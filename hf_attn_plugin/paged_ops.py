@@ -33,13 +33,12 @@ arguments itself).
 from __future__ import annotations
 
 import math
-import operator
 from typing import Optional
 
 import torch
 
 from . import reference
-from ._checks import CHEAP, FULL, OFF, built_facts, checks_level, require
+from ._checks import CHEAP, FULL, OFF, built_facts, checks_level, integer, require
 from .ops import backend_for
 
 __all__ = ["paged_attention", "write_kv", "gather_kv", "paged_attention_reference", "paged_attention_trusted",
@@ -53,7 +52,7 @@ def gather_kv(pool: torch.Tensor, block_table: torch.Tensor, length: int) -> tor
     The reference path (it reads the table back to the host): the pages ``length`` covers are checked.
     """
     page_size = pool.shape[1]
-    length = _int_arg("length", length)
+    length = integer("length", length)
     if block_table.dim() != 1 or block_table.is_floating_point() or block_table.is_complex():
         raise ValueError(f"gather_kv: block_table must be one integer row, got {block_table.dtype} "
                          f"{tuple(block_table.shape)}")
@@ -207,19 +206,6 @@ def paged_attention_trusted(q, k_pool, v_pool, block_tables, seq_lens, cu_seqlen
 # Metadata (shapes, dtypes, devices) is checked on every call: it costs nothing. Values of index tensors are
 # checked by HF_ATTN_PLUGIN_CHECKS (see hf_attn_plugin._checks): device-side by default, skipped for tensors
 # the package built itself (StepPlan), all of them with one read-back under "full".
-def _int_arg(name: str, value, minimum: int = 0) -> int:
-    """A host integer argument >= ``minimum`` (an integral float such as ``4.0`` is accepted)."""
-    if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise ValueError(f"{name} must be an integer, got {value!r}") from None
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    return value
-
-
 def _check_pools(fn: str, k_pool: torch.Tensor, v_pool: torch.Tensor) -> None:
     if k_pool.dim() != 4 or k_pool.shape != v_pool.shape:
         raise ValueError(f"{fn}: k_pool and v_pool must both be [num_pages, page_size, H_kv, D], got "
@@ -388,8 +374,8 @@ def paged_attention(
         raise ValueError(f"{fn}: sinks must be floating [Hq={q.shape[1]}], got {sinks.dtype} {tuple(sinks.shape)}")
     _check_devices(fn, q.device, k_pool=k_pool, v_pool=v_pool, block_tables=block_tables, seq_lens=seq_lens,
                    cu_seqlens_q=cu_seqlens_q, k_starts=k_starts, sinks=sinks)
-    window = _int_arg("window", window) if window is not None else 0
-    num_splits = _int_arg("num_splits", num_splits) if num_splits is not None else 0
+    window = integer("window", window) if window is not None else 0
+    num_splits = integer("num_splits", num_splits) if num_splits is not None else 0
     softcap = float(softcap) if softcap is not None else 0.0
     if not (math.isfinite(softcap) and softcap >= 0):
         raise ValueError(f"{fn}: softcap must be a finite number >= 0 (0 or None: off), got {softcap}")
@@ -402,7 +388,7 @@ def paged_attention(
         max_seqlen_q = int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max().item()) if num_seqs > 0 else 0
         synced = True
     else:  # a loose bound is fine, but it sizes the grid: no sequence has more than T query tokens
-        max_seqlen_q = min(_int_arg("max_seqlen_q", max_seqlen_q), q.shape[0])
+        max_seqlen_q = min(integer("max_seqlen_q", max_seqlen_q), q.shape[0])
     level = checks_level()
     if level != OFF:
         _check_attention_values(block_tables, seq_lens, cu_seqlens_q, k_starts, sinks, q.shape[0], k_pool.shape[0],

@@ -443,10 +443,13 @@ def test_noncontiguous_index_tensors_give_the_reference_answer(backend):
 
 
 def test_edge_values_give_the_reference_answer(backend):
-    """Empty sequences, k_starts past the length, more new tokens than cached ones, window given as 3.0."""
+    """Empty sequences, k_starts past the length, more new tokens than cached ones; a window of 3.0 is refused
+    (as hf_attn_plugin.attention refuses it: one integer rule for both)."""
     q, k_pool, v_pool, bt, seq_lens = _setup(lens=(0, 11, 3))
     k_starts = torch.tensor([0, 11, 1], dtype=torch.int32, device=DEV)
-    out = paged_attention(q, k_pool, v_pool, bt, seq_lens, k_starts=k_starts, window=3.0)
+    with pytest.raises(ValueError, match="window must be an integer, got 3.0"):
+        paged_attention(q, k_pool, v_pool, bt, seq_lens, k_starts=k_starts, window=3.0)
+    out = paged_attention(q, k_pool, v_pool, bt, seq_lens, k_starts=k_starts, window=3)
     torch.testing.assert_close(out, _reference(q, k_pool, v_pool, bt, seq_lens, k_starts=k_starts, window=3))
     assert out[:2].eq(0).all()  # nothing to attend to
     qs = torch.randn(7, 4, 16, device=DEV)

@@ -162,8 +162,10 @@ def test_max_seqlen_smaller_than_segments_is_refused(reference_backend):
         ops.attention(q, k, v, segments=segments, max_seqlen_q=6)
     with pytest.raises(ValueError, match="max_seqlen_k=8"):
         ops.attention(q, k, v, segments=segments, max_seqlen_k=8)
-    with pytest.raises(ValueError, match="positive integer"):
+    with pytest.raises(ValueError, match="max_seqlen_k must be >= 0, got -3"):
         ops.attention(q, k, v, segments=segments, max_seqlen_k=-3)
+    with pytest.raises(ValueError, match="max_seqlen_q must be an integer, got 7.0"):
+        ops.attention(q, k, v, segments=segments, max_seqlen_q=7.0)
 
 
 @pytest.mark.skipif(not interpreter_available(), reason="needs the Triton interpreter")
