@@ -31,33 +31,20 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
-import datetime
 import os
-import sys
 import time
 
 import torch
 import torch.nn.functional as F
+from common import bench_ms, copy_bandwidth, device_name, llama_1b, print_device, timed, utc_now, write_rows
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
-import hf_attn_plugin  # noqa: E402,F401  (registers "plugin")
-from hf_attn_plugin import decode_ops, ops  # noqa: E402
+import hf_attn_plugin  # noqa: F401  (registers "plugin")
+from hf_attn_plugin import decode_ops, ops
 
 HEADS_Q, HEADS_KV, HEAD_DIM = 32, 8, 64
 
 
 # --------------------------------------------------------------------------- kernel table
-def copy_bandwidth_gbps() -> float:
-    """Device-to-device copy bandwidth (bytes read + written per second), GB/s."""
-    import triton
-
-    src = torch.empty(2**30, dtype=torch.uint8, device="cuda")
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
-    return 2 * src.numel() / (ms * 1e-3) / 1e9
-
-
 def eager_attention(q, k, v, scale):
     """transformers' eager_attention_forward (repeat_kv, fp32 softmax), q/k/v [B, H, S, D]."""
     group = q.shape[1] // k.shape[1]
@@ -134,9 +121,7 @@ def loop_us(fn, calls=50) -> float:
 
 
 def bench_kernels(args, writer, stamp):
-    import triton
-
-    copy_gbps = copy_bandwidth_gbps()
+    copy_gbps = copy_bandwidth(2**30) / 1e9
     print(f"device copy bandwidth: {copy_gbps:.0f} GB/s", flush=True)
     scale = HEAD_DIM ** -0.5
     for q_len in args.q_len:
@@ -154,7 +139,7 @@ def bench_kernels(args, writer, stamp):
                 for name in args.impls:
                     row = dict(table="decode_kernels", impl=name, batch=batch, ctx=ctx, q_len=q_len, heads_q=HEADS_Q,
                                heads_kv=HEADS_KV, head_dim=HEAD_DIM, dtype="bfloat16", stamp=stamp,
-                               device=torch.cuda.get_device_name())
+                               device=device_name())
                     try:
                         fn = impls[name]() if name == "flex" else impls[name]
                         with torch.no_grad():
@@ -163,7 +148,7 @@ def bench_kernels(args, writer, stamp):
                             if want is None:
                                 want = out.float()
                             err = (out.float() - want).abs().max().item()
-                            device_ms = triton.testing.do_bench(fn, return_mode="median")
+                            device_ms = bench_ms(fn)
                             loop = loop_us(fn)
                         gbps = kv_bytes / (device_ms * 1e-3) / 1e9
                         row.update(device_us=round(1e3 * device_ms, 2), loop_us=round(loop, 2), gbps=round(gbps, 1),
@@ -181,14 +166,7 @@ def bench_kernels(args, writer, stamp):
 
 # --------------------------------------------------------------------------- generate table
 def make_model(layers: int):
-    import transformers
-
-    config = transformers.LlamaConfig(
-        vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers, num_attention_heads=32,
-        num_key_value_heads=8, max_position_embeddings=40960,
-    )
-    torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).cuda().eval()
+    return llama_1b(layers, max_position_embeddings=40960).eval()
 
 
 @contextlib.contextmanager
@@ -205,13 +183,10 @@ def decode_route(on: bool):
 
 
 def timed_generate(model, ids, new_tokens) -> float:
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                         min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-    torch.cuda.synchronize()
+    seconds, out = timed(lambda: model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
+                                                min_new_tokens=new_tokens, do_sample=False, pad_token_id=0))
     assert out.shape[1] == ids.shape[1] + new_tokens
-    return time.perf_counter() - start
+    return seconds
 
 
 def bench_generate(args, writer, stamp):
@@ -236,23 +211,21 @@ def bench_generate(args, writer, stamp):
                        seconds=round(total, 4), prefill_s=round(prefill, 4), tok_s=round(batch * new / total, 1),
                        decode_tok_s=round(batch * (new - 1) / max(total - prefill, 1e-9), 1),
                        ms_per_step=round(1e3 * (total - prefill) / (new - 1), 3), stamp=stamp,
-                       device=torch.cuda.get_device_name(), layers=args.layers)
+                       device=device_name(), layers=args.layers)
             writer(row)
             print(f"  generate B={batch} {prompt}+{new} {name:13s} {row['tok_s']:8.1f} tok/s  "
                   f"decode {row['decode_tok_s']:8.1f} tok/s  {row['ms_per_step']:.2f} ms/step", flush=True)
 
 
 class CsvWriter:
+    """Collects rows; the CSV is rewritten after every row (a run cut short keeps what it measured)."""
+
     def __init__(self, path):
-        self.path, self.fields, self.rows = path, None, []
+        self.path, self.rows = path, []
 
     def __call__(self, row):
         self.rows.append(row)
-        fields = list(dict.fromkeys(k for r in self.rows for k in r))
-        with open(self.path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=fields)
-            w.writeheader()
-            w.writerows(self.rows)
+        write_rows(self.path, self.rows)
 
 
 def main():
@@ -276,7 +249,8 @@ def main():
     if not torch.cuda.is_available():
         raise SystemExit("bench_decode.py measures on a CUDA GPU")
     os.makedirs(args.out, exist_ok=True)
-    stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%MZ")
+    print_device()
+    stamp = utc_now("%Y-%m-%dT%H:%MZ")
     if not args.skip_kernels:
         bench_kernels(args, CsvWriter(os.path.join(args.out, "decode_kernels.csv")), stamp)
     if not args.skip_generate:

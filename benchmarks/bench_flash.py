@@ -13,19 +13,14 @@ triton, date, impl, mode, S, B, Hq, Hkv, D, ms, tflops) and ``DIR/flash.png``, a
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import os
-import sys
 import traceback
 
 import torch
 import torch.nn.functional as F
-import triton
-from triton.testing import do_bench
+from common import append_rows, bench_ms, print_device, pyplot, run_meta
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from hf_attn_plugin import ops  # noqa: E402
+from hf_attn_plugin import ops
 
 FIELDS = ["gpu", "torch", "triton", "date", "impl", "mode", "S", "B", "Hq", "Hkv", "D", "ms", "tflops"]
 
@@ -145,7 +140,7 @@ MODEL_SHAPES = [
 def run_models(args, meta):
     """One row per (model shape, impl, mode) into flash_models.csv: the table users read."""
     path = os.path.join(args.out, "flash_models.csv")
-    if os.path.exists(path):
+    if os.path.exists(path):  # a fresh table per run
         os.remove(path)
     fields = FIELDS[:4] + ["shape", "causal", "window", "softcap"] + FIELDS[4:]
     for name, b, s, hq, hkv, d, causal, window, softcap in MODEL_SHAPES:
@@ -162,12 +157,7 @@ def run_models(args, meta):
                 tf = flops(b, hq, s, d, causal, window, mode) / ms / 1e9
                 row = dict(meta, shape=name, causal=causal, window=window, softcap=softcap, impl=impl, mode=mode,
                            S=s, B=b, Hq=hq, Hkv=hkv, D=d, ms=round(ms, 4), tflops=round(tf, 1))
-                fresh = not os.path.exists(path)
-                with open(path, "a", newline="") as f:
-                    w = csv.DictWriter(f, fields)
-                    if fresh:
-                        w.writeheader()
-                    w.writerow(row)
+                append_rows(path, [row], fields)  # as we go: a timeout keeps what ran
                 print(f"{name:26s} B={b:2d} S={s:5d} {mode:6s} {impl:18s} {ms:8.3f} ms {tf:6.1f} TFLOP/s", flush=True)
         del impls
         torch.cuda.empty_cache()
@@ -177,14 +167,14 @@ def measure(inputs_fn, fn, mode):
     q, k, v = inputs_fn()
     if mode == "fwd":
         with torch.no_grad():
-            return do_bench(lambda: fn(q, k, v), warmup=20, rep=80, return_mode="median")
+            return bench_ms(lambda: fn(q, k, v), warmup=20, rep=80)
     q, k, v = (x.requires_grad_() for x in (q, k, v))
     dout = torch.randn_like(fn(q, k, v))
 
     def step():
         out = fn(q, k, v)
         torch.autograd.grad(out, (q, k, v), dout)
-    return do_bench(step, warmup=20, rep=80, return_mode="median")
+    return bench_ms(step, warmup=20, rep=80)
 
 
 def main():
@@ -198,18 +188,17 @@ def main():
                          " into flash_models.csv")
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
+    print_device()
+    meta = run_meta("gpu", "torch", "triton", "date")
     if args.models:
         torch._dynamo.config.cache_size_limit = 256
-        run_models(args, dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                              date=datetime.date.today().isoformat()))
+        run_models(args, meta)
         return
     for table in ("fwd", "fwdbwd", "window"):
         if os.path.exists(os.path.join(args.out, f"flash_{table}.csv")):
             os.remove(os.path.join(args.out, f"flash_{table}.csv"))
     torch._dynamo.config.cache_size_limit = 256
     torch._dynamo.config.accumulated_cache_size_limit = 4096
-    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                date=datetime.date.today().isoformat())
     d, tokens = 128, 16384
     seqlens = [int(x) for x in args.seqlens.split(",")]
     heads = [(32, 8), (16, 16)]
@@ -219,13 +208,7 @@ def main():
         tf = flops(b, hq, s, d, causal, window, "fwdbwd" if mode.endswith("fwdbwd") else "fwd") / ms / 1e9
         row = dict(meta, impl=impl, mode=mode, S=s, B=b, Hq=hq, Hkv=hkv, D=d, ms=round(ms, 4), tflops=round(tf, 1))
         rows[table].append(row)
-        path = os.path.join(args.out, f"flash_{table}.csv")  # written as we go: a timeout keeps what ran
-        fresh = not os.path.exists(path)
-        with open(path, "a", newline="") as f:
-            w = csv.DictWriter(f, FIELDS)
-            if fresh:
-                w.writeheader()
-            w.writerow(row)
+        append_rows(os.path.join(args.out, f"flash_{table}.csv"), [row], FIELDS)  # as we go: a timeout keeps what ran
         print(f"{mode:14s} {impl:11s} S={s:6d} B={b:3d} H={hq}/{hkv} {ms:9.3f} ms {tf:7.1f} TFLOP/s", flush=True)
 
     for hq, hkv in heads:
@@ -276,11 +259,9 @@ def summarize(rows):
 
 
 def plot(rows, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
+    if plt is None:
+        return
     panels = [(t, m, h) for t in ("fwd", "fwdbwd") for m in (t,) for h in ((32, 8), (16, 16))]
     fig, axes = plt.subplots(1, len(panels) + 1, figsize=(5 * (len(panels) + 1), 4))
     for ax, (table, mode, (hq, hkv)) in zip(axes, panels):

@@ -24,24 +24,13 @@ whole cache.
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import os
-import time
 
 import torch
 import transformers
+from common import llama_1b, print_device, run_meta, timed, write_rows
 
 import hf_attn_plugin
-
-
-def make_model(layers: int) -> transformers.PreTrainedModel:
-    config = transformers.LlamaConfig(
-        vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers,
-        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=4096,
-    )
-    torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).cuda().eval()
 
 
 OPTIONS = {
@@ -66,14 +55,11 @@ def run(model, spec: str, prompts: list[list[int]], new_tokens: int, **common) -
     impl, cb_config = batching_config(spec, **common)
     model.set_attn_implementation(impl)
     kwargs = {} if cb_config is None else {"continuous_batching_config": cb_config}
-    torch.cuda.synchronize()
-    start = time.perf_counter()
     if impl == "plugin":
-        outputs = hf_attn_plugin.generate_batch(model, prompts, generation_config=config, **kwargs)
+        seconds, outputs = timed(lambda: hf_attn_plugin.generate_batch(model, prompts, generation_config=config,
+                                                                        **kwargs))
     else:
-        outputs = model.generate_batch(prompts, generation_config=config, **kwargs)
-    torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+        seconds, outputs = timed(lambda: model.generate_batch(prompts, generation_config=config, **kwargs))
     generated = sum(len(o.generated_tokens) for o in outputs.values())
     return seconds, generated, outputs
 
@@ -91,7 +77,8 @@ def main() -> None:
     common = {} if args.num_blocks is None else {"num_blocks": args.num_blocks}
 
     os.makedirs(args.out, exist_ok=True)
-    model = make_model(args.layers)
+    print_device()
+    model = llama_1b(args.layers).eval()
     generator = torch.Generator().manual_seed(0)
     lengths = torch.randint(64, 1024, (args.requests,), generator=generator).tolist()
     prompts = [torch.randint(1, 32000, (n,), generator=generator).tolist() for n in lengths]
@@ -108,8 +95,7 @@ def main() -> None:
         tokens[impl] = {rid: list(o.generated_tokens) for rid, o in outputs.items()}
         rate = generated / seconds
         rows.append(dict(
-            gpu=torch.cuda.get_device_name(), torch=torch.__version__, transformers=transformers.__version__,
-            date=datetime.date.today().isoformat(), impl=impl, num_blocks=args.num_blocks or "auto",
+            run_meta("gpu", "torch", "transformers", "date"), impl=impl, num_blocks=args.num_blocks or "auto",
             requests=args.requests, new_tokens=args.new_tokens,
             generated=generated, seconds=round(seconds, 2), new_tokens_per_s=round(rate, 1),
         ))
@@ -128,14 +114,9 @@ def main() -> None:
 
 
 def write_csv(path: str, rows: list[dict]) -> None:
-    if not rows:
-        return
-    fields = list(dict.fromkeys(k for row in rows for k in row))
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"wrote {path}", flush=True)
+    if rows:
+        write_rows(path, rows)
+        print(f"wrote {path}", flush=True)
 
 
 if __name__ == "__main__":

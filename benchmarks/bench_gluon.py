@@ -1,7 +1,7 @@
 """Forward benchmark of the experimental Gluon kernel (hf_attn_plugin/kernels/gluon_fwd.py), one process, bf16:
 gluon vs our Triton forward (ops.attention) vs SDPA cuDNN / flash vs compiled FlexAttention.
 
-    PYTHONPATH=. python benchmarks/bench_gluon.py --out DIR [--skip gluon_ws3,...]
+    python benchmarks/bench_gluon.py --out DIR [--skip gluon_ws3,...]
 
 Gluon variants (``warp_spec`` of gluon_fwd.gluon_attn_forward): gluon (0: no warp specialization), gluon_ws1
 (1-warp TMA producer), gluon_ws2 (producer + two consumer-warpgroup partitions), gluon_ws3 (ws2 + ping-pong).
@@ -14,19 +14,14 @@ goes, and prints a table with ratios gluon / other.
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import os
-import sys
 
 import torch
 import torch.nn.functional as F
-import triton
-from triton.testing import do_bench
+from common import append_rows, bench_ms, print_device, run_meta
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from hf_attn_plugin import ops  # noqa: E402
-from hf_attn_plugin.kernels import gluon_fwd  # noqa: E402
+from hf_attn_plugin import ops
+from hf_attn_plugin.kernels import gluon_fwd
 
 FIELDS = ["gpu", "torch", "triton", "date", "impl", "causal", "S", "B", "Hq", "Hkv", "D", "ms", "tflops", "maxdiff"]
 # (D, B, S, Hq, Hkv, causal)
@@ -58,7 +53,7 @@ def make_impls(b, s, hq, hkv, d, causal):
     kr, vr = kt.repeat_interleave(hq // hkv, dim=1), vt.repeat_interleave(hq // hkv, dim=1)
 
     def gluon(warp_spec=0):
-        return gluon_fwd.gluon_attn_forward(q, k, v, None, None, scale, causal, 0, 0.0, s, s, warp_spec=warp_spec)[0]
+        return gluon_fwd.gluon_attn_forward(q, k, v, ops.AttentionParams(scale, causal), warp_spec=warp_spec)[0]
 
     def ours():
         return ops.attention(q, k, v, causal=causal)
@@ -97,8 +92,8 @@ def main():
     if os.path.exists(path):
         os.remove(path)
     torch._dynamo.config.cache_size_limit = 256
-    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                date=datetime.date.today().isoformat())
+    print_device()
+    meta = run_meta("gpu", "torch", "triton", "date")
     table = {}
     for d, b, s, hq, hkv, causal in SHAPES:
         impls = make_impls(b, s, hq, hkv, d, causal)
@@ -112,7 +107,7 @@ def main():
         for name in (n for n in IMPLS if n not in skip):
             try:
                 with torch.no_grad():
-                    ms = do_bench(impls[name], warmup=25, rep=100, return_mode="median")
+                    ms = bench_ms(impls[name], warmup=25, rep=100)
             except Exception as exc:
                 print(f"FAILED {name} D={d} S={s}: {type(exc).__name__}: {str(exc)[:300]}", flush=True)
                 continue
@@ -120,12 +115,7 @@ def main():
             row = dict(meta, impl=name, causal=causal, S=s, B=b, Hq=hq, Hkv=hkv, D=d, ms=round(ms, 4),
                        tflops=round(tf, 1), maxdiff=f"{maxdiff[name]:.3e}" if name in maxdiff else "")
             table.setdefault((d, b, s, hq, hkv, causal), {})[name] = tf
-            fresh = not os.path.exists(path)
-            with open(path, "a", newline="") as f:
-                w = csv.DictWriter(f, FIELDS)
-                if fresh:
-                    w.writeheader()
-                w.writerow(row)
+            append_rows(path, [row], FIELDS)  # as it goes: a timeout keeps what ran
             print(f"D={d:3d} B={b} S={s:6d} H={hq}/{hkv} causal={causal!s:5s} {name:10s} {ms:8.3f} ms "
                   f"{tf:6.1f} TFLOP/s" + (f"  maxdiff vs ours {maxdiff[name]:.2e}" if name in maxdiff else ""),
                   flush=True)

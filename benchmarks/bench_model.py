@@ -10,24 +10,13 @@ All implementations run in one process, on the same model weights, timed with CU
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import os
 import statistics
 
 import torch
-import transformers
+from common import event_ms, llama_1b, print_device, run_meta, write_rows
 
 import hf_attn_plugin  # noqa: F401  (registers "plugin")
-
-
-def make_model(layers: int) -> transformers.PreTrainedModel:
-    config = transformers.LlamaConfig(
-        vocab_size=32000, hidden_size=2048, intermediate_size=5632, num_hidden_layers=layers,
-        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=32768, use_cache=False,
-    )
-    torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).cuda()
 
 
 def batch_for(tokens: int, docs: int, vocab: int) -> dict[str, torch.Tensor]:
@@ -44,16 +33,11 @@ def time_steps(model, batch, steps: int, warmup: int) -> float:
     """Median milliseconds of one forward+backward step."""
     times = []
     for i in range(warmup + steps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        loss = model(**batch).loss
-        loss.backward()
-        end.record()
-        torch.cuda.synchronize()
+        ms = event_ms(lambda: model(**batch).loss.backward())
         model.zero_grad(set_to_none=True)
         if i >= warmup:
-            times.append(start.elapsed_time(end))
-        print(f"    step {i}: {start.elapsed_time(end):.1f} ms{' (warm-up)' if i < warmup else ''}", flush=True)
+            times.append(ms)
+        print(f"    step {i}: {ms:.1f} ms{' (warm-up)' if i < warmup else ''}", flush=True)
     return statistics.median(times)
 
 
@@ -72,12 +56,10 @@ def main() -> None:
 
     torch._dynamo.config.cache_size_limit = 64  # flex attention recompiles per mask shape
     os.makedirs(args.out, exist_ok=True)
-    model = make_model(args.layers)
+    print_device()
+    model = llama_1b(args.layers, max_position_embeddings=32768, use_cache=False)
     model.gradient_checkpointing_disable()
-    meta = dict(
-        gpu=torch.cuda.get_device_name(), torch=torch.__version__, transformers=transformers.__version__,
-        date=datetime.date.today().isoformat(), layers=args.layers, tokens=args.tokens,
-    )
+    meta = dict(run_meta("gpu", "torch", "transformers", "date"), layers=args.layers, tokens=args.tokens)
     rows = []
     for layout in args.layouts.split(","):
         docs = {"packed": args.docs, "one_sequence": 1}[layout]
@@ -92,14 +74,7 @@ def main() -> None:
             tokens_per_s = args.tokens / (ms / 1e3)
             rows.append(dict(meta, layout=layout, docs=docs, impl=impl, ms=round(ms, 3), tokens_per_s=round(tokens_per_s)))
             print(f"{layout:12s} {impl:15s} {ms:9.1f} ms/step {tokens_per_s:10.0f} tokens/s", flush=True)
-            write_csv(os.path.join(args.out, args.csv), rows)  # after every row: a timeout keeps data
-
-
-def write_csv(path: str, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+            write_rows(os.path.join(args.out, args.csv), rows)  # after every row: a timeout keeps data
 
 
 if __name__ == "__main__":

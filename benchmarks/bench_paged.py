@@ -19,19 +19,15 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime
 import math
 import os
-import sys
 
 import torch
 import torch.nn.functional as F
-import triton
-from triton.testing import do_bench_cudagraph
+from common import bench_ms, copy_bandwidth, print_device, pyplot, run_meta, write_rows
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from hf_attn_plugin.kernels import paged as kernels  # noqa: E402
-from hf_attn_plugin.kernels.configs import Config  # noqa: E402
+from hf_attn_plugin.kernels import paged as kernels
+from hf_attn_plugin.kernels.configs import Config
 
 HQ, HKV, D, PAGE = 32, 8, 128, 16
 DT = torch.bfloat16
@@ -39,16 +35,7 @@ DT = torch.bfloat16
 
 def bench(fn) -> float:
     """Median milliseconds of ``fn`` replayed in a CUDA graph."""
-    return do_bench_cudagraph(fn, rep=50, return_mode="median")
-
-
-def copy_bandwidth() -> float:
-    """Device-to-device copy of 2 GiB, bytes read + written. Timed eagerly: inside a CUDA graph the
-    copy becomes a memcpy node that may run on a copy engine (2.77 TB/s seen), not the SMs."""
-    src = torch.randn(2**30, device="cuda", dtype=DT)
-    dst = torch.empty_like(src)
-    ms = triton.testing.do_bench(lambda: dst.copy_(src), rep=200, return_mode="median")
-    return 2 * src.numel() * src.element_size() / (ms * 1e-3)
+    return bench_ms(fn, rep=50, cuda_graph=True)
 
 
 class DecodeCase:
@@ -166,10 +153,10 @@ def main() -> None:
         plot(rows, copy_bw, os.path.join(args.out, "paged_decode.png"))
         return
     torch.manual_seed(0)
-    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                date=datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M"))
+    print_device()
+    meta = run_meta("gpu", "torch", "triton", "date", date_format="%Y-%m-%dT%H:%M")
     rows: list[dict] = []
-    copy_bw = copy_bandwidth()
+    copy_bw = copy_bandwidth(2**31, rep=200)  # 2 GiB (a CUDA graph would run the copy on a copy engine: 2.77 TB/s)
     print(f"{meta}\ndevice copy bandwidth: {copy_bw / 1e12:.3f} TB/s")
     rows.append(dict(meta, case="copy", impl="torch_copy", config="", batch=0, tokens=0, bytes=0, ms=0,
                      tbps=copy_bw / 1e12, frac_copy=1.0))
@@ -241,11 +228,7 @@ def main() -> None:
     prefill_rows = [] if args.no_prefill else bench_prefill(meta)
     rows.extend(prefill_rows)
 
-    path = os.path.join(args.out, "paged_decode.csv")
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), restval="")
-        writer.writeheader()
-        writer.writerows(rows)
+    write_rows(os.path.join(args.out, "paged_decode.csv"), rows)
     plot(rows, copy_bw, os.path.join(args.out, "paged_decode.png"))
     print(f"\ncopy bandwidth {copy_bw / 1e12:.3f} TB/s")
     print(f"{'case':<12} {'ours TB/s':>10} {'x copy':>7} {'best TB/s':>10} {'SDPA TB/s':>10} {'ours/SDPA':>10}")
@@ -272,7 +255,7 @@ def bench_prefill(meta) -> list[dict]:
     for cfg in (None, Config(64, 128, 4, 3), Config(128, 64, 8, 3), Config(128, 128, 8, 3), Config(64, 64, 4, 4)):
         fn = lambda cfg=cfg: kernels.paged_attention(q, k_pool, v_pool, bt, seq_lens, cu, new, None, None, D**-0.5,
                                                      True, 0, 0.0, 1, cfg)
-        ms = triton.testing.do_bench(fn, rep=100, return_mode="median")
+        ms = bench_ms(fn, rep=100)
         rows.append(dict(meta, case="prefill_4x4096_after_4096", impl="ours", config=str(cfg or "default"),
                          batch=batch, tokens=batch * total, bytes=0, ms=ms, tbps=0, frac_copy=0,
                          tflops=flops / (ms * 1e-3) / 1e12))
@@ -282,10 +265,10 @@ def bench_prefill(meta) -> list[dict]:
     q4 = q.view(batch, new, HQ, D).transpose(1, 2)
     # bottom-right causal over [past + new] keys == a boolean mask; SDPA's is_causal is top-left, so time it on
     # the new x new block plus a full new x past block (same FLOPs, the best SDPA can do for this shape).
-    ms = triton.testing.do_bench(lambda: (F.scaled_dot_product_attention(q4, k[:, :, past:], v[:, :, past:],
-                                                                         is_causal=True, enable_gqa=True),
-                                          F.scaled_dot_product_attention(q4, k[:, :, :past], v[:, :, :past],
-                                                                         enable_gqa=True)), rep=100, return_mode="median")
+    ms = bench_ms(lambda: (F.scaled_dot_product_attention(q4, k[:, :, past:], v[:, :, past:], is_causal=True,
+                                                          enable_gqa=True),
+                           F.scaled_dot_product_attention(q4, k[:, :, :past], v[:, :, :past], enable_gqa=True)),
+                  rep=100)
     rows.append(dict(meta, case="prefill_4x4096_after_4096", impl="sdpa_contiguous_2calls", config="default",
                      batch=batch, tokens=batch * total, bytes=0, ms=ms, tbps=0, frac_copy=0,
                      tflops=flops / (ms * 1e-3) / 1e12))
@@ -293,13 +276,8 @@ def bench_prefill(meta) -> list[dict]:
 
 
 def plot(rows, copy_bw, path) -> None:
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no plot")
+    plt = pyplot()
+    if plt is None:
         return
     cases = [c for c in dict.fromkeys(r["case"] for r in rows) if c not in ("copy",) and not c.startswith("prefill")]
     impls = ["ours"] + sorted({r["impl"] for r in rows if r["impl"].startswith("sdpa") and r["case"] in cases})

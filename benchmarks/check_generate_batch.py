@@ -13,7 +13,7 @@ On the ~1B Llama-style model of ``bench_generate_batch.py`` (random bf16 weights
 (b) ``profile``: ``torch.profiler`` (CUDA activity) over one ``hf_attn_plugin.generate_batch`` run of the
     full workload; GPU kernel time split into paged attention, split-K combine, K/V write, matmuls,
     other kernels; wall time, GPU busy time (union of kernel intervals) and the idle fraction.
-(c) ``waste``: allocated-but-unused KV slots for the same workload: our ``PagedKVCache`` (page 16) holding
+(c) ``waste``: allocated-but-unused KV slots for the same workload: our ``PagePool`` (page 16) holding
     every request's final length, and averaged over the decode steps; transformers' own cache as seen
     by our attention in every step of a run without CUDA graphs (its page size, and the same lengths at page 16).
 
@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import os
 import sys
 import time
@@ -36,14 +35,12 @@ from dataclasses import dataclass
 
 import torch
 import transformers
+from common import llama_1b, sync, write_rows
 from packaging.version import Version
 
 import hf_attn_plugin
 from hf_attn_plugin.integration import continuous_batching
-from hf_attn_plugin.paged import PagedKVCache
-
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from bench_generate_batch import make_model  # noqa: E402
+from hf_attn_plugin.paged import PagePool
 
 CACHE_KWARG = "cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values"
 PAGE = 16
@@ -99,16 +96,8 @@ def generated_tokens(outputs: dict) -> list[list[int]]:
 
 
 def write_csv(path: str, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), restval="")
-        writer.writeheader()
-        writer.writerows(rows)
+    write_rows(path, rows)
     print(f"wrote {path}", flush=True)
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 # --------------------------------------------------------------------------- (a) logits
@@ -325,9 +314,9 @@ def part_profile(model, work: Workload, out_dir: str) -> None:
 
 # --------------------------------------------------------------------------- (c) waste
 def allocator_waste(lengths: list[int], page_size: int) -> float:
-    """Waste of our PagedKVCache holding sequences of these lengths (one tiny pool: bookkeeping only)."""
+    """Waste of our PagePool holding sequences of these lengths (one tiny pool: bookkeeping only)."""
     pages = sum(-(-n // page_size) for n in lengths)
-    cache = PagedKVCache(1, 1, 1, num_pages=max(pages, 1), page_size=page_size, max_seqs=len(lengths),
+    cache = PagePool(1, 1, 1, num_pages=max(pages, 1), page_size=page_size, max_seqs=len(lengths),
                          max_pages_per_seq=max(-(-max(lengths) // page_size), 1), dtype=torch.float32)
     for n in lengths:
         cache.append_slots(cache.add_sequence(), n)
@@ -400,7 +389,7 @@ def main() -> None:
         args.requests, args.new_tokens = min(args.requests, 6), min(args.new_tokens, 6)
         args.logit_requests, args.logit_new_tokens = min(args.logit_requests, 3), min(args.logit_new_tokens, 5)
     else:
-        model, vocab, lengths = make_model(args.layers), 32000, (64, 1024)
+        model, vocab, lengths = llama_1b(args.layers).eval(), 32000, (64, 1024)  # bench_generate_batch.py's model
     print(f"transformers {transformers.__version__}, torch {torch.__version__}, device {model.device}, "
           f"backend env {os.environ.get('HF_ATTN_PLUGIN_BACKEND', 'auto')}", flush=True)
     full = workload(args.requests, args.new_tokens, vocab, *lengths, cb_config)

@@ -3,6 +3,8 @@
 Run with the Triton 3.6 venv (no GPU needed):  /work/venv36/bin/python benchmarks/compile_gluon.py [--dump DIR]
 Prints per config: registers, spills, shared memory, whether the PTX has wgmma.mma_async / setmaxnreg.
 
+``--bwd``: the same table for the Gluon dK/dV backward (hf_attn_plugin/kernels/gluon_bwd.py).
+
 ``--candidates``: instead, compile what the launch-config system can pick (kernels/configs.py): every forward
 candidate with ``gluon`` >= 0 and every Gluon entry of the shipped tables (tuned/*.json), bf16 and fp16, causal or
 not, checking that each config's recorded shape (tiles, stages, default-partition warps) is the launcher's.
@@ -126,12 +128,78 @@ def setmaxnreg(ptx: str) -> str:
     return ", ".join(f"{kind} {n}" for kind, n in found) or "-"
 
 
+# ------------------------------------------------------------------ dK/dV backward (kernels/gluon_bwd.py)
+def compile_bwd(head_dim: int, causal: bool, dtype: str = "bf16", warp_spec: int = 0):
+    """Compile the Gluon dK/dV kernel for sm_90 (signature as ``gluon_bwd.gluon_attn_backward_dkdv`` launches it)."""
+    import importlib
+
+    gluon_bwd = importlib.import_module("hf_attn_plugin.kernels.gluon_bwd")
+    cfg = gluon_bwd._config(head_dim, warp_spec)
+    gdt = gl.bfloat16 if dtype == "bf16" else gl.float16
+
+    def desc(rows):
+        block = [1, rows, 1, head_dim]
+        layout = gl.NVMMASharedLayout.get_default_for(block, gdt)
+        return f"tensordesc<{dtype}[{', '.join(map(str, block))}],{layout!r}>"
+
+    constexprs = {"CAUSAL": causal, "WARP_SPEC": warp_spec, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
+                  "HEAD_DIM": head_dim, "NUM_STAGES": cfg["NUM_STAGES"]}
+    sub_n = cfg["BLOCK_N"] // (2 if warp_spec >= 2 else 1)
+    stat_layout = gl.NVMMASharedLayout.get_default_for([cfg["BLOCK_M"]], gl.float32)  # lse / delta rows (1-D)
+    stat_desc = f"tensordesc<fp32[{cfg['BLOCK_M']}],{stat_layout!r}>"
+    signature = {
+        "q_desc": desc(cfg["BLOCK_M"]), "k_desc": desc(sub_n), "v_desc": desc(sub_n),
+        "do_desc": desc(cfg["BLOCK_M"]), "dk_desc": desc(sub_n), "dv_desc": desc(sub_n),
+        "lse_desc": stat_desc, "delta_desc": stat_desc, "seqlen_q": "i32", "seqlen_k": "i32", "heads_kv": "i32",
+        "group": "i32", "qk_scale": "fp32", "sm_scale": "fp32", **{name: "constexpr" for name in constexprs},
+    }
+    src = GluonASTSource(gluon_bwd._attn_bwd_dkdv_gluon, signature, constexprs)
+    return cfg, triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": cfg["num_warps"]})
+
+
+def bwd_table(dump=None) -> int:
+    """The dK/dV kernel's resource table (markdown) for every variant x D x causal, bf16 (plus fp16 at D64 and
+    D128 non-causal); returns the number of failed compiles plus configs that spill."""
+    print("| kernel | D | dtype | causal | warp_spec | BLOCK_MxN | stages | warps | regs | spill st/ld B | smem (B) "
+          "| wgmma.mma_async | wgmma.wait | bar.sync | setmaxnreg |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    cases = [(ws, d, c, "bf16") for ws in (0, 1, 2) for d in (64, 128) for c in (True, False)]
+    cases += [(0, 64, False, "fp16"), (0, 128, False, "fp16")]
+    failures = 0
+    for warp_spec, head_dim, causal, dtype in cases:
+        try:
+            cfg, k = compile_bwd(head_dim, causal, dtype, warp_spec)
+        except Exception as exc:  # report and go on
+            failures += 1
+            msg = str(exc).strip().splitlines()
+            print(f"| dkdv | {head_dim} | {dtype} | {causal} | {warp_spec} | FAILED: {type(exc).__name__}: "
+                  f"{' / '.join(msg[-3:])[:400]} |", flush=True)
+            continue
+        ptx = k.asm["ptx"]
+        use = ptxas_usage(ptx)
+        failures += use["spills"] != "0/0"
+        print(f"| dkdv | {head_dim} | {dtype} | {causal} | {warp_spec} | {cfg['BLOCK_M']}x{cfg['BLOCK_N']} | "
+              f"{cfg['NUM_STAGES']} | {cfg['num_warps']} | {use['regs']} | {use['spills']} | {k.metadata.shared} | "
+              f"{len(re.findall(r'wgmma[.]mma_async', ptx))} | {len(re.findall(r'wgmma[.]wait_group', ptx))} | "
+              f"{len(re.findall(r'bar[.]sync', ptx))} | {setmaxnreg(ptx)} |", flush=True)
+        if dump:
+            os.makedirs(dump, exist_ok=True)
+            stem = f"dkdv_d{head_dim}_{dtype}_{'c' if causal else 'nc'}_ws{warp_spec}"
+            for ext in ("ttgir", "ptx"):
+                with open(os.path.join(dump, f"{stem}.{ext}"), "w") as f:
+                    f.write(k.asm[ext])
+    return failures
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--dump", help="write ttgir/ptx per config into this folder")
     ap.add_argument("--candidates", action="store_true", help="compile the Gluon configs of kernels/configs.py "
                     "and the shipped tables instead")
+    ap.add_argument("--bwd", action="store_true", help="the Gluon dK/dV backward (kernels/gluon_bwd.py) instead")
     args = ap.parse_args()
+    if args.bwd:
+        raise SystemExit(1 if bwd_table(args.dump) else 0)
     if args.candidates:
         raise SystemExit(1 if check_candidates() else 0)
     print("| D | causal | warp_spec | BLOCK_MxN | stages | warps | regs | spill st/ld B | smem (B) | wgmma.mma_async "

@@ -11,8 +11,6 @@ bounded by about the largest shard, not by the model size.
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import json
 import os
 import platform
@@ -25,12 +23,11 @@ import threading
 import time
 from pathlib import Path
 
-import safetensors
 import torch
+from common import RESULTS, ROOT, append_rows, run_meta
 from safetensors.torch import save_file
 
-REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results" / "conversion_memory.csv"
+CSV = RESULTS / "conversion_memory.csv"
 
 
 def llama_tensor_shapes(layers: int, hidden: int, intermediate: int, vocab: int) -> dict[str, tuple[int, ...]]:
@@ -146,7 +143,7 @@ def main() -> None:
         shard_sizes = [f.stat().st_size for f in src.glob("*.safetensors")]
         child = subprocess.run(
             [sys.executable, __file__, "--num-kv-heads", str(args.num_kv_heads), "--child", str(src), str(dst)],
-            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)},
+            capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT)},
         )
         if child.returncode:
             sys.exit(f"conversion failed:\n{child.stderr}")
@@ -155,11 +152,12 @@ def main() -> None:
     finally:
         shutil.rmtree(work)
     largest = max(shard_sizes)
+    meta = run_meta("date", "torch", "safetensors")
     row = {
-        "date": datetime.date.today().isoformat(),
+        "date": meta["date"],
         "machine": f"{platform.machine()} {platform.processor() or ''}".strip(),
-        "torch": torch.__version__,
-        "safetensors": safetensors.__version__,
+        "torch": meta["torch"],
+        "safetensors": meta["safetensors"],
         "layers": args.layers,
         "hidden": args.hidden,
         "dtype": "bfloat16",
@@ -174,13 +172,8 @@ def main() -> None:
             (result["peak_rss_bytes"] - result["baseline_rss_bytes"]) / largest, 3
         ),
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    new_file = not RESULTS.exists()
-    with RESULTS.open("a", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        if new_file:
-            writer.writeheader()
-        writer.writerow(row)
+    CSV.parent.mkdir(parents=True, exist_ok=True)
+    append_rows(CSV, [row])
     print(json.dumps(row, indent=2))
 
 

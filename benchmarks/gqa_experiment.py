@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import datetime as _dt
 import gc
 import math
 import os
@@ -45,17 +44,15 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "examples"))
+import torch
+import transformers
+from common import append_rows, bench_ms, load_example, pyplot, run_meta
+from report import gqa_table
+from transformers import TrainerCallback
 
-import torch  # noqa: E402
-import transformers  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
+from hf_attn_plugin.conversion import convert_to_gqa
 
-import uptrain_gqa as ug  # noqa: E402
-
-from hf_attn_plugin.conversion import convert_to_gqa  # noqa: E402
+ug = load_example("uptrain_gqa")
 
 SIZES = {  # name: (hidden, layers, heads, intermediate, vocab)
     "tiny": (96, 2, 12, 256, 512),       # smoke test only (head_dim 8)
@@ -70,18 +67,16 @@ FIELDS = ["stage", "num_kv_heads", "method", "grouping", "alpha", "steps", "pret
 
 
 class CsvLog:
-    def __init__(self, path: Path, common: dict):
-        self.path, self.common = path, common
-        with open(path, "w", newline="") as f:
-            csv.DictWriter(f, FIELDS).writeheader()
+    """gqa_results.csv, started afresh; every row appended as it completes (a timeout still leaves data)."""
+
+    def __init__(self, path: Path, meta: dict):
+        self.path, self.meta = path, meta
+        path.unlink(missing_ok=True)
 
     def row(self, **kw):
-        r = {**self.common, **kw}
+        r = {**self.meta, **kw}
         r = {k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()}
-        with open(self.path, "a", newline="") as f:
-            csv.DictWriter(f, FIELDS).writerow({k: r.get(k, "") for k in FIELDS})
-            f.flush()
-            os.fsync(f.fileno())
+        append_rows(self.path, [{k: r.get(k, "") for k in FIELDS}], FIELDS)
         print("ROW", {k: r[k] for k in ("stage", "num_kv_heads", "method", "grouping", "alpha", "steps", "val_ppl")
                       if k in r}, flush=True)
 
@@ -164,8 +159,6 @@ def decode_speed(layers: int, heads: int, head_dim: int, kv_heads: int, batch: i
     ``context`` cached tokens, timed with CUDA-graph replay. The reason to convert at all: decode attention reads
     the whole KV cache every step, so its time and memory scale with the number of KV heads.
     """
-    from triton.testing import do_bench_cudagraph
-
     from hf_attn_plugin.paged_ops import paged_attention
 
     pages_per_seq = context // page_size
@@ -178,21 +171,17 @@ def decode_speed(layers: int, heads: int, head_dim: int, kv_heads: int, batch: i
     q = torch.randn(batch, heads, head_dim, device="cuda", dtype=torch.bfloat16, generator=g)
     fn = lambda: paged_attention(q, k_pool, v_pool, tables, seq_lens)  # noqa: E731
     fn()
-    ms = do_bench_cudagraph(fn, rep=50)
+    ms = bench_ms(fn, rep=50, cuda_graph=True, statistic="mean")
     kv_bytes = 2 * k_pool.numel() * k_pool.element_size()
     return {"decode_attn_us": 1e3 * ms * layers, "decode_kv_gb": kv_bytes * layers / 1e9,
             "decode_tb_s": kv_bytes / (ms * 1e-3) / 1e12}
 
 
 def plot(csv_path: Path, png_path: Path, heads: int):
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.ticker
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib missing: no plot", flush=True)
+    plt = pyplot()
+    if plt is None:
         return
+    import matplotlib.ticker
     rows = list(csv.DictReader(open(csv_path)))
     mha = [r for r in rows if r["stage"] == "pretrained"]
     conv = [r for r in rows if r["stage"] in ("converted", "uptrained") and r["val_ppl"]]
@@ -222,68 +211,6 @@ def plot(csv_path: Path, png_path: Path, heads: int):
     fig.tight_layout()
     fig.savefig(png_path, dpi=120)
     print(f"wrote {png_path}", flush=True)
-
-
-def markdown_table(csv_path: Path) -> str:
-    """The results table of docs/uptraining.md, generated from the CSV (perplexity, % vs MHA in brackets)."""
-    rows = list(csv.DictReader(open(csv_path)))
-    mha = [r for r in rows if r["stage"] == "pretrained"]
-    if not mha:
-        return "(no pretrained row in the CSV)"
-    mha_ppl = float(mha[-1]["val_ppl"])
-    res = [r for r in rows if r["stage"] in ("converted", "uptrained", "mha_control") and r["val_ppl"]]
-    alphas = sorted({float(r["alpha"]) for r in res})
-    keys = []
-    for r in res:
-        k = (int(r["num_kv_heads"]), r["method"], r["grouping"])
-        if k not in keys:
-            keys.append(k)
-    keys.sort(key=lambda k: -k[0])
-    head = ["KV heads", "init", "KV bytes/token"] + [
-        "after conversion" if al == 0 else f"alpha {100 * al:g}%" for al in alphas]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines.append(f"| {mha[-1]['num_kv_heads']} (MHA) | pretrained, {mha[-1]['steps']} steps | "
-                 f"{mha[-1]['kv_bytes_per_token']} | {mha_ppl:.2f} |" + " |" * (len(alphas) - 1))
-    for g, meth, grp in keys:
-        cells = []
-        for al in alphas:
-            hit = [r for r in res if (int(r["num_kv_heads"]), r["method"], r["grouping"]) == (g, meth, grp)
-                   and float(r["alpha"]) == al]
-            if hit:
-                ppl = float(hit[-1]["val_ppl"])
-                cells.append(f"{ppl:.2f} ({100 * (ppl / mha_ppl - 1):+.1f}%)")
-            else:
-                cells.append("")
-        name = ("MHA + same extra steps" if meth == "mha"
-                else meth if grp == "adjacent" else f"{meth} + {grp} grouping")
-        kvb = next(r["kv_bytes_per_token"] for r in res if int(r["num_kv_heads"]) == g)
-        label = "1 (MQA)" if g == 1 else (f"{g} (MHA)" if meth == "mha" else str(g))
-        lines.append(f"| {label} | {name} | {kvb} | " + " | ".join(cells) + " |")
-    curve = [r for r in rows if r["stage"] == "pretrain_curve"]
-    if curve:
-        lines.append("")
-        lines.append("MHA validation perplexity during pretraining (step: ppl): " + ", ".join(
-            f"{r['steps']}: {float(r['val_ppl']):.2f}" for r in curve) + f"; final {mha_ppl:.2f}.")
-    sweep = [r for r in rows if r["stage"] == "lr_sweep"]
-    if sweep:
-        lines.append("")
-        lines.append(f"Uptraining peak LR chosen on G={sweep[0]['num_kv_heads']} {sweep[0]['method']} alpha "
-                     f"{100 * float(sweep[0]['alpha']):g}% (validation ppl): " + ", ".join(
-                         f"{float(r['uptrain_lr']):g}: {float(r['val_ppl']):.2f}" for r in sweep) + ".")
-    speed = [r for r in rows if r["stage"] == "decode_speed"]
-    if speed:
-        ref = float(speed[0]["decode_attn_us"])
-        lines += ["", "Decode attention per step, all layers, paged kernels (" + speed[0]["note"] + "):", "",
-                  "| KV heads | KV cache (GB) | attention per step (us) | vs MHA | TB/s |", "|---|---|---|---|---|"]
-        for r in speed:
-            lines.append(f"| {r['num_kv_heads']} | {float(r['decode_kv_gb']):.2f} | {float(r['decode_attn_us']):.1f} "
-                         f"| {ref / float(r['decode_attn_us']):.2f}x faster | {float(r['decode_tb_s']):.2f} |")
-    skipped = [r for r in rows if r["stage"] == "skipped"]
-    if skipped:
-        lines.append("")
-        lines.append("Skipped for time: " + ", ".join(
-            f"G={r['num_kv_heads']} {r['method']}/{r['grouping']} alpha {100 * float(r['alpha']):g}%" for r in skipped))
-    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
@@ -326,7 +253,7 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
     if a.table:
-        print(markdown_table(Path(a.table)))
+        print(gqa_table(a.table))
         return 0
     if a.replot:
         plot(Path(a.replot), Path(a.replot).with_name("gqa_ppl.png"), 12)
@@ -364,11 +291,10 @@ def main(argv=None) -> int:
 
     hidden, layers, heads, inter, vocab = SIZES[a.model_size]
     head_dim = hidden // heads
-    common = {"model_size": a.model_size, "device": torch.cuda.get_device_name() if cuda else "cpu",
-              "torch": torch.__version__, "transformers": transformers.__version__,
-              "date": _dt.datetime.now(_dt.timezone.utc).strftime("%Y-%m-%d %H:%M")}
-    log = CsvLog(out / "gqa_results.csv", common)
-    print(f"device {common['device']}; torch {torch.__version__}; transformers {transformers.__version__}", flush=True)
+    meta = {"model_size": a.model_size,
+            **run_meta("device", "torch", "transformers", "date", date_format="%Y-%m-%d %H:%M")}
+    log = CsvLog(out / "gqa_results.csv", meta)
+    print(f"device {meta['device']}; torch {torch.__version__}; transformers {transformers.__version__}", flush=True)
 
     # ---- data: stdlib sources, held-out files, BPE tokenizer trained on the training files only
     files = ug.stdlib_files() if a.smoke else corpus_files(a.corpus, a.max_chars)[:a.max_files]

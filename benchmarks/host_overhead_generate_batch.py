@@ -38,8 +38,6 @@ from __future__ import annotations
 import argparse
 import collections
 import cProfile
-import csv
-import datetime
 import functools
 import io
 import os
@@ -50,12 +48,12 @@ import time
 
 import torch
 import transformers
+from common import llama_1b, run_meta, write_rows
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
-import hf_attn_plugin  # noqa: E402
-from hf_attn_plugin import paged_ops  # noqa: E402
-from hf_attn_plugin.integration import attention as attention_module  # noqa: E402
-from hf_attn_plugin.integration import continuous_batching as cb_module  # noqa: E402
+import hf_attn_plugin
+from hf_attn_plugin import paged_ops
+from hf_attn_plugin.integration import attention as attention_module
+from hf_attn_plugin.integration import continuous_batching as cb_module
 
 
 class Timers:
@@ -99,15 +97,11 @@ class Timers:
 
 
 def make_model(preset: str, layers: int, device: str) -> transformers.PreTrainedModel:
-    if preset == "1b":
-        size = dict(hidden_size=2048, intermediate_size=5632, num_attention_heads=32, num_key_value_heads=8)
-        dtype = torch.bfloat16
-    else:  # tiny: device work negligible, the step time is the host time
-        size = dict(hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2)
-        dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    config = transformers.LlamaConfig(vocab_size=32000, num_hidden_layers=layers, max_position_embeddings=4096, **size)
-    torch.manual_seed(0)
-    return transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).to(device).eval()
+    if preset == "1b":  # bench_generate_batch.py's model
+        return llama_1b(layers, device=device).eval()
+    # tiny: device work negligible, the step time is the host time
+    return llama_1b(layers, device=device, dtype=torch.bfloat16 if device == "cuda" else torch.float32,
+                    hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2).eval()
 
 
 def instrument_ours(timers: Timers) -> None:
@@ -130,8 +124,9 @@ def instrument_ours(timers: Timers) -> None:
             timers._undo.append((_MappingSlot(mapping, key), "value", True, original))
     timers.wrap(cb_module.InPlacePagedUpdate, "__call__", "ours.update")  # 5.19+: the cache's update is ours
     timers.wrap(cb_module, "_memoised_step", "ours.blocktab")
+    timers.wrap(paged_ops, "plan", "ours.blocktab")  # the step's paged-attention plan, built by its first layer
     for owner, names, label in ((cb_module, ("write_kv_trusted", "write_kv"), "ours.write"),
-                                (cb_module, ("paged_attention_trusted", "paged_attention"), "ours.attn"),
+                                (paged_ops, ("run",), "ours.attn"),
                                 (cb_module, ("describe_paged_call", "describe_call"), "ours.describe"),
                                 (attention_module, ("describe_paged_call", "describe_call"), "ours.describe")):
         name = next(n for n in names if n in vars(owner))  # this tree's name (older trees: the public wrappers)
@@ -142,6 +137,7 @@ def instrument_ours(timers: Timers) -> None:
         from hf_attn_plugin.kernels import paged as paged_kernels
 
         timers.wrap(paged_kernels, "paged_attention", "ours.body_attn")
+        timers.wrap(paged_kernels, "run", "ours.body_attn")
         timers.wrap(paged_kernels, "write_kv", "ours.body_write")
     except ImportError:  # no Triton
         pass
@@ -344,8 +340,7 @@ def main() -> None:
             print(f"{impl}: FAILED {type(error).__name__}: {str(error)[:400]}", flush=True)
             continue
         steps = timers.calls["compute"] if timers else 0
-        row = dict(date=datetime.date.today().isoformat(), transformers=transformers.__version__,
-                   torch=torch.__version__, device=args.device if args.device == "cpu" else torch.cuda.get_device_name(),
+        row = dict(run_meta("date", "transformers", "torch", "device", device=args.device),
                    backend=os.environ.get("HF_ATTN_PLUGIN_BACKEND", "auto") + ("+stub" * args.stub_bodies), preset=args.preset, layers=args.layers,
                    impl=impl, requests=args.requests, new_tokens=args.new_tokens,
                    cuda_graph=args.cuda_graph or "default", async_batching=args.async_batching or "default",
@@ -392,10 +387,7 @@ def main() -> None:
 
     if rows:
         path = os.path.join(args.out, "host_overhead_generate_batch.csv")
-        with open(path, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for r in rows for k in r)), restval="")
-            writer.writeheader()
-            writer.writerows(rows)
+        write_rows(path, rows)
         print(f"wrote {path}", flush=True)
     return 0 if rows else 1
 

@@ -20,23 +20,18 @@ normalises the loss by the global token count. The per-step training losses must
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import random
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "examples"))
+import torch
+import transformers
+from common import device_name, load_example, write_rows
+from gqa_experiment import StepTimer
 
-import torch  # noqa: E402
-import transformers  # noqa: E402
-
-import uptrain_gqa as ug  # noqa: E402
-from gqa_experiment import StepTimer  # noqa: E402
+ug = load_example("uptrain_gqa")
 
 
 def prepare(a) -> None:
@@ -92,7 +87,7 @@ def run(a) -> None:
         res = dict(label=a.label, world_size=world, fsdp=a.fsdp, weak=a.weak, per_device_batch=per_device,
                    global_batch=per_device * world, steps=a.steps, step_ms=1e3 * step_s,
                    tokens_per_s=tokens_per_step / step_s, losses=losses,
-                   gpu=torch.cuda.get_device_name() if cuda else "cpu", torch=torch.__version__, transformers=transformers.__version__)
+                   gpu=device_name(), torch=torch.__version__, transformers=transformers.__version__)
         (work / f"result_{a.label}.json").write_text(json.dumps(res))
         print(f"{a.label}: {world} GPU(s), per-device batch {per_device}, {1e3 * step_s:.1f} ms/step, "
               f"{res['tokens_per_s']:.0f} tokens/s, loss {losses[0]:.4f} -> {losses[-1]:.4f}", flush=True)
@@ -121,11 +116,7 @@ def report(a) -> int:
             row["matches_1gpu"] = max(diffs) < 0.02
             ok &= row["matches_1gpu"]
         rows.append(row)
-    fields = sorted({k for r in rows for k in r}, key=lambda k: list(rows[0]).index(k) if k in rows[0] else 99)
-    with open(out / "multi_gpu.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fields)
-        w.writeheader()
-        w.writerows(rows)
+    write_rows(out / "multi_gpu.csv", rows)
     for r in rows:
         print(r)
     return 0 if ok else 1

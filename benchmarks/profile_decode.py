@@ -43,17 +43,14 @@ import contextlib
 import csv
 import os
 import statistics
-import sys
 import time
 
 import torch
+from common import sync
+from host_overhead_generate_batch import Timers
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repo root
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from host_overhead_generate_batch import Timers  # noqa: E402
-
-from hf_attn_plugin import ops  # noqa: E402
-from hf_attn_plugin.integration import attention as attention_module  # noqa: E402
+from hf_attn_plugin import ops
+from hf_attn_plugin.integration import attention as attention_module
 
 try:  # the GQA-packed decode route (issue 15 item 4); absent in older trees
     from hf_attn_plugin import decode_ops
@@ -78,11 +75,6 @@ def make_inputs(batch, ctx, q_len, heads_q, heads_kv, head_dim, dtype, device, p
         mask = torch.arange(ctx, device=device)[None, :] >= starts[:, None]
     position_ids = torch.full((batch, q_len), ctx - q_len, device=device, dtype=torch.long)
     return q, k, v, mask, position_ids
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def host_times(fn, calls, device):

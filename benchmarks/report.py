@@ -227,18 +227,77 @@ def multi_gpu_section() -> str:
             "Llama, 60 steps; 1gpu_warm is the 1-GPU baseline, measured on a warm machine)\n\n" + table(cols, body))
 
 
+def gqa_table(path: str) -> str:
+    """The uptraining experiment's tables (benchmarks/gqa_experiment.py's gqa_results.csv at ``path``), as in
+    docs/uptraining.md: perplexity, % vs MHA in brackets."""
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    mha = [r for r in rows if r["stage"] == "pretrained"]
+    if not mha:
+        return "(no pretrained row in the CSV)"
+    mha_ppl = float(mha[-1]["val_ppl"])
+    res = [r for r in rows if r["stage"] in ("converted", "uptrained", "mha_control") and r["val_ppl"]]
+    alphas = sorted({float(r["alpha"]) for r in res})
+    keys = []
+    for r in res:
+        k = (int(r["num_kv_heads"]), r["method"], r["grouping"])
+        if k not in keys:
+            keys.append(k)
+    keys.sort(key=lambda k: -k[0])
+    head = ["KV heads", "init", "KV bytes/token"] + [
+        "after conversion" if al == 0 else f"alpha {100 * al:g}%" for al in alphas]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines.append(f"| {mha[-1]['num_kv_heads']} (MHA) | pretrained, {mha[-1]['steps']} steps | "
+                 f"{mha[-1]['kv_bytes_per_token']} | {mha_ppl:.2f} |" + " |" * (len(alphas) - 1))
+    for g, meth, grp in keys:
+        cells = []
+        for al in alphas:
+            hit = [r for r in res if (int(r["num_kv_heads"]), r["method"], r["grouping"]) == (g, meth, grp)
+                   and float(r["alpha"]) == al]
+            if hit:
+                ppl = float(hit[-1]["val_ppl"])
+                cells.append(f"{ppl:.2f} ({100 * (ppl / mha_ppl - 1):+.1f}%)")
+            else:
+                cells.append("")
+        name = ("MHA + same extra steps" if meth == "mha"
+                else meth if grp == "adjacent" else f"{meth} + {grp} grouping")
+        kvb = next(r["kv_bytes_per_token"] for r in res if int(r["num_kv_heads"]) == g)
+        label = "1 (MQA)" if g == 1 else (f"{g} (MHA)" if meth == "mha" else str(g))
+        lines.append(f"| {label} | {name} | {kvb} | " + " | ".join(cells) + " |")
+    curve = [r for r in rows if r["stage"] == "pretrain_curve"]
+    if curve:
+        lines.append("")
+        lines.append("MHA validation perplexity during pretraining (step: ppl): " + ", ".join(
+            f"{r['steps']}: {float(r['val_ppl']):.2f}" for r in curve) + f"; final {mha_ppl:.2f}.")
+    sweep = [r for r in rows if r["stage"] == "lr_sweep"]
+    if sweep:
+        lines.append("")
+        lines.append(f"Uptraining peak LR chosen on G={sweep[0]['num_kv_heads']} {sweep[0]['method']} alpha "
+                     f"{100 * float(sweep[0]['alpha']):g}% (validation ppl): " + ", ".join(
+                         f"{float(r['uptrain_lr']):g}: {float(r['val_ppl']):.2f}" for r in sweep) + ".")
+    speed = [r for r in rows if r["stage"] == "decode_speed"]
+    if speed:
+        ref = float(speed[0]["decode_attn_us"])
+        lines += ["", "Decode attention per step, all layers, paged kernels (" + speed[0]["note"] + "):", "",
+                  "| KV heads | KV cache (GB) | attention per step (us) | vs MHA | TB/s |", "|---|---|---|---|---|"]
+        for r in speed:
+            lines.append(f"| {r['num_kv_heads']} | {float(r['decode_kv_gb']):.2f} | {float(r['decode_attn_us']):.1f} "
+                         f"| {ref / float(r['decode_attn_us']):.2f}x faster | {float(r['decode_tb_s']):.2f} |")
+    skipped = [r for r in rows if r["stage"] == "skipped"]
+    if skipped:
+        lines.append("")
+        lines.append("Skipped for time: " + ", ".join(
+            f"G={r['num_kv_heads']} {r['method']}/{r['grouping']} alpha {100 * float(r['alpha']):g}%" for r in skipped))
+    return "\n".join(lines)
+
+
 def gqa_section() -> str:
-    """The uptraining experiment's tables, from its own CSV formatter (benchmarks/gqa_experiment.py)."""
+    """The uptraining experiment's tables (gqa_experiment.py --table prints the same)."""
     path = os.path.join(RESULTS, "gqa_results.csv")
     if not os.path.exists(path):
         return ""
-    import sys
-
-    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-    from gqa_experiment import markdown_table
-
     return ("**GQA uptraining experiment** (62.9M MHA Llama, 12 heads, validation perplexity; "
-            "[docs/uptraining.md](docs/uptraining.md))\n\n" + markdown_table(path))
+            "[docs/uptraining.md](docs/uptraining.md))\n\n" + gqa_table(path))
 
 
 def simple_section(name: str, title: str, columns: list[str]) -> str:
@@ -248,15 +307,57 @@ def simple_section(name: str, title: str, columns: list[str]) -> str:
     return f"**{title}**\n\n" + table(columns, [[r.get(c, "") for c in columns] for r in rows])
 
 
+def head_dims_section() -> str:
+    """head_dims.csv (bench_head_dims.py): every head dim at one shape, ours beside SDPA and Flex."""
+    rows = read("head_dims.csv")
+    if not rows:
+        return ""
+    by = defaultdict(dict)
+    for r in rows:
+        by[(int(r["D"]), r["mode"])][r["impl"]] = float(r["tflops"])
+    body = []
+    for (d, mode), impls in sorted(by.items(), key=lambda kv: (kv[0][1] != "fwd", kv[0][0])):
+        ours = impls.get("ours")
+
+        def ratio(anchor):
+            return f"{ours / impls[anchor]:.2f}x" if ours and impls.get(anchor) else "-"
+
+        body.append([mode, d, ours or "-", impls.get("sdpa_cudnn", "-"), impls.get("sdpa_flash", "-"),
+                     impls.get("flex", "-"), ratio("sdpa_cudnn"), ratio("sdpa_flash"), ratio("flex")])
+    meta = rows[0]
+    header = ["mode", "D", "ours", "SDPA cuDNN", "SDPA flash", "Flex", "ours/cuDNN", "ours/flash", "ours/Flex"]
+    return (f"**Every head dim** (TFLOP/s, bf16, causal, B={meta['B']} S={meta['S']} {meta['Hq']}/{meta['Hkv']} heads; "
+            f"`benchmarks/bench_head_dims.py`; {meta['gpu']}, torch {meta['torch']}, triton {meta['triton']}, "
+            f"{meta['date']}; '-': no kernel for that head dim)\n\n" + table(header, body))
+
+
+def cold_start_section() -> str:
+    """cold_start.csv (bench_cold_start.py): the first generate() of a fresh process, and the worst decode step."""
+    rows = read("cold_start.csv")
+    if not rows:
+        return ""
+    body = [[r["impl"], r["triton_cache"], r["first_call_s"], f"{r['new']}", r["median_step_ms"], r["worst_step_ms"],
+             f"{r['worst_over_median']}x (step {r['worst_step']})"] for r in rows]
+    meta = rows[0]
+    header = ["impl", "Triton cache", "first generate() (s)", "then new tokens", "median step (ms)",
+              "worst step (ms)", "worst / median"]
+    return (f"**Cold start** (a fresh process per row; first call: {meta['prompt']}-token prompt + "
+            f"{meta['first_call_new']} new; then one long generation timed per step; ~1B Llama-style, bf16; "
+            f"`benchmarks/bench_cold_start.py`; {meta['gpu']}, torch {meta['torch']}, transformers "
+            f"{meta['transformers']}, {meta['date']})\n\n" + table(header, body))
+
+
 def render() -> str:
     parts = [
         flash_section("flash_fwd.csv", "Forward"),
         flash_section("flash_fwdbwd.csv", "Forward + backward"),
         models_section(),
+        head_dims_section(),
         window_section(),
         paged_section(),
         decode_section(),
         generate_section(),
+        cold_start_section(),
         training_section(),
         generate_batch_section(),
         multi_gpu_section(),

@@ -33,9 +33,7 @@ tokens; a route that raises is reported (CSV ``error`` column, exit status 1) an
 from __future__ import annotations
 
 import argparse
-import csv
 import dataclasses
-import datetime
 import gc
 import os
 import sys
@@ -43,15 +41,13 @@ import time
 import warnings
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
+import torch.distributed as dist
+import transformers
+from common import run_meta, write_rows
 
-import torch  # noqa: E402
-import torch.distributed as dist  # noqa: E402
-import transformers  # noqa: E402
-
-import hf_attn_plugin  # noqa: E402,F401  (registers "plugin")
-from hf_attn_plugin.integration import attention as plugin_attention_module  # noqa: E402
+import hf_attn_plugin  # noqa: F401  (registers "plugin")
+from hf_attn_plugin.integration import attention as plugin_attention_module
 
 
 FP32_LOGIT_TOL = 1e-4  # fp32: plugin vs the reference differ by rounding only (measured ~2e-7 on the tiny model)
@@ -310,9 +306,7 @@ def main(argv=None) -> int:
                 failures.append(f"{route} B={batch}: tokens differ from {a.ref}'s from step {first_diff} and the "
                                 f"logit difference {diff:.3g} exceeds 2x the eager-vs-sdpa floor {floor}")
             rows.append({
-                "gpu": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu",
-                "torch": torch.__version__, "transformers": transformers.__version__,
-                "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M"),
+                **run_meta("gpu", "torch", "transformers", "date", date_format="%Y-%m-%d %H:%M", device=dev),
                 "impl": route, "world_size": world, "batch": batch, "prompt": a.prompt, "new_tokens": a.new,
                 "dtype": str(a.dtype).removeprefix("torch."), "tok_s": round(batch * a.new / r["seconds"], 1),
                 "tokens_equal": equal, "first_differing_step": first_diff,
@@ -326,10 +320,7 @@ def main(argv=None) -> int:
             })
     if rank == 0:
         path = out_dir / ("tp_check.csv" if a.arch == "llama" else f"tp_check_{a.arch}.csv")
-        with open(path, "w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0]))
-            w.writeheader()
-            w.writerows(rows)
+        write_rows(path, rows)
         for row in rows:
             print(f"{row['impl']:>21} B={row['batch']:<3} {row['tok_s']:>9} tok/s  tokens_equal={row['tokens_equal']}"
                   f"  logit diff vs {a.ref} {row['max_abs_logit_diff_vs_ref']}  attn input {row['attn_input']}"

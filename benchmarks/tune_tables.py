@@ -37,8 +37,8 @@ import time
 import torch
 import triton
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-from hf_attn_plugin.kernels import configs, flash  # noqa: E402
+from hf_attn_plugin.kernels import configs, flash
+from hf_attn_plugin.kernels.params import AttentionParams
 
 TOKENS = 16384
 SEQS = (16384, 8192, 4096, 2048, 1024, 512, 256, 128)
@@ -60,11 +60,10 @@ def inputs(d, group, s, tokens=TOKENS, seed=0):
 
 
 def run_once(q, k, v, causal, backward=True):
-    d = q.shape[-1]
-    s = q.shape[1]
-    out, lse = flash.flash_attn_forward(q, k, v, None, None, d**-0.5, causal, 0, 0.0, s, s)
+    params = AttentionParams.create(q.shape[-1], causal=causal)
+    out, lse = flash.flash_attn_forward(q, k, v, params)
     if backward:
-        flash.flash_attn_backward(torch.randn_like(out), q, k, v, out, lse, None, None, d**-0.5, causal, 0, 0.0, s, s)
+        flash.flash_attn_backward(torch.randn_like(out), q, k, v, out, lse, params)
 
 
 # --------------------------------------------------------------------------------------------- parallel compiles

@@ -19,7 +19,8 @@ What it does:
   * trains with ``Trainer`` (bf16 autocast on GPU, cosine schedule with warmup, optional gradient checkpointing);
   * reports validation perplexity (token-weighted, exact) before and after; saves model + tokenizer.
 
-The functions below are importable: ``benchmarks/gqa_experiment.py`` and ``tests/test_uptrain.py`` reuse them.
+The functions below are importable: ``benchmarks/gqa_experiment.py`` and ``tests/test_uptrain.py`` load this file
+by its path and reuse them.
 Multi-GPU: ``accelerate launch`` runs it with DDP (Trainer handles it; evaluation runs the same on every rank and
 only rank 0 prints and saves). FSDP is untested.
 """
@@ -34,15 +35,10 @@ import sys
 import sysconfig
 import time
 import zlib
-from pathlib import Path
 
 import torch
 
-try:  # importable from a source checkout without installing the package
-    import hf_attn_plugin  # noqa: F401  (registers attn_implementation="plugin")
-except ImportError:  # pragma: no cover
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import hf_attn_plugin  # noqa: F401
+import hf_attn_plugin  # noqa: F401  (registers attn_implementation="plugin"; `pip install -e .` installs it)
 
 from transformers import (
     AutoModelForCausalLM,

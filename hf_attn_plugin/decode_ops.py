@@ -10,25 +10,40 @@ tile and splits long contexts over programs, so this module lets it read the con
 
 * the pool is ``k`` itself seen as ``[num_pages, 1, Hkv, D]`` pages of one position, page stride = the
   position stride ``ss`` (``k.as_strided``: no copy). Position ``j`` of batch row ``b`` starts at
-  ``b * sb + j * ss`` = page ``b * (sb / ss) + j``, so the block table is ``b * (sb / ss) + arange(Sk)``
-  (built once per step and shape, shared by every layer of the step);
+  ``b * sb + j * ss`` = page ``b * (sb / ss) + j``, so the block table is ``b * (sb / ss) + arange(Sk)``;
 * ``seq_lens`` = ``Sk`` (or each row's ``k_end``), ``k_starts`` = each row's first real key (left padding).
 
 The kernel's semantics (queries bottom-right aligned at ``seq_len``, keys before ``k_start`` ignored, causal,
 window, softcap, sinks) are :func:`hf_attn_plugin.reference.attention_reference` with the segments
 :func:`hf_attn_plugin.integration.masks.segments_from_key_mask` builds for ``Sq < Sk`` (one per batch row,
-``q_end = Sq``): :func:`applies` admits exactly those calls. Inference only (no autograd, no lse), eager only
-(under ``torch.compile`` the flash op keeps the graph opaque and unchanged), Triton backend only.
-``HF_ATTN_PLUGIN_DECODE=0`` turns the route off (benchmarks compare both paths).
+``q_end = Sq``): :func:`applies` admits exactly those calls. Inference only (no autograd, no lse), Triton backend
+only. ``HF_ATTN_PLUGIN_DECODE=0`` turns the route off (benchmarks compare both paths; under ``torch.compile`` it is
+read when the graph is traced).
+
+Two ways in, one launch (:func:`_launch`):
+
+* eager (plain tensors, not traced): the launch is called directly, skipping the ``torch.library`` dispatcher,
+  and the step's plan (block table, ``seq_lens``, ``k_starts``, the kernels' launch geometry and split-K buffers:
+  :class:`hf_attn_plugin.kernels.paged.Plan`) is built by the step's first layer and reused by the others (same
+  shapes, same segments tensor);
+* traced (``torch.compile``, ``make_fx``): the custom op ``hf_attn_plugin::decode_attention`` (a fake
+  implementation gives the output's shape), its index tensors built in the graph from shapes and the segments
+  with plain tensor ops: no host synchronisation, nothing data-dependent on the host, no memo (a tensor kept from
+  a CUDA-graph warm-up would live in the graph's memory pool), so the step is CUDA-graph capturable. The op
+  declares ``needs_exact_strides``: inductor hands it K/V with the traced strides, which the block table was
+  built for (checked again at run time).
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import weakref
+from typing import Optional
 
 import torch
 
+from .kernels.params import AttentionParams
 from .ops import backend_for
 
 __all__ = ["MAX_Q_LEN", "applies", "attention"]
@@ -49,17 +64,16 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, 
 
     ``q`` ``[B, Sq, Hq, D]``, ``k``/``v`` ``[B, Sk, Hkv, D]`` as the flash op takes them; ``key_segments``:
     ``None`` or segments from a key mask (``segments_from_key_mask``). Non-causal calls with segments keep the
-    flash path: there the reference zeroes query rows before ``q_start`` that the kernel would not.
+    flash path: there the reference zeroes query rows before ``q_start`` that the kernel would not. Traceable by
+    dynamo without a graph break (shapes, strides and flags only).
     """
     seqlen_q, seqlen_k = q.shape[1], k.shape[1]
     if not (0 < seqlen_q <= MAX_Q_LEN and seqlen_q < seqlen_k) or (key_segments is not None and not causal):
         return False
-    if torch.compiler.is_compiling() or not enabled():
+    if not enabled():
         return False
-    tensors = (q, k, v) if sinks is None else (q, k, v, sinks)
-    if any(type(t) is not torch.Tensor for t in (q, k, v)) or type(sinks) not in _PLAIN:  # fake / functional /
-        return False  # subclass tensors (sinks are a model's Parameter): the op path
-    if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):  # no backward here
+    if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad
+                                    or (sinks is not None and sinks.requires_grad)):  # no backward here
         return False
     if q.dtype not in _KERNEL_DTYPES or backend_for(q.device) != "triton":
         return False
@@ -93,49 +107,61 @@ def _pool(t: torch.Tensor, num_pages: int) -> torch.Tensor:
     return t.as_strided((num_pages, 1, t.shape[2], t.shape[3]), (ss, ss, t.stride(2), 1), t.storage_offset())
 
 
-# Per-step tensors, shared by every layer of a step (one entry each: the step's shapes change every step). Each
-# entry is replaced by one assignment, so threads running models concurrently never see half an entry.
-_LAST_TABLE: list = [None]  # (key, (block_table, seq_lens))
-_LAST_BOUNDS: list = [None]  # (weakref to segments, (k_starts, seq_lens))
-_CU_SEQLENS: dict = {}
-
-
-def _block_table(batch: int, rows: int, seqlen_k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+# --------------------------------------------------------------------------- index tensors and the step's plan
+def _new_block_table(batch: int, rows: int, seqlen_k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """``(block_table [B, Sk], seq_lens [B])`` int32: page ``b * rows + j`` for position ``j`` of row ``b``."""
-    key = (batch, rows, seqlen_k, device)
-    entry = _LAST_TABLE[0]
-    if entry is None or entry[0] != key:
-        positions = torch.arange(seqlen_k, dtype=torch.int32, device=device)
-        if batch == 1:
-            table = positions.unsqueeze(0)
-        else:
-            starts = torch.arange(0, batch * rows, rows, dtype=torch.int32, device=device)
-            table = starts[:, None] + positions[None, :]
-        entry = (key, (table, torch.full((batch,), seqlen_k, dtype=torch.int32, device=device)))
-        _LAST_TABLE[0] = entry
-    return entry[1]
+    positions = torch.arange(seqlen_k, dtype=torch.int32, device=device)
+    if batch == 1:
+        table = positions.unsqueeze(0)
+    else:
+        starts = torch.arange(0, batch * rows, rows, dtype=torch.int32, device=device)
+        table = starts[:, None] + positions[None, :]
+    return table, torch.full((batch,), seqlen_k, dtype=torch.int32, device=device)
 
 
-def _key_bounds(segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(k_starts, seq_lens)`` = columns 3 and 4 of the step's segments, contiguous (memoised per tensor:
-    every layer of a step receives the same segments object, which nothing modifies in place)."""
-    entry = _LAST_BOUNDS[0]
-    if entry is None or entry[0]() is not segments:
-        entry = (weakref.ref(segments), (segments[:, 3].contiguous(), segments[:, 4].contiguous()))
-        _LAST_BOUNDS[0] = entry
-    return entry[1]
+def _index_tensors(batch: int, seqlen_q: int, seqlen_k: int, rows: int, key_segments: torch.Tensor | None,
+                   device: torch.device):
+    """``(block_table, seq_lens, cu_seqlens_q, k_starts)`` of a call, from shapes and the key segments (columns 3
+    and 4: each row's first real key and ``k_end``) with plain tensor ops: nothing read back to the host."""
+    table, seq_lens = _new_block_table(batch, rows, seqlen_k, device)
+    k_starts = None
+    if key_segments is not None:
+        k_starts, seq_lens = key_segments[:, 3].contiguous(), key_segments[:, 4].contiguous()
+    cu_seqlens_q = None
+    if seqlen_q > 1:
+        cu_seqlens_q = torch.arange(0, (batch + 1) * seqlen_q, seqlen_q, dtype=torch.int32, device=device)
+    return table, seq_lens, cu_seqlens_q, k_starts
 
 
-def _cu_seqlens(batch: int, seqlen_q: int, device: torch.device) -> torch.Tensor:
-    key = (batch, seqlen_q, device)
-    cu = _CU_SEQLENS.get(key)
-    if cu is None:
-        if len(_CU_SEQLENS) > 64:
-            _CU_SEQLENS.clear()
-        cu = _CU_SEQLENS[key] = torch.arange(0, (batch + 1) * seqlen_q, seqlen_q, dtype=torch.int32, device=device)
-    return cu
+def _new_plan(q: torch.Tensor, k: torch.Tensor, rows: int, index: tuple, num_splits: int):
+    """The kernels' :class:`~hf_attn_plugin.kernels.paged.Plan` for a call (``index``: :func:`_index_tensors`)."""
+    batch, seqlen_q, heads_q, head_dim = q.shape
+    table, seq_lens, cu_seqlens_q, k_starts = index
+    pool_shape = ((batch - 1) * rows + k.shape[1], 1, k.shape[2], k.shape[3])
+    return _kernels().Plan((batch * seqlen_q, heads_q, head_dim), q.dtype, q.device, pool_shape, table, seq_lens,
+                           cu_seqlens_q, seqlen_q, k_starts, num_splits)
 
 
+# Eager: the last step's plan (index tensors, launch geometry, split-K buffers), shared by every layer of the step:
+# they have the same shapes and receive the same segments tensor (which nothing modifies in place). One entry,
+# replaced by one assignment; keyed by thread as well, so models run from several threads never share a plan's
+# partial buffers (the layers of one thread run one after another).
+_LAST_PLAN: list = [None]  # (key, weakref to the segments or None, plan)
+
+
+def _step_plan(q: torch.Tensor, k: torch.Tensor, rows: int, key_segments: torch.Tensor | None, num_splits: int):
+    key = (threading.get_ident(), q.shape, k.shape, rows, q.dtype, q.device, num_splits)
+    entry = _LAST_PLAN[0]
+    if entry is not None and entry[0] == key and (entry[1] is None if key_segments is None
+                                                  else entry[1] is not None and entry[1]() is key_segments):
+        return entry[2]
+    index = _index_tensors(q.shape[0], q.shape[1], k.shape[1], rows, key_segments, q.device)
+    plan = _new_plan(q, k, rows, index, num_splits)
+    _LAST_PLAN[0] = (key, None if key_segments is None else weakref.ref(key_segments), plan)
+    return plan
+
+
+# --------------------------------------------------------------------------- the launch and the custom op
 def _kernels():
     """The paged kernels module, imported on first use (importing it compiles nothing, but pulls in Triton)."""
     global _PAGED
@@ -149,44 +175,78 @@ def _kernels():
 _PAGED = None
 
 
+def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: int, plan, params) -> torch.Tensor:
+    """The paged kernel on the virtual pools of ``k``/``v`` (``rows`` pages per batch row) with the call's
+    ``plan`` (:func:`_new_plan`); a contiguous ``[B, Sq, Hq, D]`` output."""
+    if q.device.type == "cuda" and q.device.index != torch.cuda.current_device():
+        with torch.cuda.device(q.device):  # Triton launches on the current device (layers spread by device_map)
+            return _launch(q, k, v, rows, plan, params)
+    batch, seqlen_q, heads_q, head_dim = q.shape
+    num_pages = (batch - 1) * rows + k.shape[1]
+    q3 = q.reshape(batch * seqlen_q, heads_q, head_dim)  # a view for decode (Sq = 1); a small copy otherwise
+    if not q3.is_contiguous():
+        q3 = q3.contiguous()
+    out = _kernels().run(q3, _pool(k, num_pages), _pool(v, num_pages), plan, params)
+    return out.view(batch, seqlen_q, heads_q, head_dim)
+
+
+@torch.library.custom_op("hf_attn_plugin::decode_attention", mutates_args=(), tags=(torch.Tag.needs_exact_strides,))
+def _decode_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    block_table: torch.Tensor,
+    seq_lens: torch.Tensor,
+    cu_seqlens_q: Optional[torch.Tensor],
+    k_starts: Optional[torch.Tensor],
+    sinks: Optional[torch.Tensor],
+    rows: int,
+    scale: float,
+    causal: bool,
+    window: int,
+    softcap: float,
+    num_splits: int,
+) -> torch.Tensor:
+    if _virtual_pool_rows(k, v) != rows:
+        raise RuntimeError(
+            f"hf_attn_plugin::decode_attention: the block table was built for K/V with {rows} positions per batch "
+            f"row, but K/V arrived with strides {tuple(k.stride())} / {tuple(v.stride())} (shape {tuple(k.shape)}): "
+            "the compiler changed their layout. Please report this; HF_ATTN_PLUGIN_DECODE=0 avoids the route."
+        )
+    plan = _new_plan(q, k, rows, (block_table, seq_lens, cu_seqlens_q, k_starts), num_splits)
+    return _launch(q, k, v, rows, plan, AttentionParams(scale, causal, window, softcap, sinks))
+
+
+@_decode_op.register_fake
+def _(q, k, v, block_table, seq_lens, cu_seqlens_q, k_starts, sinks, rows, scale, causal, window, softcap,
+      num_splits):
+    return q.new_empty(q.shape)
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
+    params: AttentionParams | None = None,
     *,
-    scale: float,
-    causal: bool = True,
-    window: int | None = None,
-    softcap: float | None = None,
-    sinks: torch.Tensor | None = None,
     key_segments: torch.Tensor | None = None,
     num_splits: int = 0,
+    **options,
 ) -> torch.Tensor:
     """Attention of ``q`` ``[B, Sq, Hq, D]`` over the cache ``k``/``v`` ``[B, Sk, Hkv, D]``; ``[B, Sq, Hq, D]``.
 
-    Only for calls :func:`applies` admits. ``key_segments``: segments from a key mask (left padding, a static
-    cache's empty tail): row ``b`` attends to keys ``[k_start, k_end)`` with its queries ending at ``k_end``.
-    ``num_splits``: split-K grid size (0: from the shapes and the SM count; tests force splits with it).
+    Only for calls :func:`applies` admits. ``params``: an :class:`~hf_attn_plugin.ops.AttentionParams` (the
+    integration's), or its keywords (``scale``, ``causal``, ``window``, ``softcap``, ``sinks``); its ``segments``
+    are not read. ``key_segments``: segments from a key mask (left padding, a static cache's empty tail): row ``b``
+    attends to keys ``[k_start, k_end)`` with its queries ending at ``k_end``. ``num_splits``: split-K grid size
+    (0: from the shapes and the SM count; tests force splits with it).
     """
-    if q.device.type == "cuda" and q.device.index != torch.cuda.current_device():
-        with torch.cuda.device(q.device):  # Triton launches on the current device (layers spread by device_map)
-            return attention(q, k, v, scale=scale, causal=causal, window=window, softcap=softcap, sinks=sinks,
-                             key_segments=key_segments, num_splits=num_splits)
-    paged = _kernels()
-    batch, seqlen_q, heads_q, head_dim = q.shape
-    seqlen_k = k.shape[1]
+    params = AttentionParams.resolve(params, q.shape[-1], options)
     rows = _virtual_pool_rows(k, v)
-    table, seq_lens = _block_table(batch, rows, seqlen_k, q.device)
-    k_starts = None
-    if key_segments is not None:
-        k_starts, seq_lens = _key_bounds(key_segments)
-    num_pages = (batch - 1) * rows + seqlen_k
-    q3 = q.reshape(batch * seqlen_q, heads_q, head_dim)  # a view for decode (Sq = 1); a small copy otherwise
-    if q3.stride(-1) != 1:
-        q3 = q3.contiguous()
-    cu_seqlens_q = None if seqlen_q == 1 else _cu_seqlens(batch, seqlen_q, q.device)
-    out = paged.paged_attention(
-        q3, _pool(k, num_pages), _pool(v, num_pages), table, seq_lens, cu_seqlens_q, seqlen_q, k_starts, sinks,
-        float(scale), bool(causal), int(window) if window else 0, float(softcap) if softcap else 0.0, num_splits,
-    )
-    return out.view(batch, seqlen_q, heads_q, head_dim)
+    if not torch.compiler.is_compiling() and all(type(t) in _PLAIN for t in (q, k, v, params.sinks, key_segments)):
+        # eager, plain tensors: launch directly (the op boundary is only for tracers), the step's plan memoised
+        return _launch(q, k, v, rows, _step_plan(q, k, rows, key_segments, num_splits), params)
+    table, seq_lens, cu_seqlens_q, k_starts = _index_tensors(q.shape[0], q.shape[1], k.shape[1], rows, key_segments,
+                                                             q.device)
+    return _decode_op(q, k, v, table, seq_lens, cu_seqlens_q, k_starts, params.sinks, rows, params.scale,
+                      params.causal, params.window, params.softcap, num_splits)

@@ -1,7 +1,9 @@
 """The one attention op: a ``torch.library`` custom op with fake and autograd registrations.
 
-``attention(...)`` is the single entry point every integration path calls. Inside the op, the
-backend is chosen once per call:
+``attention(q, k, v, causal=..., ...)`` is the public entry point: it validates its keywords and builds one
+:class:`AttentionParams` (``kernels/params.py``); the integration builds its own and calls
+:func:`attention_trusted`. The op's schema carries the params flat (schema types); its body rebuilds the object
+for the kernels or the reference. Inside the op, the backend is chosen once per call:
 
 * ``triton``: the kernels in :mod:`hf_attn_plugin.kernels` (CUDA tensors, or CPU tensors under
   ``TRITON_INTERPRET=1`` for tests);
@@ -27,6 +29,7 @@ checks. ``HF_ATTN_PLUGIN_CHECKS`` picks how much :func:`attention` checks the *v
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import numbers
 import os
@@ -35,8 +38,10 @@ from typing import Optional
 import torch
 
 from . import _checks, reference
+from .kernels.params import AttentionParams
 
-__all__ = ["attention", "attention_trusted", "check_segments", "backend_for", "dropout_seed", "BACKENDS"]
+__all__ = ["attention", "attention_trusted", "AttentionParams", "check_segments", "backend_for", "dropout_seed",
+           "BACKENDS"]
 
 BACKENDS = ("auto", "triton", "reference")
 
@@ -56,42 +61,34 @@ def backend_for(device: torch.device) -> str:
     return choice
 
 
-def _window(window: int) -> Optional[int]:
-    return window if window > 0 else None
+# The custom ops' arguments after their tensors: the fields of AttentionParams, flat (schema types), in the order that
+# _run passes them and _op_params reads them. Written once, for both directions.
+_PARAMS_SCHEMA = ("Tensor? segments, Tensor? sinks, float scale, bool causal, SymInt window, float softcap, "
+                  "SymInt max_seqlen_q, SymInt max_seqlen_k, float dropout_p=0., Tensor? dropout_seed=None")
 
 
-def _softcap(softcap: float) -> Optional[float]:
-    return softcap if softcap > 0 else None
+def _op_params(segments, sinks, scale, causal, window, softcap, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
+               dropout_seed=None) -> AttentionParams:
+    """The custom ops' flat arguments (normalised by :meth:`AttentionParams.create` before :func:`_run` flattened
+    them) as one object again."""
+    return AttentionParams(scale=scale, causal=causal, window=window, softcap=softcap, sinks=sinks, segments=segments,
+                           max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, dropout_p=dropout_p, seed=dropout_seed)
 
 
-@torch.library.custom_op("hf_attn_plugin::attention_fwd", mutates_args=())
-def _attention_fwd(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    segments: Optional[torch.Tensor],
-    sinks: Optional[torch.Tensor],
-    scale: float,
-    causal: bool,
-    window: int,
-    softcap: float,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    dropout_p: float = 0.0,
-    dropout_seed: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+@torch.library.custom_op("hf_attn_plugin::attention_fwd", mutates_args=(),
+                         schema=f"(Tensor q, Tensor k, Tensor v, {_PARAMS_SCHEMA}) -> (Tensor, Tensor)")
+def _attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *flat) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns ``(out, lse)``; ``flat``: the params in ``_PARAMS_SCHEMA``'s order."""
+    return _forward(q, k, v, _op_params(*flat))
+
+
+def _forward(q, k, v, params: AttentionParams) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward on the call's backend: the body of the op and of the eager path (:class:`_EagerAttention`)."""
     if backend_for(q.device) == "triton":
         from .kernels import flash
 
-        return flash.flash_attn_forward(
-            q, k, v, segments, sinks, scale, causal, window, softcap, max_seqlen_q, max_seqlen_k,
-            dropout_p=dropout_p, dropout_seed=dropout_seed,
-        )
-    out, lse = reference.attention_reference(
-        q, k, v, scale=scale, causal=causal, window=_window(window), softcap=_softcap(softcap),
-        sinks=sinks, segments=segments, dropout_p=dropout_p,
-        dropout_mask=_reference_dropout_mask(q, k, dropout_p, dropout_seed),
-    )
+        return flash.flash_attn_forward(q, k, v, params)
+    out, lse = reference.attention_reference(q, k, v, params, dropout_mask=_reference_dropout_mask(q, k, params))
     return out.contiguous(), lse.contiguous()
 
 
@@ -105,94 +102,103 @@ def dropout_seed(device: torch.device | str) -> torch.Tensor:
     return torch.randint(0, 2**62, (1,), dtype=torch.int64, device=device)
 
 
-def _reference_dropout_mask(q, k, dropout_p, seed) -> Optional[torch.Tensor]:
-    """The reference backend's mask ``[B, Hq, Sq, Sk]`` for ``seed`` (torch's generator seeded with it, so the
-    backward gets the same mask; the Triton kernels draw a different one, with Philox, from the same seed)."""
-    if not dropout_p:
+def _reference_dropout_mask(q, k, params: AttentionParams) -> Optional[torch.Tensor]:
+    """The reference backend's mask ``[B, Hq, Sq, Sk]`` for ``params.seed`` (torch's generator seeded with it, so
+    the backward gets the same mask; the Triton kernels draw a different one, with Philox, from the same seed)."""
+    if not params.dropout_p:
         return None
-    gen = torch.Generator(device=q.device).manual_seed(int(seed.reshape(-1)[0]))
+    gen = torch.Generator(device=q.device).manual_seed(int(params.seed.reshape(-1)[0]))
     shape = (q.shape[0], q.shape[2], q.shape[1], k.shape[1])
-    return torch.rand(shape, generator=gen, device=q.device) >= dropout_p
+    return torch.rand(shape, generator=gen, device=q.device) >= params.dropout_p
 
 
 @_attention_fwd.register_fake
-def _(q, k, v, segments, sinks, scale, causal, window, softcap, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
-      dropout_seed=None):
+def _(q, k, v, *flat):
     batch, seqlen_q, heads_q, _ = q.shape
     out = q.new_empty(q.shape)
     lse = q.new_empty((batch, heads_q, seqlen_q), dtype=torch.float32)
     return out, lse
 
 
-@torch.library.custom_op("hf_attn_plugin::attention_bwd", mutates_args=())
-def _attention_bwd(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    out: torch.Tensor,
-    lse: torch.Tensor,
-    segments: Optional[torch.Tensor],
-    sinks: Optional[torch.Tensor],
-    scale: float,
-    causal: bool,
-    window: int,
-    softcap: float,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    dropout_p: float = 0.0,
-    dropout_seed: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns ``(dq, dk, dv, dsinks)``; ``dsinks`` is an empty tensor when there are no sinks."""
+@torch.library.custom_op(
+    "hf_attn_plugin::attention_bwd", mutates_args=(),
+    schema=f"(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, {_PARAMS_SCHEMA}) "
+           "-> (Tensor, Tensor, Tensor, Tensor)",
+)
+def _attention_bwd(dout, q, k, v, out, lse, *flat) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns ``(dq, dk, dv, dsinks)``; ``dsinks`` is an empty tensor when there are no sinks. ``flat``: the
+    forward's params in ``_PARAMS_SCHEMA``'s order."""
+    dq, dk, dv, dsinks = _backward_grads(dout, q, k, v, out, lse, _op_params(*flat))
+    if dsinks is None:
+        dsinks = q.new_empty(0, dtype=torch.float32)
+    return dq, dk, dv, dsinks.float()
+
+
+def _backward_grads(dout, q, k, v, out, lse, params: AttentionParams):
+    """``(dq, dk, dv, dsinks or None)`` on the call's backend: the body of the op and of the eager path."""
     dout = dout.contiguous()  # a grad of sum() has stride 0
     if backend_for(q.device) == "triton":
         from .kernels import flash
 
-        dq, dk, dv, dsinks = flash.flash_attn_backward(
-            dout, q, k, v, out, lse, segments, sinks, scale, causal, window, softcap, max_seqlen_q, max_seqlen_k,
-            dropout_p=dropout_p, dropout_seed=dropout_seed,
-        )
+        dq, dk, dv, dsinks = flash.flash_attn_backward(dout, q, k, v, out, lse, params)
     else:
-        dq, dk, dv, dsinks = _reference_backward(dout, q, k, v, segments, sinks, scale, causal, window, softcap,
-                                                 dropout_p, dropout_seed)
-    if dsinks is None:
-        dsinks = q.new_empty(0, dtype=torch.float32)
-    return dq.contiguous(), dk.contiguous(), dv.contiguous(), dsinks.float()
-
-
-def _reference_backward(dout, q, k, v, segments, sinks, scale, causal, window, softcap, dropout_p=0.0,
-                        dropout_seed=None):
-    return reference.attention_reference_backward(
-        dout, q, k, v, scale=scale, causal=causal, window=_window(window), softcap=_softcap(softcap),
-        sinks=sinks, segments=segments, dropout_p=dropout_p,
-        dropout_mask=_reference_dropout_mask(q, k, dropout_p, dropout_seed),
-    )
+        dq, dk, dv, dsinks = reference.attention_reference_backward(
+            dout, q, k, v, params, dropout_mask=_reference_dropout_mask(q, k, params))
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), dsinks
 
 
 @_attention_bwd.register_fake
-def _(dout, q, k, v, out, lse, segments, sinks, scale, causal, window, softcap, max_seqlen_q, max_seqlen_k,
-      dropout_p=0.0, dropout_seed=None):
+def _(dout, q, k, v, out, lse, segments, sinks, *flat):
     dsinks = torch.empty_like(sinks, dtype=torch.float32) if sinks is not None else q.new_empty(0, dtype=torch.float32)
     grads = (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape))
     return *grads, dsinks
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, segments, sinks, scale, causal, window, softcap, max_seqlen_q, max_seqlen_k, dropout_p, seed = inputs
+    q, k, v, segments, sinks, *scalars, seed = inputs  # scalars: scale .. dropout_p, in the op's order
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, segments, sinks, seed)
-    ctx.args = (scale, causal, window, softcap, max_seqlen_q, max_seqlen_k, dropout_p)
+    ctx.scalars = scalars
     ctx.has_sinks = sinks is not None
 
 
 def _backward(ctx, dout, dlse):
     q, k, v, out, lse, segments, sinks, seed = ctx.saved_tensors
-    dq, dk, dv, dsinks = _attention_bwd(dout, q, k, v, out, lse, segments, sinks, *ctx.args, seed)
+    dq, dk, dv, dsinks = _attention_bwd(dout, q, k, v, out, lse, segments, sinks, *ctx.scalars, seed)
     dsinks = dsinks.to(sinks.dtype) if ctx.has_sinks else None
     return dq, dk, dv, None, dsinks, None, None, None, None, None, None, None, None
 
 
 _attention_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """Eager calls: the op's own forward and backward bodies under a plain ``autograd.Function``.
+
+    Same kernels, same results as the op; what it skips is ``torch.library``'s Python-level dispatch of a custom op
+    (argument binding, schema and aliasing checks, the autograd wrapper), measured on the H200 machine at ~45 us per
+    forward and ~300 us per forward + backward of host time: more than the kernels take at BERT-sized shapes. Traced
+    calls (``torch.compile``, fake or functional tensors) keep the op, which is what the compiler must see."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, sinks, params: AttentionParams):
+        out, lse = _forward(q, k, v, params)
+        ctx.save_for_backward(q, k, v, out, lse, params.segments, sinks, params.seed)
+        ctx.params = dataclasses.replace(params, segments=None, sinks=None, seed=None)  # tensors saved above
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, dout, dlse):
+        q, k, v, out, lse, segments, sinks, seed = ctx.saved_tensors
+        params = dataclasses.replace(ctx.params, segments=segments, sinks=sinks, seed=seed)
+        dq, dk, dv, dsinks = _backward_grads(dout, q, k, v, out, lse, params)
+        dsinks = dsinks.to(sinks.dtype) if dsinks is not None and ctx.needs_input_grad[3] else None
+        return dq, dk, dv, dsinks, None
+
+
+def _traced(*tensors) -> bool:
+    """Whether this call is being traced (``torch.compile``, or fake / functional / subclass tensors): the op path."""
+    return torch.compiler.is_compiling() or any(type(t) is not torch.Tensor for t in tensors)
 
 
 def attention(
@@ -226,52 +232,51 @@ def attention(
     ``HF_ATTN_PLUGIN_CHECKS`` (module docstring).
     """
     _check_inputs(q, k, v, sinks, segments)
-    window, softcap = _check_window(window), _check_softcap(softcap)
-    max_q, max_k = _check_max_seqlen(max_seqlen_q, q.shape[1], "q"), _check_max_seqlen(max_seqlen_k, k.shape[1], "k")
+    _check_scalars(window, softcap, dropout_p, max_seqlen_q, max_seqlen_k)
+    params = AttentionParams.create(
+        q.shape[-1], scale=scale, causal=causal, window=window, softcap=softcap, sinks=sinks, segments=segments,
+        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, dropout_p=dropout_p,
+    )
     level = _checks.checks_level()
     if level != _checks.OFF and q.device.type != "meta":
         host = level == _checks.FULL or (q.device.type == "cpu" and not torch.compiler.is_compiling())
         if segments is not None:
-            check_segments(segments, q.shape[0], q.shape[1], k.shape[1], max_q, max_k, host=host)
+            check_segments(segments, q.shape[0], q.shape[1], k.shape[1], *params.max_seqlens(q.shape[1], k.shape[1]),
+                           host=host)
         if sinks is not None:
             _require(~(torch.isnan(sinks) | torch.isposinf(sinks)).any(), host,
                      lambda: f"sinks must be finite or -inf (a +inf or NaN sink makes every output row undefined), "
                              f"got {sinks.tolist()}")
-    return _run(q, k, v, scale, causal, window, softcap, sinks, segments, max_q, max_k, return_lse, dropout_p)
+    return _run(q, k, v, params, return_lse)
 
 
-def attention_trusted(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    scale: float | None = None,
-    causal: bool = True,
-    window: int | None = None,
-    softcap: float | None = None,
-    sinks: torch.Tensor | None = None,
-    segments: torch.Tensor | None = None,
-    max_seqlen_q: int | None = None,
-    max_seqlen_k: int | None = None,
-    return_lse: bool = False,
-    dropout_p: float = 0.0,
-):
-    """:func:`attention` for arguments the package built itself (valid by construction): only the free
-    checks (shapes, dtypes, devices), never a look at tensor values. Internal: the integration calls it."""
-    _check_inputs(q, k, v, sinks, segments)
-    return _run(q, k, v, scale, causal, window, softcap, sinks, segments,
-                int(max_seqlen_q or q.shape[1]), int(max_seqlen_k or k.shape[1]), return_lse, dropout_p)
+def attention_trusted(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: AttentionParams | None = None, *,
+                      return_lse: bool = False, **options):
+    """:func:`attention` for arguments the package built itself (valid by construction): ``params`` from
+    :meth:`AttentionParams.create` (what :func:`hf_attn_plugin.integration.describe_call` returns), or its keywords
+    (``options``). Only the free checks (shapes, dtypes, devices), never a look at tensor values; a dropout seed is
+    drawn when ``params`` has ``dropout_p`` but no ``seed``. Internal: the integration calls it."""
+    params = AttentionParams.resolve(params, q.shape[-1], options)
+    _check_inputs(q, k, v, params.sinks, params.segments)
+    return _run(q, k, v, params, return_lse)
 
 
-def _run(q, k, v, scale, causal, window, softcap, sinks, segments, max_q, max_k, return_lse, dropout_p=0.0):
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    dropout_p = _check_dropout(dropout_p)
-    out, lse = _attention_fwd(
-        q, k, v, segments, sinks, scale, bool(causal),
-        int(window) if window else 0,
-        float(softcap) if softcap else 0.0,
-        max_q, max_k, dropout_p, dropout_seed(q.device) if dropout_p else None,
-    )
+def _run(q, k, v, params: AttentionParams, return_lse: bool):
+    seed = params.seed
+    if params.dropout_p and seed is None:
+        seed = dropout_seed(q.device)
+    if _traced(q, k, v):
+        out, lse = _attention_fwd(
+            q, k, v, params.segments, params.sinks, params.scale, params.causal, params.window, params.softcap,
+            *params.max_seqlens(q.shape[1], k.shape[1]), params.dropout_p, seed,
+        )
+    else:
+        if seed is not params.seed:
+            params = dataclasses.replace(params, seed=seed)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, params.sinks)):
+            out, lse = _EagerAttention.apply(q, k, v, params.sinks, params)
+        else:
+            out, lse = _forward(q, k, v, params)
     return (out, lse) if return_lse else out
 
 
@@ -331,30 +336,18 @@ def _overlaps(b, start, end, length):
     return sne[1:] & sne[:-1] & (sb[1:] == sb[:-1]) & (ss[1:] < se[:-1]), order
 
 
-def _check_window(window) -> int | None:
-    """``None``/0: no window; else the keys a query sees, its own included (a non-negative integer)."""
-    return (_checks.integer("window", window) or None) if window is not None else None
-
-
-def _check_softcap(softcap) -> float | None:
-    if softcap is None or (isinstance(softcap, numbers.Real) and not isinstance(softcap, bool)
-                           and math.isfinite(softcap) and softcap >= 0):
-        return float(softcap) if softcap else None
-    raise ValueError(f"softcap must be None or a finite non-negative number (0 or None for no softcap), "
-                     f"got {softcap!r}")
-
-
-def _check_dropout(dropout_p) -> float:
-    if dropout_p is None or (isinstance(dropout_p, numbers.Real) and not isinstance(dropout_p, bool)
-                             and 0.0 <= dropout_p < 1.0):
-        return float(dropout_p or 0.0)
-    raise ValueError(f"dropout_p must be a number in [0, 1) (0 or None for no dropout), got {dropout_p!r}")
-
-
-def _check_max_seqlen(value, padded: int, which: str) -> int:
-    if value is None:
-        return int(padded)
-    return _checks.integer(f"max_seqlen_{which}", value) or int(padded)  # 0: the padded length
+def _check_scalars(window, softcap, dropout_p, max_seqlen_q, max_seqlen_k) -> None:
+    """The user's scalar arguments (``None`` or 0 always mean off / the padded length)."""
+    for name, value in (("window", window), ("max_seqlen_q", max_seqlen_q), ("max_seqlen_k", max_seqlen_k)):
+        if value is not None:
+            _checks.integer(name, value)
+    if not (softcap is None or (isinstance(softcap, numbers.Real) and not isinstance(softcap, bool)
+                                and math.isfinite(softcap) and softcap >= 0)):
+        raise ValueError(f"softcap must be None or a finite non-negative number (0 or None for no softcap), "
+                         f"got {softcap!r}")
+    if not (dropout_p is None or (isinstance(dropout_p, numbers.Real) and not isinstance(dropout_p, bool)
+                                  and 0.0 <= dropout_p < 1.0)):
+        raise ValueError(f"dropout_p must be a number in [0, 1) (0 or None for no dropout), got {dropout_p!r}")
 
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)

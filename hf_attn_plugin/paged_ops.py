@@ -2,12 +2,18 @@
 
 Two entry points, each a ``torch.library`` custom op with a fake registration (so ``torch.compile``
 sees one opaque call). Eager calls without autograd run the same implementation directly, skipping the
-dispatcher's host cost (``_direct``); CUDA graphs capture the kernels either way:
+dispatcher's host cost; CUDA graphs capture the kernels either way:
 
 * :func:`write_kv` ``(k_pool, v_pool, k_new, v_new, slot_mapping)``: store new tokens' K/V in their
   slots (mutates the pools).
 * :func:`paged_attention` ``(q, k_pool, v_pool, block_tables, seq_lens, ...) -> out``: attention of
   new query tokens over the paged cache (which already holds them: call :func:`write_kv` first).
+
+A model runs many layers over one step's block tables: its integration (``PagedCache``, continuous batching)
+builds the step's :class:`PagedPlan` once (:func:`plan`: backend, direct or op path, and on the Triton
+backend the kernels' split counts, head padding, grids and partial buffers) and calls :func:`run` per layer
+with the layer's pools and :class:`~hf_attn_plugin.kernels.params.AttentionParams`. :func:`paged_attention`
+is one call's checks, plan and run.
 
 Layout (see :mod:`hf_attn_plugin.paged.allocator`): pools ``[num_pages, page_size, H_kv, D]``;
 ``block_tables`` int32 ``[num_seqs, max_pages_per_seq]``; ``seq_lens`` int32 ``[num_seqs]`` counts
@@ -26,8 +32,8 @@ Checks: :func:`write_kv` and :func:`paged_attention` check shapes, dtypes and de
 values of index tensors (slots, block-table entries, lengths, ``k_starts``, ``cu_seqlens_q``) as
 ``HF_ATTN_PLUGIN_CHECKS`` says (:mod:`hf_attn_plugin._checks`): by default without a synchronisation, and not
 at all for the tensors of a :class:`~hf_attn_plugin.paged.StepPlan` (the allocator built them), so the decode
-hot path pays nothing. ``write_kv_trusted``/``paged_attention_trusted`` skip every check (integration code that built its
-arguments itself).
+hot path pays nothing. :func:`plan`/:func:`run`, ``write_kv_trusted`` and ``paged_attention_trusted`` skip every
+check (integration code that built its arguments itself).
 """
 
 from __future__ import annotations
@@ -39,10 +45,11 @@ import torch
 
 from . import reference
 from ._checks import CHEAP, FULL, OFF, built_facts, checks_level, integer, require
+from .kernels.params import AttentionParams
 from .ops import backend_for
 
-__all__ = ["paged_attention", "write_kv", "gather_kv", "paged_attention_reference", "paged_attention_trusted",
-           "write_kv_trusted"]
+__all__ = ["PagedPlan", "paged_attention", "write_kv", "gather_kv", "paged_attention_reference",
+           "paged_attention_trusted", "plan", "run", "write_kv_trusted"]
 
 
 # --------------------------------------------------------------------------- reference path
@@ -123,23 +130,8 @@ def _(k_pool, v_pool, k_new, v_new, slot_mapping):
 
 def _paged_attention_impl(q, k_pool, v_pool, block_tables, seq_lens, cu_seqlens_q, k_starts, sinks, scale, causal,
                           window, softcap, num_splits, max_seqlen_q) -> torch.Tensor:
-    if backend_for(q.device) == "triton":
-        from .kernels import paged
-
-        if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-            raise ValueError(f"paged_attention: the Triton paged kernels take float16, bfloat16 or float32, got "
-                             f"{q.dtype}: use HF_ATTN_PLUGIN_BACKEND=reference for it")
-        if q.dtype == torch.bfloat16 and q.device.type != "cuda":
-            raise ValueError("paged_attention: bfloat16 on the Triton interpreter (CPU tensors) gives wrong results "
-                             "(an upstream interpreter bug in bf16 tl.dot): use float32 or float16 under "
-                             "TRITON_INTERPRET=1, or HF_ATTN_PLUGIN_BACKEND=reference")
-        return paged.paged_attention(
-            q, k_pool, v_pool, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, k_starts, sinks,
-            scale, causal, window, softcap, num_splits,
-        )
-    return paged_attention_reference(
-        q, k_pool, v_pool, block_tables, seq_lens, cu_seqlens_q, k_starts, sinks, scale, causal, window, softcap
-    )
+    step = _plan(q, k_pool, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, k_starts, num_splits, direct=True)
+    return _run_direct(q, k_pool, v_pool, step, _params(scale, causal, window, softcap, sinks))
 
 
 @torch.library.custom_op("hf_attn_plugin::paged_attention", mutates_args=())
@@ -193,13 +185,97 @@ def write_kv_trusted(k_pool, v_pool, k_new, v_new, slot_mapping) -> None:
 
 def paged_attention_trusted(q, k_pool, v_pool, block_tables, seq_lens, cu_seqlens_q, k_starts, sinks, scale: float,
                      causal: bool, window: int, softcap: float, num_splits: int, max_seqlen_q: int) -> torch.Tensor:
-    """:func:`paged_attention` without the argument checks: every argument normalised (``window``/``softcap``/
-    ``num_splits`` 0 = off/auto, host ``max_seqlen_q``), ``q`` with a unit last stride."""
-    args = (q, k_pool, v_pool, block_tables, seq_lens, cu_seqlens_q, k_starts, sinks, scale, causal, window, softcap,
-            num_splits, max_seqlen_q)
-    if _direct(q, k_pool, v_pool) and (sinks is None or _direct(sinks)):
-        return _paged_attention_impl(*args)
-    return _paged_attention_op(*args)
+    """:func:`paged_attention` without the argument checks (one call's :func:`plan` and :func:`run`): every argument
+    normalised (``window``/``softcap``/``num_splits`` 0 = off/auto, host ``max_seqlen_q``)."""
+    step = plan(q, k_pool, block_tables, seq_lens, cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q,
+                k_starts=k_starts, num_splits=num_splits)
+    return run(q, k_pool, v_pool, step, _params(scale, causal, window, softcap, sinks))
+
+
+# --------------------------------------------------------------------------- plan / run
+class PagedPlan:
+    """One step of paged attention, shared by every layer of the step: the step's index tensors and, on the
+    Triton backend, the kernels' launch geometry (:class:`hf_attn_plugin.kernels.paged.Plan`: split counts, head
+    padding, grids, partial buffers). Built by :func:`plan`, read by :func:`run`."""
+
+    __slots__ = ("q_shape", "dtype", "block_tables", "seq_lens", "cu_seqlens_q", "max_seqlen_q", "k_starts",
+                 "num_splits", "kernel", "direct")
+
+    def __init__(self, q_shape, dtype, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, k_starts, num_splits,
+                 kernel, direct):
+        self.q_shape, self.dtype = q_shape, dtype
+        self.block_tables, self.seq_lens, self.cu_seqlens_q = block_tables, seq_lens, cu_seqlens_q
+        self.max_seqlen_q, self.k_starts, self.num_splits = max_seqlen_q, k_starts, num_splits
+        self.kernel = kernel  # kernels.paged.Plan on the Triton backend, None on the reference backend
+        self.direct = direct  # eager without autograd: run the implementation, not the custom op
+
+
+def _plan(q, k_pool, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, k_starts, num_splits, direct) -> PagedPlan:
+    kernel = None
+    if backend_for(q.device) == "triton":
+        if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+            raise ValueError(f"paged_attention: the Triton paged kernels take float16, bfloat16 or float32, got "
+                             f"{q.dtype}: use HF_ATTN_PLUGIN_BACKEND=reference for it")
+        if q.dtype == torch.bfloat16 and q.device.type != "cuda":
+            raise ValueError("paged_attention: bfloat16 on the Triton interpreter (CPU tensors) gives wrong results "
+                             "(an upstream interpreter bug in bf16 tl.dot): use float32 or float16 under "
+                             "TRITON_INTERPRET=1, or HF_ATTN_PLUGIN_BACKEND=reference")
+        if direct:  # the custom op (compile, autograd) plans inside its implementation, on real tensors
+            from .kernels import paged
+
+            kernel = paged.Plan(q.shape, q.dtype, q.device, k_pool.shape, block_tables, seq_lens, cu_seqlens_q,
+                                max_seqlen_q, k_starts, num_splits)
+    return PagedPlan(q.shape, q.dtype, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, k_starts, num_splits,
+                     kernel, direct)
+
+
+def plan(q: torch.Tensor, k_pool: torch.Tensor, block_tables: torch.Tensor, seq_lens: torch.Tensor, *,
+         cu_seqlens_q: torch.Tensor | None = None, max_seqlen_q: int = 1, k_starts: torch.Tensor | None = None,
+         num_splits: int = 0) -> PagedPlan:
+    """The step's :class:`PagedPlan`, for every layer whose query has ``q``'s shape and dtype and whose pools have
+    ``k_pool``'s shape. Arguments as :func:`paged_attention` takes them, already checked and normalised (the
+    allocator's :class:`~hf_attn_plugin.paged.StepPlan` or integration code built them): host ``max_seqlen_q``
+    (1 for decode), ``num_splits`` 0 = auto, ``q`` with a unit last stride. Users call :func:`paged_attention`.
+
+    In eager mode without autograd the layers' :func:`run` calls launch the kernels directly (no
+    ``torch.library`` dispatch: ~50-150 us a call on the host); under ``torch.compile``, for tensor subclasses
+    (fake/functional tensors) or inputs that require grad they go through the custom op (opaque to dynamo; it
+    has no backward, so a ``requires_grad`` input raises instead of silently losing its history).
+    """
+    direct = (not torch.compiler.is_compiling() and type(q) is torch.Tensor and type(k_pool) is torch.Tensor
+              and not (torch.is_grad_enabled() and (q.requires_grad or k_pool.requires_grad)))
+    return _plan(q, k_pool, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, k_starts, num_splits, direct)
+
+
+def run(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, plan: PagedPlan, params) -> torch.Tensor:
+    """One layer's paged attention: ``q`` ``[T, Hq, D]`` over ``k_pool``/``v_pool`` with the step's ``plan``;
+    returns ``[T, Hq, D]``. ``params``: the layer's attention parameters (``scale``, ``causal``, ``window``,
+    ``softcap``, ``sinks``; 0 or ``None`` mean off), e.g. the integration's ``AttentionCall``."""
+    if q.shape != plan.q_shape or q.dtype != plan.dtype:
+        raise ValueError(f"paged run: q is {q.dtype} {tuple(q.shape)}, the step was planned for {plan.dtype} "
+                         f"{tuple(plan.q_shape)}: plan each step (and each query shape) once")
+    sinks = params.sinks
+    if plan.direct and (sinks is None or not (sinks.requires_grad and torch.is_grad_enabled())):
+        return _run_direct(q, k_pool, v_pool, plan, params)
+    return _paged_attention_op(
+        q, k_pool, v_pool, plan.block_tables, plan.seq_lens, plan.cu_seqlens_q, plan.k_starts, sinks,
+        float(params.scale), bool(params.causal), int(params.window or 0), float(params.softcap or 0.0),
+        plan.num_splits, plan.max_seqlen_q,
+    )
+
+
+def _run_direct(q, k_pool, v_pool, plan: PagedPlan, params) -> torch.Tensor:
+    if plan.kernel is not None:
+        return plan.kernel.run(q, k_pool, v_pool, params)
+    return paged_attention_reference(
+        q, k_pool, v_pool, plan.block_tables, plan.seq_lens, plan.cu_seqlens_q, plan.k_starts, params.sinks,
+        params.scale, params.causal, params.window or 0, params.softcap or 0.0,
+    )
+
+
+def _params(scale: float, causal: bool, window: int, softcap: float, sinks: torch.Tensor | None):
+    """The parameters :func:`run` reads, for the flat signatures (the custom op, the public function)."""
+    return AttentionParams(scale, causal, window, softcap, sinks)
 
 
 # --------------------------------------------------------------------------- argument checks

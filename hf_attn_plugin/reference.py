@@ -39,6 +39,8 @@ import math
 
 import torch
 
+from .kernels.params import AttentionParams
+
 __all__ = [
     "attention_reference",
     "attention_reference_backward",
@@ -69,7 +71,7 @@ def attention_mask_from_segments(
     window: int | None = None,
     device: torch.device | str = "cpu",
 ) -> torch.Tensor:
-    """Boolean ``[B, Sq, Sk]`` mask, True where query ``i`` may attend to key ``j``."""
+    """Boolean ``[B, Sq, Sk]`` mask, True where query ``i`` may attend to key ``j`` (``window`` ``None`` or 0: none)."""
     if segments is None:
         segments = full_segments(batch, seqlen_q, seqlen_k)
     i = torch.arange(seqlen_q, device=device).view(1, -1, 1)
@@ -80,7 +82,7 @@ def attention_mask_from_segments(
     pos = i + (ke - qe)  # key position of query i
     if causal:
         allowed &= j <= pos
-    if window is not None:
+    if window:
         allowed &= j > pos - window
     # Segments may share a batch row (packing): OR them into their rows.
     counts = torch.zeros(batch, seqlen_q, seqlen_k, dtype=torch.int32, device=device)
@@ -98,27 +100,20 @@ def rows_in_segments(segments: torch.Tensor | None, batch: int, seqlen_q: int, d
     return counts.index_add_(0, seg[:, 0], inside.int()) > 0
 
 
-def attention_reference(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    scale: float | None = None,
-    causal: bool = True,
-    window: int | None = None,
-    softcap: float | None = None,
-    sinks: torch.Tensor | None = None,
-    segments: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    dropout_mask: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention in float32 (float64 for float64 inputs). Returns ``(out, lse)``; see the module doc.
+def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: AttentionParams | None = None, *,
+                        dropout_mask: torch.Tensor | None = None, compute_dtype: torch.dtype | None = None,
+                        **options) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention of ``q``, ``k``, ``v`` with ``params`` (an :class:`AttentionParams`), or with its keywords
+    (``scale``, ``causal`` (default True), ``window``, ``softcap``, ``sinks``, ``segments``, ``dropout_p``: see
+    :meth:`AttentionParams.create`). Returns ``(out, lse)``; see the module doc.
 
-    Differentiable with respect to ``q``, ``k``, ``v`` and ``sinks``. ``dropout_mask`` (bool ``[B, Hq, Sq, Sk]``)
-    is required when ``dropout_p > 0``.
+    ``compute_dtype``: the dtype of every operation (default float32, float64 for float64 inputs); tests pass the
+    inputs' own dtype for "PyTorch at the kernel's precision". Differentiable with respect to ``q``, ``k``, ``v``
+    and ``sinks``. ``dropout_mask`` (bool ``[B, Hq, Sq, Sk]``) is required when ``dropout_p > 0``.
     """
-    probs, _, lse, vf, _ = _probabilities(q, k, v, scale, causal, window, softcap, sinks, segments)
-    probs = _dropped(probs, dropout_p, dropout_mask)
+    params = AttentionParams.resolve(params, q.shape[-1], options)
+    probs, _, lse, vf = _probabilities(q, k, v, params, compute_dtype)
+    probs = _dropped(probs, params.dropout_p, dropout_mask)
     batch, seqlen_q, heads_q, head_dim = q.shape
     out = torch.matmul(probs, vf)  # [B, Hkv, G, Sq, D]
     out = out.reshape(batch, heads_q, seqlen_q, head_dim).permute(0, 2, 1, 3).to(q.dtype)
@@ -129,8 +124,6 @@ def _dropped(probs, dropout_p, dropout_mask):
     """``probs * mask / (1 - p)`` (``probs`` ``[B, Hkv, G, Sq, Sk]``, ``mask`` ``[B, Hq, Sq, Sk]``)."""
     if not dropout_p:
         return probs
-    if not 0.0 < dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
     if dropout_mask is None:
         raise ValueError("dropout_p > 0 needs dropout_mask: a bool [B, Hq, Sq, Sk] tensor, True where kept")
     batch, heads_kv, group, seqlen_q, seqlen_k = probs.shape
@@ -141,15 +134,13 @@ def _dropped(probs, dropout_p, dropout_mask):
     return probs * keep.to(probs.dtype) * (1.0 / (1.0 - dropout_p))
 
 
-def _probabilities(q, k, v, scale, causal, window, softcap, sinks, segments):
+def _probabilities(q, k, v, params: AttentionParams, compute_dtype: torch.dtype | None):
     """Softmax probabilities ``[B, Hkv, G, Sq, Sk]`` plus what the backward pass reuses."""
     batch, seqlen_q, heads_q, head_dim = q.shape
     seqlen_k, heads_kv = k.shape[1], k.shape[2]
-    if heads_q % heads_kv:
-        raise ValueError(f"query heads ({heads_q}) must be a multiple of key/value heads ({heads_kv})")
     group = heads_q // heads_kv
-    scale = head_dim**-0.5 if scale is None else scale
-    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    scale, softcap, sinks, segments = params.scale, params.softcap, params.sinks, params.segments
+    compute = compute_dtype or (torch.float64 if q.dtype == torch.float64 else torch.float32)
 
     # [B, Hkv, G, Sq, D] x [B, Hkv, 1, D, Sk]: GQA by broadcasting, no repeated K/V.
     qf = q.to(compute).permute(0, 2, 1, 3).reshape(batch, heads_kv, group, seqlen_q, head_dim)
@@ -160,7 +151,7 @@ def _probabilities(q, k, v, scale, causal, window, softcap, sinks, segments):
         scores = softcap * torch.tanh(scores / softcap)
 
     allowed = attention_mask_from_segments(
-        segments, batch, seqlen_q, seqlen_k, causal=causal, window=window, device=q.device
+        segments, batch, seqlen_q, seqlen_k, causal=params.causal, window=params.window, device=q.device
     )[:, None, None]
     scores = scores.masked_fill(~allowed, -math.inf)
     if sinks is not None:
@@ -174,35 +165,24 @@ def _probabilities(q, k, v, scale, causal, window, softcap, sinks, segments):
     live = ~torch.isneginf(logits).all(-1, keepdim=True)
     lse = torch.logsumexp(logits.masked_fill(~live, 0.0), dim=-1, keepdim=True).masked_fill(~live, 0.0)
     probs = torch.exp(scores - lse)  # masked entries: exp(-inf) = 0
-    return probs, (qf, kf, raw_scores, scale, group), lse, vf, logits
+    return probs, (qf, kf, raw_scores, group), lse, vf
 
 
-def attention_reference_backward(
-    dout: torch.Tensor,
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    *,
-    scale: float | None = None,
-    causal: bool = True,
-    window: int | None = None,
-    softcap: float | None = None,
-    sinks: torch.Tensor | None = None,
-    segments: torch.Tensor | None = None,
-    dropout_p: float = 0.0,
-    dropout_mask: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+def attention_reference_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                 params: AttentionParams | None = None, *, dropout_mask: torch.Tensor | None = None,
+                                 compute_dtype: torch.dtype | None = None, **options
+                                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Gradients ``(dq, dk, dv, dsinks)`` of :func:`attention_reference`, written out (the FA2 backward maths).
 
     With ``P`` the probabilities, ``O = P V`` and ``Delta_i = sum_d dO_id O_id``:
     ``dV = P^T dO``, ``dS = P * (dO V^T - Delta)``, through the softcap ``dS *= 1 - tanh^2``,
     ``dQ = scale dS K``, ``dK = scale dS^T Q``, and for a sink ``dsink_h = -sum_i P_sink,i Delta_i``. With
     dropout (``Pd = P * mask / (1 - p)``, ``O = Pd V``): ``dV = Pd^T dO`` and ``dS = P * (dPd - Delta)`` with
-    ``dPd = (dO V^T) * mask / (1 - p)``.
+    ``dPd = (dO V^T) * mask / (1 - p)``. The other arguments: as for :func:`attention_reference`.
     """
-    probs, (qf, kf, raw_scores, scale, group), lse, vf, _ = _probabilities(
-        q, k, v, scale, causal, window, softcap, sinks, segments
-    )
+    params = AttentionParams.resolve(params, q.shape[-1], options)
+    probs, (qf, kf, raw_scores, group), lse, vf = _probabilities(q, k, v, params, compute_dtype)
+    scale, softcap, sinks, dropout_p = params.scale, params.softcap, params.sinks, params.dropout_p
     batch, seqlen_q, heads_q, head_dim = q.shape
     heads_kv = k.shape[2]
     do = dout.to(probs.dtype).permute(0, 2, 1, 3).reshape(batch, heads_kv, group, seqlen_q, head_dim)
@@ -221,7 +201,7 @@ def attention_reference_backward(
     dsinks = None
     if sinks is not None:
         sink_prob = torch.exp(sinks.to(probs.dtype).view(1, heads_kv, group, 1, 1) - lse)
-        in_segment = rows_in_segments(segments, batch, seqlen_q, device=q.device).view(batch, 1, 1, seqlen_q, 1)
+        in_segment = rows_in_segments(params.segments, batch, seqlen_q, device=q.device).view(batch, 1, 1, seqlen_q, 1)
         dsinks = -(sink_prob * delta * in_segment).sum((0, 3, 4)).reshape(heads_q)
     dq = dq.reshape(batch, heads_q, seqlen_q, head_dim).permute(0, 2, 1, 3).to(q.dtype)
     dk = dk.permute(0, 2, 1, 3).to(k.dtype)

@@ -8,6 +8,8 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from .helpers import kernels_run_on  # noqa: E402
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
@@ -28,10 +30,6 @@ def reference_backend(monkeypatch):
     monkeypatch.setenv("HF_ATTN_PLUGIN_BACKEND", "reference")
 
 
-def interpreter_available() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
-
 @pytest.fixture
 def triton_backend(monkeypatch):
     """The Triton kernels (the interpreter on CPU), with the decode route on."""
@@ -42,12 +40,12 @@ def triton_backend(monkeypatch):
 @pytest.fixture(scope="module")
 def flash_cpu():
     """kernels/flash.py under the Triton interpreter, outputs poisoned with NaN (every element must be written)."""
-    from hf_attn_plugin.kernels import flash
-
-    if type(flash._attn_fwd).__name__ != "InterpretedFunction":
+    if not kernels_run_on("cpu"):
         if not torch.cuda.is_available():
             pytest.fail("Triton interpreter not active: set TRITON_INTERPRET=1 before triton is imported")
         pytest.skip("GPU machine: the interpreter tests run on CPU-only machines; the GPU tests cover the kernels")
+    from hf_attn_plugin.kernels import flash
+
     old, flash.POISON = flash.POISON, True
     yield flash
     flash.POISON = old
@@ -56,10 +54,10 @@ def flash_cpu():
 @pytest.fixture(scope="module")
 def flash_gpu():
     """kernels/flash.py compiled for the GPU, outputs poisoned with NaN."""
+    if kernels_run_on("cpu"):
+        pytest.skip("TRITON_INTERPRET=1: GPU tests need compiled kernels")
     from hf_attn_plugin.kernels import flash
 
-    if type(flash._attn_fwd).__name__ == "InterpretedFunction":
-        pytest.skip("TRITON_INTERPRET=1: GPU tests need compiled kernels")
     old, flash.POISON = flash.POISON, True
     yield flash
     flash.POISON = old

@@ -14,6 +14,8 @@ import triton.testing
 from hf_attn_plugin.kernels import configs
 from hf_attn_plugin.kernels.configs import Config, Key, Table
 
+from .helpers import DEVICE, load_file, needs_kernels
+
 C_DEFAULT = configs._GPU[("fwd", 128)][0]
 C_A = Config(128, 128, 8, 3)
 C_B = Config(128, 128, 4, 2, warp_spec=True)
@@ -309,14 +311,13 @@ def test_interpreter_uses_fixed_small_configs(monkeypatch):
         assert configs.pick(kind, 128, fwd_key(16384), no_launch) == configs._INTERPRET[kind]
 
 
+@needs_kernels
 def test_paged_kernels_take_their_config_from_the_config_system(monkeypatch):
     """split_attention asks configs.pick (kind by decode/prefill, head-dim bucket, lengths, group) and runs with
     the answer: its rows give the prefill tokens per program (block_m // padded group)."""
     from hf_attn_plugin.kernels import paged
 
-    if not (torch.cuda.is_available() or configs.interpreting()):
-        pytest.skip("needs CUDA or TRITON_INTERPRET=1")
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = DEVICE
     asked = []
     real = configs.pick
 
@@ -394,8 +395,8 @@ def test_gluon_candidates_follow_the_triton_ones_and_never_default(monkeypatch):
     for (kind, dim), options in configs._GPU.items():
         assert options[0].gluon == -1, (kind, dim)  # the default runs everywhere
         variants = [c.gluon for c in options if c.gluon >= 0]
-        if kind == "fwd" and dim in (64, 128):
-            assert variants == list(configs.GLUON_VARIANTS)
+        if kind in ("fwd", "bwd_dkdv") and dim in (64, 128):
+            assert variants == (list(configs.GLUON_VARIANTS) if kind == "fwd" else [0, 1, 2])  # bwd: gluon_bwd.py
             first = next(i for i, c in enumerate(options) if c.gluon >= 0)
             assert all(c.gluon >= 0 for c in options[first:])  # after every Triton candidate
         else:
@@ -499,7 +500,6 @@ def _shipped_entries():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run `pytest -m gpu` there)")
 def test_gpu_every_shipped_table_config_runs(monkeypatch):
     """Each entry's config (and Triton fallback), forced for its kernel (the others at their defaults), compiles,
     runs and matches the oracles at the entry's head-dim bucket, causality, GQA ratio and features (bf16; fp16
@@ -544,7 +544,6 @@ def test_gpu_every_shipped_table_config_runs(monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU (run `pytest -m gpu` there)")
 @pytest.mark.parametrize("kind", ["paged_decode", "paged_prefill"])
 def test_gpu_every_paged_candidate_runs(kind):
     from .test_paged import _check, _random_paged
@@ -569,13 +568,7 @@ def test_gpu_every_paged_candidate_runs(kind):
 
 def test_tune_tables_writes_a_table_the_lookup_reads(tmp_path):
     """benchmarks/tune_tables.py's output (here from made-up timings) loads as a table with its evidence."""
-    import importlib.util
-    import pathlib
-
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "tune_tables.py"
-    spec = importlib.util.spec_from_file_location("tune_tables", path)
-    tune_tables = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tune_tables)
+    tune_tables = load_file("benchmarks/tune_tables.py")
     assert tune_tables.cases([128, 64], [True, False], [4, 1], [16384, 128])[:3] == [
         (128, True, 4, 16384), (128, True, 4, 128), (128, True, 1, 16384)]
     default, other = configs._GPU[("fwd", 128)][:2]

@@ -22,9 +22,7 @@ from hf_attn_plugin import decode_ops, ops, reference  # noqa: E402
 from hf_attn_plugin.integration import attention as attention_module  # noqa: E402
 from hf_attn_plugin.integration.masks import segments_from_key_mask  # noqa: E402
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-KERNELS_RUN = DEV == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-needs_kernels = pytest.mark.skipif(not KERNELS_RUN, reason="needs CUDA or TRITON_INTERPRET=1")
+from .helpers import DEVICE as DEV, needs_kernels  # noqa: E402
 
 
 def _cache_tensors(batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, dtype, device=DEV):
@@ -175,7 +173,7 @@ def test_virtual_pool_is_a_view_with_the_cache_contents():
     num_pages = (batch - 1) * rows + seqlen_k
     pool = decode_ops._pool(k, num_pages)
     assert pool.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
-    table, seq_lens = decode_ops._block_table(batch, rows, seqlen_k, k.device)
+    table, seq_lens = decode_ops._new_block_table(batch, rows, seqlen_k, k.device)
     assert table.dtype == seq_lens.dtype == torch.int32 and seq_lens.tolist() == [seqlen_k] * batch
     gathered = pool[table.long()][:, :, 0]  # [B, Sk, Hkv, D]
     assert torch.equal(gathered, k)
@@ -189,6 +187,100 @@ def test_unaddressable_layouts_are_refused():
     assert decode_ops._virtual_pool_rows(strided, strided) is None
     uneven = torch.randn(2 * 7 * 16).as_strided((2, 3, 1, 16), (7 * 16 - 8, 16, 16, 1))  # sb not a multiple of ss
     assert decode_ops._virtual_pool_rows(uneven, uneven) is None
+
+
+# --------------------------------------------------------------------------- the mask function
+@pytest.mark.parametrize("case", [
+    dict(q_length=1, kv_length=30, q_offset=29),  # dynamic cache, decode step
+    dict(q_length=1, kv_length=40, q_offset=29),  # static cache: unwritten tail
+    dict(q_length=1, kv_length=40, q_offset=torch.tensor(29)),  # static cache, offset as a tensor (compiled route)
+    dict(q_length=3, kv_length=40, q_offset=12),  # short chunk against a static cache
+    dict(q_length=1, kv_length=8, q_offset=33, kv_offset=26),  # sliding-window cache: the last 8 positions
+    dict(q_length=1, kv_length=34, q_offset=33, columns=30),  # user mask shorter than the cache: missing = absent
+])
+@pytest.mark.parametrize("padded", [False, True])
+def test_plugin_mask_marks_exactly_the_real_written_slots(case, padded):
+    from hf_attn_plugin.integration.masks import plugin_mask
+
+    case = dict(case)
+    columns = case.pop("columns", case.get("kv_offset", 0) + case["kv_length"])
+    batch = 3
+    user = torch.ones(batch, columns, dtype=torch.long)
+    if padded:
+        user[1, :5] = 0
+        user[2, :2] = 0
+    got = plugin_mask(batch, attention_mask=user, **case)
+    kv_offset, end = case.get("kv_offset", 0), int(case["q_offset"]) + case["q_length"]
+    want = torch.zeros(batch, case["kv_length"], dtype=torch.bool)
+    for b in range(batch):
+        for j in range(case["kv_length"]):
+            position = kv_offset + j
+            want[b, j] = position < columns and bool(user[b, position]) and position < end
+    if bool(want.all()):
+        assert got is None
+    else:
+        assert got is not None and torch.equal(got, want)
+
+
+# --------------------------------------------------------------------------- the step plan (eager) and the op (traced)
+@needs_kernels
+def test_layers_of_a_step_share_one_plan_and_new_segments_get_a_new_one(triton_backend, monkeypatch):
+    """Every layer of a step (same shapes, same segments tensor, its own K/V) reuses the first layer's plan; the next
+    step's segments (a static cache: same shapes, one more real key) get a new plan, never the stale lengths."""
+    built = []
+    original = decode_ops._new_plan
+    monkeypatch.setattr(decode_ops, "_new_plan", lambda *a: built.append(1) or original(*a))
+    batch, seqlen_k = 3, 40
+    for step, k_end in enumerate((30, 31)):
+        key_mask = torch.zeros(batch, seqlen_k, dtype=torch.bool, device=DEV)
+        key_mask[0, :k_end] = True  # written up to k_end; rows 1 and 2 left-padded
+        key_mask[1:, 8:k_end] = True
+        segments = segments_from_key_mask(key_mask, 1)
+        for _layer in range(3):
+            q, k, v = _cache_tensors(batch, 1, seqlen_k, 8, 2, 16, torch.float32)
+            _check(q, k, v, segments=segments, num_splits=2)
+        assert len(built) == step + 1
+
+
+@needs_kernels
+def test_a_step_with_segments_after_one_without_gets_its_own_plan(triton_backend, monkeypatch):
+    """Same shapes, first without key segments (no padding), then with (left padding): the plan memo must not reuse
+    (or trip over) the segment-less entry. The H200 run found `None()` called here."""
+    built = []
+    original = decode_ops._new_plan
+    monkeypatch.setattr(decode_ops, "_new_plan", lambda *a: built.append(1) or original(*a))
+    batch, seqlen_k = 2, 24
+    q, k, v = _cache_tensors(batch, 1, seqlen_k, 8, 2, 16, torch.float32)
+    _check(q, k, v, segments=None, num_splits=2)
+    key_mask = torch.ones(batch, seqlen_k, dtype=torch.bool, device=DEV)
+    key_mask[1, :5] = False
+    _check(q, k, v, segments=segments_from_key_mask(key_mask, 1), num_splits=2)
+    _check(q, k, v, segments=None, num_splits=2)
+    assert len(built) == 3
+
+
+@needs_kernels
+def test_decode_op_registration(triton_backend):
+    """The traced path's op: schema, fake implementation (shape, strides) and AOT dispatch agree with the real one."""
+    batch, seqlen_q, seqlen_k = 2, 3, 20
+    q, k, v = _cache_tensors(batch, seqlen_q, seqlen_k, 4, 2, 16, torch.float32)
+    rows = decode_ops._virtual_pool_rows(k, v)
+    index = decode_ops._index_tensors(batch, seqlen_q, seqlen_k, rows, _left_padding_segments(batch, seqlen_q, seqlen_k),
+                                      q.device)
+    args = (q, k, v, *index, None, rows, 0.25, True, 0, 0.0, 0)
+    torch.library.opcheck(decode_ops._decode_op, args)
+    want = decode_ops.attention(q, k, v, scale=0.25, key_segments=_left_padding_segments(batch, seqlen_q, seqlen_k))
+    torch.testing.assert_close(decode_ops._decode_op(*args), want)
+
+
+def test_decode_op_refuses_a_layout_its_table_was_not_built_for():
+    """Inductor must hand the op K/V with the traced strides (needs_exact_strides): a contiguous copy would put
+    position j of row b elsewhere, so the op refuses it instead of reading the wrong keys."""
+    q, k, v = _cache_tensors(2, 1, 20, 4, 2, 16, torch.float32)
+    rows = decode_ops._virtual_pool_rows(k, v)
+    index = decode_ops._index_tensors(2, 1, 20, rows, None, q.device)
+    with pytest.raises(RuntimeError, match="changed their layout"):
+        decode_ops._decode_op(q, k.contiguous(), v.contiguous(), *index, None, rows, 0.25, True, 0, 0.0, 0)
 
 
 # --------------------------------------------------------------------------- through the attention function
@@ -292,6 +384,50 @@ def test_gpu_decode_step_copies_no_cache():
     decode_ops.attention(q, k, v, scale=0.125)
     torch.cuda.synchronize()
     assert torch.cuda.max_memory_allocated() - before < k.numel() * k.element_size() // 16
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("seqlen_k", [600, 5000], ids=["one_split", "split_k"])
+def test_gpu_decode_op_never_syncs_and_replays_in_a_cuda_graph(seqlen_k):
+    """The traced path (index tensors built from shapes and segments, then the op) never synchronises the host and
+    is captured by a CUDA graph; a replay after the cache and the lengths changed gives the eager route's output."""
+    batch = 2
+    q, k, v = _cache_tensors(batch, 1, seqlen_k, 32, 8, 64, torch.bfloat16)
+    key_mask = torch.ones(batch, seqlen_k, dtype=torch.bool, device=DEV)
+    key_mask[1, :7] = False
+    key_mask[:, seqlen_k - 20:] = False  # a static cache's unwritten tail
+    segments = segments_from_key_mask(key_mask, 1)
+    rows = decode_ops._virtual_pool_rows(k, v)
+
+    def traced_step():
+        index = decode_ops._index_tensors(batch, 1, seqlen_k, rows, segments, q.device)
+        return decode_ops._decode_op(q, k, v, *index, None, rows, 0.125, True, 0, 0.0, 0)
+
+    traced_step()  # compile the kernels
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        traced_step()
+        decode_ops.attention(q, k, v, scale=0.125, key_segments=segments)  # the eager route (its plan memo too)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+    graph = torch.cuda.CUDAGraph()
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        traced_step()  # warm-up on the capture stream
+        with torch.cuda.graph(graph, stream=stream):
+            captured = traced_step()
+    torch.cuda.current_stream().wait_stream(stream)
+    k.normal_()
+    v.normal_()
+    key_mask[:, seqlen_k - 20] = True  # the next step: one more key written
+    segments.copy_(segments_from_key_mask(key_mask, 1))
+    graph.replay()
+    torch.cuda.synchronize()
+    want = decode_ops.attention(q, k, v, scale=0.125, key_segments=segments_from_key_mask(key_mask, 1))
+    torch.testing.assert_close(captured, want, atol=0, rtol=0)
 
 
 @needs_kernels

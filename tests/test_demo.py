@@ -22,8 +22,8 @@ def _fault(monkeypatch, decode_only: bool, how):
     """Wrap the reference attention (the plugin's CPU backend) so that it returns a wrong output."""
     original = reference.attention_reference
 
-    def faulty(q, k, v, **kw):
-        out, lse = original(q, k, v, **kw)
+    def faulty(q, k, v, *args, **kw):
+        out, lse = original(q, k, v, *args, **kw)
         if not decode_only or q.shape[1] == 1:
             out = how(out, v)
         return out, lse

@@ -20,8 +20,9 @@ if not torch.cuda.is_available():  # must precede the first @triton.jit import
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from hf_attn_plugin import ops, reference  # noqa: E402
+from hf_attn_plugin.ops import AttentionParams  # noqa: E402
 
-from .test_flash_kernels import CACHE, HAS_CUDA, PACKED, run_case  # noqa: E402
+from .test_flash_kernels import CACHE, PACKED, run_case  # noqa: E402
 
 
 # ---------------------------------------------------------------------------------------------- exact (interpreter)
@@ -53,16 +54,14 @@ def test_dropout_exact_warp_specialized(flash_cpu, monkeypatch):
 def test_dropout_changes_the_output_and_p0_is_no_dropout(flash_cpu):
     q, k, v = (torch.randn(1, 40, 2, 16) for _ in range(3))
     seed = ops.dropout_seed("cpu")
-    plain, lse = flash_cpu.flash_attn_forward(q, k, v, None, None, 0.25, True, 0, 0.0, 40, 40)
-    dropped, lse_d = flash_cpu.flash_attn_forward(q, k, v, None, None, 0.25, True, 0, 0.0, 40, 40, dropout_p=0.4,
-                                                  dropout_seed=seed)
-    zero, _ = flash_cpu.flash_attn_forward(q, k, v, None, None, 0.25, True, 0, 0.0, 40, 40, dropout_p=0.0,
-                                           dropout_seed=seed)
+    plain, lse = flash_cpu.flash_attn_forward(q, k, v, AttentionParams(0.25))
+    dropped, lse_d = flash_cpu.flash_attn_forward(q, k, v, AttentionParams(0.25, dropout_p=0.4, seed=seed))
+    zero, _ = flash_cpu.flash_attn_forward(q, k, v, AttentionParams(0.25, dropout_p=0.0, seed=seed))
     assert (dropped - plain).abs().max() > 0.1  # dropout happened
     torch.testing.assert_close(lse_d, lse, rtol=0, atol=0)  # the LSE ignores dropout
     torch.testing.assert_close(zero, plain, rtol=0, atol=0)
-    with pytest.raises(ValueError, match="dropout_seed"):
-        flash_cpu.flash_attn_forward(q, k, v, None, None, 0.25, True, 0, 0.0, 40, 40, dropout_p=0.4)
+    with pytest.raises(ValueError, match="dropout needs params.seed"):
+        flash_cpu.flash_attn_forward(q, k, v, AttentionParams(0.25, dropout_p=0.4))
 
 
 # ---------------------------------------------------------------------------------------------- the mask
@@ -108,9 +107,9 @@ def test_statistics_match_eager_dropout(flash_cpu):
     torch.manual_seed(1)
     q, k, v = (torch.randn(2, 64, 4, 16) for _ in range(3))
     p = 0.3
-    plain, _ = flash_cpu.flash_attn_forward(q, k, v, None, None, 0.25, False, 0, 0.0, 64, 64)
-    got, _ = flash_cpu.flash_attn_forward(q, k, v, None, None, 0.25, False, 0, 0.0, 64, 64, dropout_p=p,
-                                          dropout_seed=ops.dropout_seed("cpu"))
+    plain, _ = flash_cpu.flash_attn_forward(q, k, v, AttentionParams(0.25, causal=False))
+    got, _ = flash_cpu.flash_attn_forward(q, k, v, AttentionParams(0.25, causal=False, dropout_p=p,
+                                                                   seed=ops.dropout_seed("cpu")))
     _statistics_match(got, _eager_dropout_attention(q, k, v, p), plain)
 
 
@@ -163,7 +162,7 @@ def test_op_reference_backend_backward_matches_autograd(reference_backend):
     q, k, v = _qkv()
     out, grads = _run_op(q, k, v, 3)
     torch.manual_seed(3)
-    mask = ops._reference_dropout_mask(q, k, 0.3, ops.dropout_seed("cpu"))
+    mask = ops._reference_dropout_mask(q, k, AttentionParams(0.25, dropout_p=0.3, seed=ops.dropout_seed("cpu")))
     xs = [t.detach().double().requires_grad_() for t in (q, k, v)]
     ref, _ = reference.attention_reference(*xs, causal=True, window=10, dropout_p=0.3, dropout_mask=mask)
     want = torch.autograd.grad(ref, xs, torch.ones_like(ref))
@@ -231,7 +230,6 @@ def test_paged_call_with_dropout_is_refused():
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (run `pytest -m gpu` there)")
 @pytest.mark.parametrize("D", [32, 64, 72, 128, 192, 256])
 def test_gpu_dropout_exact_bf16(flash_gpu, D):
     run_case(flash_gpu, device="cuda", dtype=torch.bfloat16, D=D, dropout_p=0.1, sinks=True, softcap=30.0,
@@ -240,7 +238,6 @@ def test_gpu_dropout_exact_bf16(flash_gpu, D):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (run `pytest -m gpu` there)")
 @pytest.mark.parametrize("D", [64, 128, 256])
 def test_gpu_dropout_every_tuning_candidate(flash_gpu, monkeypatch, D):
     """Every candidate (warp-specialized ones included) regenerates the forward's mask in the backward."""
@@ -262,7 +259,6 @@ def test_gpu_dropout_every_tuning_candidate(flash_gpu, monkeypatch, D):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (run `pytest -m gpu` there)")
 def test_gpu_dropout_statistics_and_determinism(flash_gpu, monkeypatch):
     monkeypatch.setenv("HF_ATTN_PLUGIN_BACKEND", "triton")
     q, k, v = (torch.randn(4, 512, 8, 64, device="cuda") for _ in range(3))
@@ -279,7 +275,6 @@ def test_gpu_dropout_statistics_and_determinism(flash_gpu, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (run `pytest -m gpu` there)")
 def test_gpu_dropout_cuda_graph_draws_a_new_mask_per_replay(monkeypatch):
     monkeypatch.setenv("HF_ATTN_PLUGIN_BACKEND", "triton")
     monkeypatch.setenv("HF_ATTN_PLUGIN_AUTOTUNE", "0")

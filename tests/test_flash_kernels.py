@@ -2,8 +2,8 @@
 
 Tolerance rule (FA2's): ``err(kernel vs fp64 reference) <= 2 * err(PyTorch at the kernel's dtype vs
 fp64 reference) + 1e-5`` (max abs error) for out, lse, dq, dk, dv and dsinks. "PyTorch at the
-kernel's dtype" is :func:`lowp_attention`: the reference's semantics with every op (matmuls,
-softmax, backward) carried out in that dtype.
+kernel's dtype" is the reference with ``compute_dtype`` that dtype: every op (matmuls, softmax,
+backward) carried out in it.
 
 CPU: the Triton interpreter (fp32, fp16; small shapes). Without CUDA, ``TRITON_INTERPRET=1`` is set
 before the first ``@triton.jit`` is imported (here and in conftest.py): the interpreter is chosen
@@ -14,7 +14,7 @@ interpreter: bf16 runs on the GPU only (``pytest -m gpu``).
 
 from __future__ import annotations
 
-import math
+import dataclasses
 import os
 
 import pytest
@@ -24,43 +24,15 @@ if not torch.cuda.is_available():  # must precede the first @triton.jit import
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from hf_attn_plugin import ops, reference
-from hf_attn_plugin.reference import attention_mask_from_segments, rows_in_segments
+from hf_attn_plugin.ops import AttentionParams
+from hf_attn_plugin.reference import rows_in_segments
 
-HAS_CUDA = torch.cuda.is_available()
-gpu = [pytest.mark.gpu, pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (run `pytest -m gpu` there)")]
+from .helpers import HAS_HOPPER, assert_fa2_rule, needs_hopper
 
 
 # ----------------------------------------------------------------------------------------------
 # Oracles
 # ----------------------------------------------------------------------------------------------
-
-
-def lowp_attention(q, k, v, *, scale, causal, window, softcap, sinks, segments, dropout_p=0.0, dropout_mask=None):
-    """reference.attention_reference's function, computed entirely in ``q.dtype``."""
-    batch, seqlen_q, heads_q, head_dim = q.shape
-    seqlen_k, heads_kv = k.shape[1], k.shape[2]
-    group = heads_q // heads_kv
-    qf = q.permute(0, 2, 1, 3).reshape(batch, heads_kv, group, seqlen_q, head_dim)
-    kf = k.permute(0, 2, 1, 3).unsqueeze(2)
-    vf = v.permute(0, 2, 1, 3).unsqueeze(2)
-    scores = torch.matmul(qf, kf.transpose(-1, -2)) * scale
-    if softcap:
-        scores = softcap * torch.tanh(scores / softcap)
-    allowed = attention_mask_from_segments(segments, batch, seqlen_q, seqlen_k, causal=causal, window=window,
-                                           device=q.device)[:, None, None]
-    scores = scores.masked_fill(~allowed, -math.inf)
-    logits = scores
-    if sinks is not None:
-        inside = rows_in_segments(segments, batch, seqlen_q, device=q.device).view(batch, 1, 1, seqlen_q, 1)
-        sink = sinks.to(q.dtype).view(1, heads_kv, group, 1, 1).expand(batch, -1, -1, seqlen_q, 1)
-        logits = torch.cat([scores, sink.masked_fill(~inside, -math.inf)], dim=-1)
-    live = ~torch.isneginf(logits).all(-1, keepdim=True)
-    lse = torch.logsumexp(logits.masked_fill(~live, 0.0), dim=-1, keepdim=True).masked_fill(~live, 0.0)
-    probs = torch.exp(scores - lse)
-    if dropout_p:
-        probs = probs * dropout_mask.reshape(probs.shape).to(q.dtype) / (1 - dropout_p)
-    out = torch.matmul(probs, vf)
-    return out.reshape(batch, heads_q, seqlen_q, head_dim).permute(0, 2, 1, 3), lse.reshape(batch, heads_q, seqlen_q)
 
 
 def run_case(flash, *, B=1, Sq=96, Sk=None, Hq=4, Hkv=2, D=64, dtype=torch.float32, device="cpu", causal=True,
@@ -84,36 +56,33 @@ def run_case(flash, *, B=1, Sq=96, Sk=None, Hq=4, Hkv=2, D=64, dtype=torch.float
     seg = None if segments is None else torch.tensor(segments, dtype=torch.int32, device=device)
     max_q = Sq if seg is None else int((seg[:, 2] - seg[:, 1]).max().item()) if len(seg) else 1
     max_k = Sk if seg is None else int((seg[:, 4] - seg[:, 3]).max().item()) if len(seg) else 1
-    kw = dict(scale=scale, causal=causal, window=window or None, softcap=softcap or None, segments=seg)
-    drop = {}
-    if dropout_p:
-        seed = ops.dropout_seed(device)
-        drop = dict(dropout_p=dropout_p, dropout_seed=seed)
-        kw.update(dropout_p=dropout_p, dropout_mask=flash.dropout_mask(seed, B, Hq, Sq, Sk, dropout_p))
+    seed = ops.dropout_seed(device) if dropout_p else None
+    params = AttentionParams.create(D, scale=scale, causal=causal, window=window, softcap=softcap, sinks=s,
+                                    segments=seg, max_seqlen_q=max_q, max_seqlen_k=max_k, dropout_p=dropout_p,
+                                    seed=seed)
+    mask = flash.dropout_mask(seed, B, Hq, Sq, Sk, dropout_p) if dropout_p else None
 
-    out, lse = flash.flash_attn_forward(q, k, v, seg, s, scale, causal, window, softcap, max_q, max_k, **drop)
+    out, lse = flash.flash_attn_forward(q, k, v, params)
     dout = torch.randn_like(out)
-    dq, dk, dv, dsinks = flash.flash_attn_backward(dout, q, k, v, out, lse, seg, s, scale, causal, window, softcap,
-                                                   max_q, max_k, **drop)
+    dq, dk, dv, dsinks = flash.flash_attn_backward(dout, q, k, v, out, lse, params)
 
-    def grads(fn, dt):
+    def grads(dt, compute_dtype=None):
         xs = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
         sk = s.detach().to(dt).requires_grad_() if sinks else None
-        o, l = fn(*xs, sinks=sk, **kw)
+        o, l = reference.attention_reference(*xs, dataclasses.replace(params, sinks=sk), dropout_mask=mask,
+                                             compute_dtype=compute_dtype)
         g = torch.autograd.grad(o, xs + ([sk] if sinks else []), dout.to(dt))
         return [o, l, *g]
 
-    ref = grads(reference.attention_reference, torch.float64)
-    low = grads(lowp_attention, dtype)
+    ref = grads(torch.float64)
+    low = grads(dtype, compute_dtype=dtype)  # PyTorch at the kernel's dtype
     got = [out, lse, dq, dk, dv] + ([dsinks] if sinks else [])
     names = ["out", "lse", "dq", "dk", "dv", "dsinks"]
     assert out.dtype == dtype and lse.dtype == torch.float32 and lse.shape == (B, Hq, Sq)
     assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
     for name, g, r, lo in zip(names, got, ref, low):
         assert torch.isfinite(g).all(), f"{name}: non-finite values (unwritten or NaN)"
-        err = (g.double() - r.double()).abs().max().item()
-        base = (lo.double() - r.double()).abs().max().item()
-        assert err <= 2 * base + 1e-5, f"{name}: err {err:.3e} > 2 * {base:.3e} + 1e-5"
+        assert_fa2_rule(g, r, lo, name)
     if seg is not None:  # rows / keys outside every segment: exactly zero
         inside_q = rows_in_segments(seg, B, Sq, device=device)
         inside_k = rows_in_segments(seg[:, [0, 3, 4, 1, 2]], B, Sk, device=device)
@@ -183,7 +152,7 @@ def test_segments_window_fp16(flash_cpu):
 def test_no_segments_at_all(flash_cpu):
     seg = torch.zeros(0, 5, dtype=torch.int32)
     q = torch.randn(1, 8, 2, 64)
-    out, lse = flash_cpu.flash_attn_forward(q, q[:, :, :1], q[:, :, :1], seg, None, 0.1, True, 0, 0.0, 8, 8)
+    out, lse = flash_cpu.flash_attn_forward(q, q[:, :, :1], q[:, :, :1], AttentionParams(0.1, segments=seg))
     assert (out == 0).all() and (lse == 0).all()
 
 
@@ -271,7 +240,7 @@ def test_gluon_config_falls_back_to_triton_without_importing_gluon(flash_cpu, mo
 def test_unsupported_head_dim_is_refused(flash_cpu):
     q = torch.randn(1, 8, 2, 44)  # not a multiple of 8 (every supported dim is: tests/test_head_dims.py)
     with pytest.raises(ValueError, match="head_dim 44 is not supported"):
-        flash_cpu.flash_attn_forward(q, q, q, None, None, 0.1, True, 0, 0.0, 8, 8)
+        flash_cpu.flash_attn_forward(q, q, q, AttentionParams(0.1))
 
 
 def test_tma_ready_copies_only_what_tma_cannot_address():
@@ -295,7 +264,7 @@ def test_forward_with_misaligned_kv(flash_cpu):
     q = torch.randn(B, S, 4, D)
     k = torch.randn(1 + B * S * H * D)[1:].view(B, S, H, D)
     v = torch.randn(1 + B * S * H * D)[1:].view(B, S, H, D)
-    out, lse = flash_cpu.flash_attn_forward(q, k, v, None, None, D**-0.5, True, 0, 0.0, S, S)
+    out, lse = flash_cpu.flash_attn_forward(q, k, v, AttentionParams.create(D))
     ref, ref_lse = reference.attention_reference(q.double(), k.double(), v.double(), causal=True)
     torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(lse.double(), ref_lse.double(), atol=2e-5, rtol=1e-4)
@@ -351,21 +320,18 @@ GPU_CASES = {
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (run `pytest -m gpu` there)")
 @pytest.mark.parametrize("case", list(GPU_CASES))
 def test_gpu_bf16(flash_gpu, case):
     run_case(flash_gpu, device="cuda", dtype=torch.bfloat16, **GPU_CASES[case])
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (run `pytest -m gpu` there)")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_gpu_other_dtypes(flash_gpu, dtype):
     run_case(flash_gpu, device="cuda", dtype=dtype, D=128, Sq=1000, Hq=4, Hkv=2, window=300, sinks=True)
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (run `pytest -m gpu` there)")
 def test_gpu_every_tuning_candidate(flash_gpu, monkeypatch):
     """Each candidate config (not just the default) computes the right thing."""
     from hf_attn_plugin.kernels import configs
@@ -382,10 +348,6 @@ def test_gpu_every_tuning_candidate(flash_gpu, monkeypatch):
             except AssertionError as exc:
                 used = {kind: one(kind, D)[0] for kind in ("fwd", "bwd_dq", "bwd_dkdv")}
                 pytest.fail(f"candidate #{i} at D={D} {used}: {exc}")
-
-
-HAS_HOPPER = HAS_CUDA and torch.cuda.get_device_capability() == (9, 0)
-needs_hopper = pytest.mark.skipif(not HAS_HOPPER, reason="needs an sm_90 GPU (run `pytest -m gpu` there)")
 
 
 @pytest.fixture
@@ -488,21 +450,18 @@ def test_gpu_gluon_forward_triton_backward_autograd(flash_gpu, monkeypatch, gluo
     dout = torch.randn_like(out)
     got = [out, *torch.autograd.grad(out, (q, k, v), dout)]
 
-    def oracle(fn, dt, **kw):
+    def oracle(dt, compute_dtype=None):
         xs = [t.detach().to(dt).requires_grad_() for t in (q, k, v)]
-        o = fn(*xs, scale=D**-0.5, causal=True, **kw)[0]
+        o = reference.attention_reference(*xs, causal=True, compute_dtype=compute_dtype)[0]
         return [o, *torch.autograd.grad(o, xs, dout.to(dt))]
 
-    ref = oracle(reference.attention_reference, torch.float64)
-    low = oracle(lowp_attention, torch.bfloat16, window=0, softcap=0.0, sinks=None, segments=None)
+    ref = oracle(torch.float64)
+    low = oracle(torch.bfloat16, compute_dtype=torch.bfloat16)
     for name, g, r, lo in zip(("out", "dq", "dk", "dv"), got, ref, low):
-        err = (g.double() - r.double()).abs().max().item()
-        base = (lo.double() - r.double()).abs().max().item()
-        assert err <= 2 * base + 1e-5, f"{name}: err {err:.3e} > 2 * {base:.3e} + 1e-5"
+        assert_fa2_rule(g, r, lo, name)
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (run `pytest -m gpu` there)")
 def test_gpu_autograd_backward_thread_with_descriptors(flash_gpu, monkeypatch):
     """Autograd runs the backward in its own thread, where Triton has no allocator unless we set one: the
     warp-specialized dK/dV builds TMA descriptors there (a model benchmark caught this)."""
@@ -525,7 +484,6 @@ def test_gpu_autograd_backward_thread_with_descriptors(flash_gpu, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (run `pytest -m gpu` there)")
 def test_gpu_int64_offsets(flash_gpu):
     """B*S*H*D >= 2^31 elements: the last batch row must still be right."""
     B, S, Hq, Hkv, D = 130, 2048, 64, 8, 128
@@ -533,9 +491,10 @@ def test_gpu_int64_offsets(flash_gpu):
     q = torch.randn(B, S, Hq, D, device="cuda", dtype=torch.bfloat16)
     k = torch.randn(B, S, Hkv, D, device="cuda", dtype=torch.bfloat16)
     v = torch.randn(B, S, Hkv, D, device="cuda", dtype=torch.bfloat16)
-    out, lse = flash_gpu.flash_attn_forward(q, k, v, None, None, D**-0.5, True, 0, 0.0, S, S)
+    params = AttentionParams.create(D)
+    out, lse = flash_gpu.flash_attn_forward(q, k, v, params)
     dout = torch.randn_like(out)
-    dq, dk, dv, _ = flash_gpu.flash_attn_backward(dout, q, k, v, out, lse, None, None, D**-0.5, True, 0, 0.0, S, S)
+    dq, dk, dv, _ = flash_gpu.flash_attn_backward(dout, q, k, v, out, lse, params)
     for b in (0, B - 1):
         xs = [t[b:b + 1].float().requires_grad_() for t in (q, k, v)]
         ro, rl = reference.attention_reference(*xs, causal=True)
@@ -555,7 +514,6 @@ def _attn_fn(q, k, v, sinks):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (run `pytest -m gpu` there)")
 def test_gpu_torch_compile_fullgraph(flash_gpu, monkeypatch):
     monkeypatch.setenv("HF_ATTN_PLUGIN_BACKEND", "triton")
     q = torch.randn(2, 8, 600, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
@@ -578,7 +536,6 @@ def test_gpu_torch_compile_fullgraph(flash_gpu, monkeypatch):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (run `pytest -m gpu` there)")
 @pytest.mark.parametrize("gluon", [-1, 3], ids=["table", "gluon_ws3"])
 def test_gpu_cuda_graph_forward(flash_gpu, monkeypatch, gluon):
     monkeypatch.setenv("HF_ATTN_PLUGIN_BACKEND", "triton")
@@ -610,7 +567,6 @@ def test_gpu_cuda_graph_forward(flash_gpu, monkeypatch, gluon):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (run `pytest -m gpu` there)")
 @pytest.mark.parametrize("features", ["plain", "all", "dropout"])
 def test_gpu_opcheck(flash_gpu, monkeypatch, features):
     from hf_attn_plugin import ops

@@ -26,6 +26,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from hf_attn_plugin import ops  # noqa: E402
 
+from .helpers import DEVICE, KERNELS_RUN  # noqa: E402
 from .test_flash_kernels import run_case  # noqa: E402  (the FA2 error rule; fixtures come from conftest)
 
 # 16 and 32 come with the head-dim work on the kernels; 64/80/128 were supported before it.
@@ -158,11 +159,11 @@ def invalid_cases(draw):
 @settings(max_examples=60, **COMMON)
 @given(case=invalid_cases())
 def test_fuzz_invalid_segments_are_refused(backend, case, monkeypatch):
-    if backend == "triton" and os.environ.get("TRITON_INTERPRET") != "1" and not torch.cuda.is_available():
+    if backend == "triton" and not KERNELS_RUN:
         pytest.skip("needs the Triton interpreter or a GPU")
     monkeypatch.setenv("HF_ATTN_PLUGIN_BACKEND", backend)
     monkeypatch.setenv("HF_ATTN_PLUGIN_CHECKS", "full")  # on a GPU too: a ValueError, not a device assert
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = DEVICE
     q = torch.randn(case["B"], case["Sq"], 4, 64, device=device)
     k = torch.randn(case["B"], case["Sk"], 2, 64, device=device)
     segments = torch.tensor(case["segments"], dtype=torch.int32, device=device)

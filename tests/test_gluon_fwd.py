@@ -12,10 +12,8 @@ import torch
 
 from hf_attn_plugin import reference
 from hf_attn_plugin.kernels import gluon_fwd
-from tests.test_flash_kernels import lowp_attention
-
-HAS_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
-needs_hopper = pytest.mark.skipif(not HAS_HOPPER, reason="needs an sm_90 GPU (run `pytest -m gpu` there)")
+from hf_attn_plugin.ops import AttentionParams
+from tests.helpers import assert_fa2_rule, needs_hopper
 
 
 def _run(*, B=2, Sq=256, Sk=None, Hq=4, Hkv=2, D=64, causal=True, dtype=torch.bfloat16, q_transposed=False,
@@ -35,8 +33,7 @@ def _run(*, B=2, Sq=256, Sk=None, Hq=4, Hkv=2, D=64, causal=True, dtype=torch.bf
 
     old, gluon_fwd.POISON = gluon_fwd.POISON, True  # NaN-filled outputs: every element must be written
     try:
-        out, lse = gluon_fwd.gluon_attn_forward(q, k, v, None, None, scale, causal, 0, 0.0, Sq, Sk,
-                                                warp_spec=warp_spec)
+        out, lse = gluon_fwd.gluon_attn_forward(q, k, v, AttentionParams(scale, causal), warp_spec=warp_spec)
     finally:
         gluon_fwd.POISON = old
     torch.cuda.synchronize()
@@ -46,12 +43,9 @@ def _run(*, B=2, Sq=256, Sk=None, Hq=4, Hkv=2, D=64, causal=True, dtype=torch.bf
     assert not lse.isnan().any(), f"{lse.isnan().sum().item()} lse elements unwritten or NaN"
 
     ref_out, ref_lse = reference.attention_reference(q.double(), k.double(), v.double(), scale=scale, causal=causal)
-    low_out, low_lse = lowp_attention(q, k, v, scale=scale, causal=causal, window=0, softcap=0.0, sinks=None,
-                                      segments=None)
+    low_out, low_lse = reference.attention_reference(q, k, v, scale=scale, causal=causal, compute_dtype=dtype)
     for name, got, ref, low in (("out", out, ref_out, low_out), ("lse", lse, ref_lse, low_lse)):
-        err = (got.double() - ref.double()).abs().max().item()
-        base = (low.double() - ref.double()).abs().max().item()
-        assert err <= 2 * base + 1e-5, f"{name}: err {err:.3e} > 2 * {base:.3e} + 1e-5"
+        assert_fa2_rule(got, ref, low, name)
     return out, lse
 
 
@@ -117,7 +111,7 @@ def test_misaligned_view_is_copied():
     q = torch.randn(1, 65, 2, 64, device="cuda", dtype=torch.bfloat16)[:, 1:]
     flat = torch.randn(64 * 2 * 64 + 1, device="cuda", dtype=torch.bfloat16)[1:].view(1, 64, 2, 64)
     assert flat.data_ptr() % 16 != 0
-    out, _ = gluon_fwd.gluon_attn_forward(q, flat, flat, None, None, 0.125, True, 0, 0.0, 64, 64)
+    out, _ = gluon_fwd.gluon_attn_forward(q, flat, flat, AttentionParams(0.125))
     ref, _ = reference.attention_reference(q.double(), flat.double(), flat.double(), scale=0.125, causal=True)
     assert (out.double() - ref).abs().max().item() < 2e-2
 
@@ -130,17 +124,17 @@ def test_refuses_what_it_cannot_run():
     k = torch.randn(1, 64, 2, 64, device="cuda", dtype=torch.bfloat16)
     assert gluon_fwd.unsupported_reason(q, k, k) is None
     for kwargs, word in ((dict(window=16), "window"), (dict(softcap=30.0), "softcap"), (dict(dropout_p=0.1), "dropout"),
-                         (dict(sinks=torch.zeros(4, device="cuda")), "sinks")):
-        with pytest.raises(NotImplementedError, match=word):
-            gluon_fwd.gluon_attn_forward(q, k, k, None, kwargs.get("sinks"), 0.125, True, kwargs.get("window", 0),
-                                         kwargs.get("softcap", 0.0), 64, 64, kwargs.get("dropout_p", 0.0))
+                         (dict(sinks=torch.zeros(4, device="cuda")), "sinks"),
+                         (dict(segments=torch.zeros(0, 5, dtype=torch.int32, device="cuda")), "segments")):
+        with pytest.raises(NotImplementedError, match=f"this call uses {word}"):
+            gluon_fwd.gluon_attn_forward(q, k, k, AttentionParams.create(64, **kwargs))
     q96 = torch.randn(1, 64, 4, 96, device="cuda", dtype=torch.bfloat16)
     with pytest.raises(NotImplementedError, match="head_dim"):
-        gluon_fwd.gluon_attn_forward(q96, q96[:, :, :2], q96[:, :, :2], None, None, 0.1, True, 0, 0.0, 64, 64)
+        gluon_fwd.gluon_attn_forward(q96, q96[:, :, :2], q96[:, :, :2], AttentionParams(0.1))
     with pytest.raises(ValueError, match="warp_spec"):
-        gluon_fwd.gluon_attn_forward(q, k, k, None, None, 0.125, True, 0, 0.0, 64, 64, warp_spec=4)
+        gluon_fwd.gluon_attn_forward(q, k, k, AttentionParams(0.125), warp_spec=4)
     with pytest.raises(NotImplementedError, match="bf16/fp16"):
-        gluon_fwd.gluon_attn_forward(q.float(), k.float(), k.float(), None, None, 0.125, True, 0, 0.0, 64, 64)
+        gluon_fwd.gluon_attn_forward(q.float(), k.float(), k.float(), AttentionParams(0.125))
 
 
 def test_imports_without_gpu_and_refuses_cpu_tensors():
@@ -151,7 +145,7 @@ def test_imports_without_gpu_and_refuses_cpu_tensors():
     reason = gluon_fwd.unsupported_reason(q, k, k)
     assert reason is not None
     with pytest.raises(NotImplementedError) as info:
-        gluon_fwd.gluon_attn_forward(q, k, k, None, None, 0.125, True, 0, 0.0, 8, 8)
+        gluon_fwd.gluon_attn_forward(q, k, k, AttentionParams(0.125))
     msg = str(info.value)
     assert "CUDA" in msg or "Gluon" in msg, msg
 

@@ -15,7 +15,10 @@ import torch
 if not torch.cuda.is_available():  # must precede the first @triton.jit import
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from .test_flash_kernels import CACHE, HAS_CUDA, PACKED, run_case  # noqa: E402
+from hf_attn_plugin.ops import AttentionParams  # noqa: E402
+
+from .helpers import needs_kernels  # noqa: E402
+from .test_flash_kernels import CACHE, PACKED, run_case  # noqa: E402
 
 HEAD_DIMS = [16, 32, 48, 64, 72, 80, 96, 112, 128, 160, 192, 256]
 # every feature at once; a packed segment list with an empty segment, bottom-right aligned cache rows
@@ -58,15 +61,15 @@ def test_unsupported_head_dims_are_refused_clearly(D):
 
     q = torch.randn(1, 8, 2, D)
     with pytest.raises(ValueError, match=rf"head_dim {D} is not supported .* every multiple of 8 from 16 to 256"):
-        flash.flash_attn_forward(q, q, q, None, None, 0.1, True, 0, 0.0, 8, 8)
+        flash.flash_attn_forward(q, q, q, AttentionParams(0.1))
     with pytest.raises(ValueError, match=rf"head_dim {D} is not supported"):
-        flash.flash_attn_backward(q, q, q, q, q, q[..., 0].transpose(1, 2), None, None, 0.1, True, 0, 0.0, 8, 8)
+        flash.flash_attn_backward(q, q, q, q, q, q[..., 0].transpose(1, 2), AttentionParams(0.1))
 
 
 # ---------------------------------------------------------------------------------------------- paged kernels
 
 
-@pytest.mark.skipif(not (HAS_CUDA or os.environ.get("TRITON_INTERPRET") == "1"), reason="needs CUDA or the interpreter")
+@needs_kernels
 @pytest.mark.parametrize("D", [16, 48, 72, 112, 160, 192])
 def test_paged_decode_and_prefill_every_head_dim(D):
     from .test_paged import DEV, _check, _random_paged
@@ -94,7 +97,6 @@ def test_paged_refuses_unsupported_head_dims(D):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (run `pytest -m gpu` there)")
 @pytest.mark.parametrize("D", HEAD_DIMS)
 def test_gpu_every_head_dim_bf16(flash_gpu, D):
     run_case(flash_gpu, device="cuda", dtype=torch.bfloat16, D=D, sinks=True, softcap=30.0, window=300,
@@ -104,7 +106,6 @@ def test_gpu_every_head_dim_bf16(flash_gpu, D):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (run `pytest -m gpu` there)")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=["fp16", "fp32"])
 @pytest.mark.parametrize("D", [16, 48, 72, 160, 192])
 def test_gpu_new_head_dims_other_dtypes(flash_gpu, D, dtype):
@@ -113,7 +114,6 @@ def test_gpu_new_head_dims_other_dtypes(flash_gpu, D, dtype):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (run `pytest -m gpu` there)")
 @pytest.mark.parametrize("D", [16, 32, 48, 72, 112, 160, 192])
 def test_gpu_every_tuning_candidate_new_head_dims(flash_gpu, monkeypatch, D):
     """Every candidate config of D's bucket compiles, runs and is right (bf16, every feature)."""
@@ -137,7 +137,6 @@ def test_gpu_every_tuning_candidate_new_head_dims(flash_gpu, monkeypatch, D):
 
 
 @pytest.mark.gpu
-@pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU (run `pytest -m gpu` there)")
 @pytest.mark.parametrize("D", [16, 48, 72, 160, 192])
 def test_gpu_paged_new_head_dims(D):
     from .test_paged import _check, _random_paged

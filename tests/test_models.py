@@ -226,9 +226,9 @@ def test_autocast_runs_attention_in_the_autocast_dtype(monkeypatch):
     seen = []
     original = ops.attention_trusted  # what the integration calls
 
-    def spy(q, k, v, **kwargs):
+    def spy(q, k, v, *args, **kwargs):
         seen.append((q.dtype, k.dtype, v.dtype))
-        return original(q, k, v, **kwargs)
+        return original(q, k, v, *args, **kwargs)
 
     monkeypatch.setattr(ops, "attention_trusted", spy)
     ours, _ = make_pair(DECODERS["llama"]())

@@ -55,6 +55,33 @@ def test_op_matches_reference_forward_and_backward(reference_backend):
         torch.testing.assert_close(got, exp)
 
 
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_eager_calls_skip_the_dispatcher_and_match_the_op(reference_backend, monkeypatch, dropout_p):
+    """Eager calls run the op's bodies through a plain autograd.Function (the op's Python dispatch costs more host
+    time than the kernels at small shapes): forward, gradients (incl. sinks) and the dropout mask equal the op's,
+    bit for bit, and no op is dispatched."""
+    q, k, v = (t.requires_grad_() for t in _qkv())
+    sinks = torch.randn(4, requires_grad=True)
+    kw = dict(scale=0.3, causal=True, window=4, softcap=3.0, segments=SEGMENTS)
+    seed = ops.dropout_seed("cpu") if dropout_p else None
+    params = ops.AttentionParams.create(16, sinks=sinks, dropout_p=dropout_p, seed=seed, **kw)
+    out_op, _ = torch.ops.hf_attn_plugin.attention_fwd(q, k, v, SEGMENTS, sinks, 0.3, True, 4, 3.0, 9, 11,
+                                                       dropout_p, seed)
+    dout = torch.randn_like(out_op)
+    want = (out_op, *torch.autograd.grad(out_op, (q, k, v, sinks), dout))
+
+    def no_op(*args, **kwargs):
+        raise AssertionError("the op was dispatched for an eager call")
+
+    monkeypatch.setattr(ops, "_attention_fwd", no_op)
+    out = ops.attention_trusted(q, k, v, params)
+    got = (out, *torch.autograd.grad(out, (q, k, v, sinks), dout))
+    for name, g, w in zip(("out", "dq", "dk", "dv", "dsinks"), got, want):
+        assert torch.equal(g, w), name
+    with torch.no_grad():
+        assert torch.equal(ops.attention_trusted(q, k, v, params), out_op)
+
+
 def test_stride_zero_grad_from_sum(reference_backend):
     q, k, v = (t.requires_grad_() for t in _qkv())
     ops.attention(q, k, v).sum().backward()

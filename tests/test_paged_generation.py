@@ -81,26 +81,70 @@ def test_beam_search_forks_pages(pairs):
 
 
 def test_attention_reads_the_pools_in_place(pairs, monkeypatch):
-    """The attention call gets the cache's own pools (no gathered copy) and never the dense op."""
+    """The attention call gets the cache's own pools (no gathered copy) and never the dense op; each forward step
+    is planned once (paged_ops.plan) and run per layer (paged_ops.run)."""
     ours, _ = pairs["llama"]
     ids, mask = _prompts()
     cache = PagedCache(ours, max_batch_size=4, num_pages=32, page_size=PAGE)
     pools = {p.data_ptr() for p in cache.kv.k_pools + cache.kv.v_pools}
-    calls = []
-    real = paged_ops.paged_attention
+    calls, plans = [], []
+    real_run, real_plan = paged_ops.run, paged_ops.plan
 
-    def spy(q, k_pool, v_pool, *args, **kwargs):
-        calls.append((k_pool.data_ptr(), v_pool.data_ptr()))
-        return real(q, k_pool, v_pool, *args, **kwargs)
+    def spy_run(q, k_pool, v_pool, plan, params):
+        calls.append((k_pool.data_ptr(), v_pool.data_ptr(), plan))
+        return real_run(q, k_pool, v_pool, plan, params)
+
+    def spy_plan(*args, **kwargs):
+        plans.append(real_plan(*args, **kwargs))
+        return plans[-1]
 
     def dense(*args, **kwargs):
         raise AssertionError("dense attention called on a paged step")
 
-    monkeypatch.setattr("hf_attn_plugin.integration.paged_cache.paged_attention", spy)
+    monkeypatch.setattr(paged_ops, "run", spy_run)
+    monkeypatch.setattr(paged_ops, "plan", spy_plan)
     monkeypatch.setattr("hf_attn_plugin.ops.attention", dense)
     _greedy(ours, ids, mask, **{CACHE_KWARG: cache})
-    assert len(calls) == NEW_TOKENS * ours.config.num_hidden_layers
-    assert all(k in pools and v in pools for k, v in calls)
+    layers = ours.config.num_hidden_layers
+    assert len(calls) == NEW_TOKENS * layers
+    assert all(k in pools and v in pools for k, v, _ in calls)
+    assert len(plans) == NEW_TOKENS  # one plan per forward step, shared by its layers
+    assert [plan for _, _, plan in calls] == [plan for plan in plans for _ in range(layers)]
+
+
+def test_generate_on_the_triton_kernels(pairs, triton_backend, monkeypatch):
+    """The Triton paged kernels (interpreter on CPU) under generate(): a model with full and sliding layers gives
+    eager's tokens; each step's plan holds one launch per kind of layer."""
+    ours, eager = pairs["qwen2"]
+    ids, mask = _prompts()
+    cache = PagedCache(ours, max_batch_size=4, num_pages=32, page_size=PAGE)
+    plans = []
+    real_plan = paged_ops.plan
+    monkeypatch.setattr(paged_ops, "plan", lambda *a, **k: plans.append(real_plan(*a, **k)) or plans[-1])
+    assert torch.equal(_greedy(ours, ids, mask, **{CACHE_KWARG: cache}), _greedy(eager, ids, mask))
+    assert len(plans) == NEW_TOKENS
+    assert all(len(plan.kernel.launches) == 2 for plan in plans)  # full and sliding layers
+
+
+@pytest.mark.parametrize("max_blocks", [0, 8], ids=["indices", "block_table"])
+def test_generate_batch_on_the_triton_kernels(max_blocks, triton_backend, no_gather):
+    """generate_batch on the Triton paged kernels (interpreter on CPU): eager's tokens, on both step layouts."""
+    ours, eager = _cb_pair("llama")
+    prompts = [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15]]
+    config = transformers.GenerationConfig(max_new_tokens=4, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    cb_config = _cb_config(max_blocks_per_request=max_blocks) if max_blocks else None
+    results = hf_attn_plugin.generate_batch(ours, prompts, config, continuous_batching_config=cb_config)
+    assert [r.generated_tokens for r in results.values()] == _expected(eager, prompts, 4)
+
+
+def test_both_page_readers_offer_the_declared_protocol(pairs):
+    from hf_attn_plugin.integration.continuous_batching import InPlacePagedUpdate
+    from hf_attn_plugin.integration.paged_cache import PagedReader, paged_reader_of
+
+    cache = PagedCache(pairs["llama"][0], max_batch_size=1, num_pages=4, page_size=PAGE)
+    assert all(isinstance(paged_reader_of(layer.keys), PagedReader) for layer in cache.layers)
+    assert "attend" in vars(InPlacePagedUpdate) and issubclass(InPlacePagedUpdate, PagedReader)
+    assert paged_reader_of(torch.zeros(1)) is None
 
 
 def test_out_of_pages_raises_typed_error(pairs):
@@ -245,6 +289,46 @@ def test_generate_batch_never_switches_to_flash(no_gather, monkeypatch):
     results = hf_attn_plugin.generate_batch(ours, prompts, config)
     assert [r.generated_tokens for r in results.values()] == _expected(eager, prompts, 5)
     assert ours.config._attn_implementation == "plugin"
+
+
+# --------------------------------------------------------------------------- (c) transformers versions: compat.py
+def test_batch_lengths_under_both_releases_names():
+    """5.19+ names the lengths max_length_q/k (the key length per layer type), 5.17-5.18 max_seqlen_q/k."""
+    from hf_attn_plugin.integration import compat
+
+    cu = {"full_attention": torch.tensor([0, 5]), "sliding_attention": torch.tensor([0, 4])}
+    new = dict(cu_seq_lens_k=cu, max_length_q=3, max_length_k={"full_attention": 5, "sliding_attention": 4})
+    cu_k, max_q, max_k = compat.batch_lengths(new, "sliding_attention")
+    assert cu_k is cu["sliding_attention"] and (max_q, max_k) == (3, 4)
+    old = dict(cu_seq_lens_k=cu["full_attention"], max_seqlen_q=2, max_seqlen_k=5)
+    cu_k, max_q, max_k = compat.batch_lengths(old, "full_attention")
+    assert cu_k is cu["full_attention"] and (max_q, max_k) == (2, 5)
+
+
+def test_paged_name_registered_only_where_transformers_calls_it():
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from hf_attn_plugin.integration import compat
+    from hf_attn_plugin.integration.continuous_batching import paged_plugin_attention
+
+    legacy = Version(transformers.__version__).release < (5, 19)
+    assert compat.CACHE_UPDATE_REGIME is not legacy
+    assert (ALL_ATTENTION_FUNCTIONS.get("paged|plugin") is paged_plugin_attention) is legacy
+
+
+def test_transformers_private_attributes_only_in_compat():
+    """compat.py is the one place that touches transformers' private attributes and compares its versions."""
+    import pathlib
+    import re
+
+    root = pathlib.Path(hf_attn_plugin.__file__).parent
+    private = re.compile(r"[.'\"](_global_mapping|_local_mapping|_attn_implementation|"
+                         r"_cached_continuous_batching_manager|_create_batch_processor|_original_attn_impl)\b|"
+                         r"TRANSFORMERS_VERSION\.release")
+    offenders = [f"{path.relative_to(root)}:{n}" for folder in ("integration", "conversion")
+                 for path in sorted((root / folder).glob("*.py")) if path.name != "compat.py"
+                 for n, line in enumerate(path.read_text().splitlines(), 1) if private.search(line)]
+    assert offenders == []
 
 
 def test_step_from_block_table():

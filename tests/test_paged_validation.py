@@ -21,7 +21,7 @@ from hf_attn_plugin.paged import (  # noqa: E402
     BlockAllocator,
     OutOfSequenceSlotsError,
     PagedCacheError,
-    PagedKVCache,
+    PagePool,
     SequenceTooLongError,
     UnknownSequenceError,
     bytes_per_page,
@@ -29,9 +29,9 @@ from hf_attn_plugin.paged import (  # noqa: E402
 )
 from hf_attn_plugin.paged_ops import gather_kv, paged_attention, paged_attention_reference, write_kv  # noqa: E402
 
-DEV = "cuda" if torch.cuda.is_available() else "cpu"
-KERNELS_RUN = DEV == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
-BACKENDS = ["reference", pytest.param("triton", marks=pytest.mark.skipif(not KERNELS_RUN, reason="no kernels"))]
+from .helpers import DEVICE as DEV, needs_kernels  # noqa: E402
+
+BACKENDS = ["reference", pytest.param("triton", marks=needs_kernels)]
 
 
 # On a GPU the default checks are device-side asserts, which end the process: in-process tests there use "full"
@@ -47,7 +47,7 @@ def backend(request, monkeypatch):
 
 
 def _cache(num_pages=16, page_size=4, max_seqs=4, max_seq_len=32, **kw):
-    return PagedKVCache(1, 1, 2, num_pages=num_pages, page_size=page_size, max_seqs=max_seqs,
+    return PagePool(1, 1, 2, num_pages=num_pages, page_size=page_size, max_seqs=max_seqs,
                         max_seq_len=max_seq_len, dtype=torch.float32, **kw)
 
 
@@ -168,7 +168,7 @@ def test_cache_constructor_refuses_bad_sizes(kwargs, err, match):
                 dtype=torch.float32)
     args.update(kwargs)
     with pytest.raises(err, match=match):
-        PagedKVCache(args.pop("num_layers"), args.pop("num_kv_heads"), args.pop("head_dim"), **args)
+        PagePool(args.pop("num_layers"), args.pop("num_kv_heads"), args.pop("head_dim"), **args)
 
 
 def test_sizing_helpers_refuse_bad_sizes():
@@ -462,7 +462,7 @@ def test_edge_values_give_the_reference_answer(backend):
     assert empty.shape == (0, 4, 16)
 
 
-@pytest.mark.skipif(not KERNELS_RUN, reason="no kernels")
+@needs_kernels
 def test_triton_backend_refuses_unsupported_dtypes(monkeypatch):
     monkeypatch.setenv("HF_ATTN_PLUGIN_BACKEND", "triton")
     q, k_pool, v_pool, bt, seq_lens = _setup()
@@ -475,7 +475,7 @@ def test_triton_backend_refuses_unsupported_dtypes(monkeypatch):
 
 def test_plan_under_inference_mode(backend):
     """Plans made under inference mode (inference tensors have no version counter) stay trusted and work."""
-    cache = PagedKVCache(1, 2, 16, num_pages=8, page_size=4, max_seqs=4, max_seq_len=32, dtype=torch.float32,
+    cache = PagePool(1, 2, 16, num_pages=8, page_size=4, max_seqs=4, max_seq_len=32, dtype=torch.float32,
                          device=DEV)
     with torch.inference_mode():
         sid = cache.add_sequence()
@@ -522,7 +522,7 @@ class _Spy:
 def test_plan_tensors_skip_the_value_checks(backend, monkeypatch):
     """The decode hot path through the allocator's plan costs no device-side check at all."""
     monkeypatch.setenv(_checks.ENV, "1")
-    cache = PagedKVCache(1, 2, 16, num_pages=8, page_size=4, max_seqs=4, max_seq_len=32, dtype=torch.float32,
+    cache = PagePool(1, 2, 16, num_pages=8, page_size=4, max_seqs=4, max_seq_len=32, dtype=torch.float32,
                          device=DEV)
     seqs = [cache.add_sequence() for _ in range(2)]
     spy = _Spy(monkeypatch)
@@ -541,7 +541,8 @@ def test_plan_tensors_skip_the_value_checks(backend, monkeypatch):
 
 
 def test_paged_cache_decode_steps_check_nothing(reference_backend, monkeypatch):
-    """generate() with a PagedCache: only the prefill (a cu_seqlens_q made per call) has value checks."""
+    """generate() with a PagedCache: no value checks at all. Every index tensor of a step's plan (block tables,
+    lengths, cu_seqlens_q, k_starts) is the allocator's or built from the key mask by the cache."""
     import transformers
     from packaging.version import Version
 
@@ -560,15 +561,13 @@ def test_paged_cache_decode_steps_check_nothing(reference_backend, monkeypatch):
     kwarg = "cache" if Version(transformers.__version__) >= Version("5.24") else "past_key_values"
     model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=4, do_sample=False, pad_token_id=0,
                    **{kwarg: cache})
-    layers = model.config.num_hidden_layers
-    # paged_attention per layer and step (write_kv never gets this far: its plan slots are trusted); the
-    # prefill's cu_seqlens_q is checked (3 conditions), nothing else: plan tensors and k_starts are trusted
-    assert calls == [3] * layers + [0] * (3 * layers)
+    assert cache.get_seq_length() == 9  # it ran: 6 prompt + 3 of the 4 new tokens cached
+    assert calls == []  # the layers run the step's plan (paged_ops.run), which checks nothing
 
 
 def test_modified_or_mismatched_plan_tensors_are_checked(backend, monkeypatch):
     monkeypatch.setenv(_checks.ENV, "1")  # the mismatches below are host checks, even on a GPU
-    cache = PagedKVCache(1, 2, 16, num_pages=8, page_size=4, max_seqs=4, max_seq_len=32, dtype=torch.float32,
+    cache = PagePool(1, 2, 16, num_pages=8, page_size=4, max_seqs=4, max_seq_len=32, dtype=torch.float32,
                          device=DEV)
     sid = cache.add_sequence()
     plan = cache.plan([sid], [6])

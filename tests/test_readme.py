@@ -24,6 +24,8 @@ from pathlib import Path
 
 import pytest
 
+from .helpers import load_file
+
 ROOT = Path(__file__).resolve().parents[1]
 FILES = ["README.md", "docs/paged.md", "docs/uptraining.md"]
 HUB_ID = "HuggingFaceTB/SmolLM2-135M"
@@ -79,13 +81,9 @@ def _tiny_checkpoint(dst: Path) -> None:
     import torch
     import transformers
 
-    sys.path.insert(0, str(ROOT / "examples"))
-    try:
-        from uptrain_gqa import stdlib_files, train_tokenizer
-    finally:
-        sys.path.pop(0)
-    texts = [Path(f).read_text(errors="ignore") for f in stdlib_files(40)]
-    tokenizer = train_tokenizer(texts, vocab_size=512, max_chars=200_000)
+    ug = load_file("examples/uptrain_gqa.py")
+    texts = [Path(f).read_text(errors="ignore") for f in ug.stdlib_files(40)]
+    tokenizer = ug.train_tokenizer(texts, vocab_size=512, max_chars=200_000)
     tokenizer.model_input_names = ["input_ids", "attention_mask"]
     config = transformers.LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -178,11 +176,7 @@ def test_runner_catches_a_broken_snippet(tmp_path, checkpoint, code):
 
 def test_readme_tables_match_benchmark_results():
     """The README's tables are what benchmarks/report.py makes of benchmarks/results/*.csv (no typed numbers)."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import report
-    finally:
-        sys.path.pop(0)
+    report = load_file("benchmarks/report.py")
     text = (ROOT / "README.md").read_text()
     assert f"{report.GUIDE_START}\n{report.guide_section()}\n{report.GUIDE_END}" in text, \
         "run `python benchmarks/report.py` to regenerate the README's tables"

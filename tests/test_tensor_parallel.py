@@ -38,9 +38,10 @@ def _tp_skip_reason() -> str | None:
 pytestmark = pytest.mark.skipif(_tp_skip_reason() is not None, reason=_tp_skip_reason() or "")
 
 
-def _torchrun(args: list[str], cwd: Path, timeout: int = 600) -> subprocess.CompletedProcess:
+def _torchrun(args: list[str], cwd: Path, timeout: int = 600, path: tuple = ()) -> subprocess.CompletedProcess:
+    """``torchrun`` on 2 CPU processes; ``path``: folders the workers import from, besides the checkout."""
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", TRITON_INTERPRET="1", OMP_NUM_THREADS="1",
-               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])))
+               PYTHONPATH=os.pathsep.join(filter(None, [str(ROOT), *map(str, path), os.environ.get("PYTHONPATH")])))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -139,8 +140,7 @@ _SINKS_MODEL_WORKER = textwrap.dedent("""
     import os, sys
     import torch, torch.distributed as dist, transformers
     from torch.distributed.tensor import DTensor
-    sys.path.insert(0, sys.argv[2])
-    import tp_check  # benchmarks/tp_check.py: the same tiny granite_swa model (distinct sinks per head)
+    import tp_check  # benchmarks/tp_check.py (on PYTHONPATH): the same tiny granite_swa model (distinct sinks per head)
     import hf_attn_plugin
 
     out = sys.argv[1]
@@ -179,7 +179,7 @@ def test_sinks_under_tp_equal_single_process_eager(tmp_path):
     Shard(0) DTensor (its plan has no 'local_params'; eager fails there), later releases as local tensors."""
     worker = tmp_path / "worker.py"
     worker.write_text(_SINKS_MODEL_WORKER)
-    proc = _torchrun([str(worker), str(tmp_path), str(ROOT / "benchmarks")], cwd=tmp_path)
+    proc = _torchrun([str(worker), str(tmp_path)], cwd=tmp_path, path=(ROOT / "benchmarks",))
     assert proc.returncode == 0 and "WORKER OK" in proc.stdout, _errors(proc)
     handed = "Tensor (2,)" if _sinks_sharded_locally() else "DTensor (4,)"  # 4 sinks in all, 2 per rank
     assert f"SINKS {handed}" in proc.stdout, proc.stdout[-2000:]

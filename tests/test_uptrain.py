@@ -7,17 +7,15 @@ integration (packed sequences from DataCollatorWithFlattening, GQA heads) that t
 from __future__ import annotations
 
 import math
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from hf_attn_plugin.conversion import convert_to_gqa
 
-import uptrain_gqa as ug  # noqa: E402
+from .helpers import load_file
 
-from hf_attn_plugin.conversion import convert_to_gqa  # noqa: E402
+ug = load_file("examples/uptrain_gqa.py")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import hf_attn_plugin
 from hf_attn_plugin import ops
 from hf_attn_plugin.reference import attention_reference
 
-from .conftest import interpreter_available
+from .helpers import kernels_run_on
 from .models import DECODERS, make_pair
 
 
@@ -116,7 +116,7 @@ BAD_SEGMENTS = {
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("case", sorted(BAD_SEGMENTS))
 def test_invalid_segments_are_refused(case, backend, monkeypatch):
-    if backend == "triton" and not interpreter_available():
+    if backend == "triton" and not kernels_run_on("cpu"):
         pytest.skip("needs the Triton interpreter")
     monkeypatch.setenv("HF_ATTN_PLUGIN_BACKEND", backend)
     segments, message = BAD_SEGMENTS[case]
@@ -168,7 +168,7 @@ def test_max_seqlen_smaller_than_segments_is_refused(reference_backend):
         ops.attention(q, k, v, segments=segments, max_seqlen_q=7.0)
 
 
-@pytest.mark.skipif(not interpreter_available(), reason="needs the Triton interpreter")
+@pytest.mark.skipif(not kernels_run_on("cpu"), reason="needs the Triton interpreter")
 def test_max_seqlen_too_small_on_triton_is_refused_not_truncated(monkeypatch):
     """Before the check the kernel grid covered max_seqlen_q rows only: the rest came back as zeros."""
     monkeypatch.setenv("HF_ATTN_PLUGIN_BACKEND", "triton")
@@ -245,7 +245,7 @@ def test_inputs_on_another_device_are_refused(which):
 @pytest.mark.parametrize("backend", ["reference", "triton"])
 @pytest.mark.parametrize("bad", [float("inf"), float("nan")])
 def test_non_finite_sinks_are_refused(bad, backend, monkeypatch):
-    if backend == "triton" and not interpreter_available():
+    if backend == "triton" and not kernels_run_on("cpu"):
         pytest.skip("needs the Triton interpreter")
     monkeypatch.setenv("HF_ATTN_PLUGIN_BACKEND", backend)
     q, k, v = _qkv(head_dim=64)
@@ -259,7 +259,7 @@ def test_non_finite_sinks_are_refused(bad, backend, monkeypatch):
     torch.testing.assert_close(out, want, atol=2e-5, rtol=1e-4)
 
 
-@pytest.mark.skipif(not interpreter_available(), reason="needs the Triton interpreter")
+@pytest.mark.skipif(not kernels_run_on("cpu"), reason="needs the Triton interpreter")
 def test_bf16_on_the_interpreter_is_refused(monkeypatch):
     monkeypatch.setenv("HF_ATTN_PLUGIN_BACKEND", "triton")
     q, k, v = _qkv(head_dim=64, dtype=torch.bfloat16)

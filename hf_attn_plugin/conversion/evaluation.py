@@ -28,9 +28,9 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
 
 def attention_implementation() -> str:
     """``"plugin"`` when hf_attn_plugin has registered it with transformers, else ``"eager"``."""
-    import transformers
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    return "plugin" if "plugin" in transformers.AttentionInterface._global_mapping else "eager"
+    return "plugin" if "plugin" in ALL_ATTENTION_FUNCTIONS else "eager"
 
 
 def text_token_ids(

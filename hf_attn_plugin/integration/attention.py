@@ -4,15 +4,15 @@ transformers calls ``fn(module, query, key, value, attention_mask, dropout=..., 
 with ``query`` ``[B, Hq, Sq, D]`` (a transposed view of ``[B, Sq, Hq, D]`` memory), ``key``/``value``
 ``[B, Hkv, Sk, D]`` (already concatenated with the cache, never repeated for GQA) and expects
 ``([B, Sq, Hq, D], None)``. :func:`describe_call` gathers everything that shapes the computation into
-an :class:`AttentionCall`; :func:`plugin_attention` runs it through :func:`hf_attn_plugin.ops.attention_trusted`
-(the segments are built here, so their values are not re-checked), or, for decode-shaped calls over a cache, through
+one :class:`~hf_attn_plugin.ops.AttentionParams`; :func:`plugin_attention` runs it through
+:func:`hf_attn_plugin.ops.attention_trusted` (the segments are built here, so their values are not re-checked), or,
+for decode-shaped calls over a cache, through
 :func:`hf_attn_plugin.decode_ops.attention`. A page pool of a ``PagedCache`` is read through its block tables.
 Nothing here branches on the model family.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import weakref
 
 import torch
@@ -30,19 +30,9 @@ except ImportError:  # torch built without torch.distributed: no DTensor can arr
 __all__ = ["AttentionCall", "describe_call", "describe_paged_call", "plugin_attention"]
 
 
-@dataclasses.dataclass(frozen=True)
-class AttentionCall:
-    """Everything the kernels need to know about one attention call, model-independent."""
-
-    scale: float
-    causal: bool
-    window: int | None = None
-    softcap: float | None = None
-    sinks: torch.Tensor | None = None
-    segments: torch.Tensor | None = None  # int32 [N, 5], see hf_attn_plugin.reference
-    max_seqlen_q: int | None = None
-    max_seqlen_k: int | None = None
-    dropout: float = 0.0  # attention dropout probability (transformers passes it in training only)
+# Deprecated name of ops.AttentionParams (what describe_call returns): normalised fields, window 0 / softcap 0.0 for
+# none (not None), and dropout_p for the former dropout.
+AttentionCall = ops.AttentionParams
 
 
 def plugin_attention(
@@ -76,14 +66,8 @@ def plugin_attention(
     key_segments = call.segments if kwargs.get("cu_seq_lens_q") is None else None
     if (not dropout and (call.segments is None or key_segments is not None)
             and decode_ops.applies(q, k, v, causal=call.causal, sinks=call.sinks, key_segments=key_segments)):
-        return decode_ops.attention(q, k, v, scale=call.scale, causal=call.causal, window=call.window,
-                                    softcap=call.softcap, sinks=call.sinks, key_segments=key_segments), None
-    out = ops.attention_trusted(  # segments built here: valid by construction, no value checks
-        q, k, v,
-        scale=call.scale, causal=call.causal, window=call.window, softcap=call.softcap, sinks=call.sinks,
-        segments=call.segments, max_seqlen_q=call.max_seqlen_q, max_seqlen_k=call.max_seqlen_k,
-        dropout_p=call.dropout,
-    )
+        return decode_ops.attention(q, k, v, call, key_segments=key_segments), None
+    out = ops.attention_trusted(q, k, v, call)  # segments built here: valid by construction, no value checks
     return out, None
 
 
@@ -120,8 +104,9 @@ def describe_call(
     cu_seq_lens_k: torch.Tensor | None = None,
     output_attentions: bool = False,
     **kwargs,
-) -> AttentionCall:
-    """Normalise transformers' kwargs into an :class:`AttentionCall`, refusing what we cannot do exactly."""
+) -> ops.AttentionParams:
+    """Normalise transformers' kwargs into :class:`~hf_attn_plugin.ops.AttentionParams`, refusing what we cannot do
+    exactly."""
     model = type(module).__name__
     if output_attentions:
         raise NotImplementedError(
@@ -162,16 +147,9 @@ def describe_call(
         segments = _memoised(attention_mask, seqlen_q, module,
                              lambda: segments_from_key_mask(attention_mask, seqlen_q))
 
-    return AttentionCall(
-        scale=float(head_dim**-0.5 if scaling is None else scaling),
-        causal=causal,
-        window=int(sliding_window) if sliding_window else None,
-        softcap=float(softcap) if softcap else None,
-        sinks=s_aux,
-        segments=segments,
-        max_seqlen_q=max_q,
-        max_seqlen_k=max_k,
-        dropout=float(dropout or 0.0),
+    return ops.AttentionParams.create(
+        head_dim, scale=scaling, causal=causal, window=sliding_window, softcap=softcap, sinks=s_aux,
+        segments=segments, max_seqlen_q=max_q, max_seqlen_k=max_k, dropout_p=dropout,
     )
 
 
@@ -194,13 +172,13 @@ def _local_sinks(sinks: "DTensor", heads_q: int) -> torch.Tensor:
 
 # What shapes a paged call (the reader knows the layout: positions, cu_seq_lens, masks are not needed).
 _PAGED_FEATURES = ("sliding_window", "softcap", "s_aux", "is_causal", "output_attentions")
-_PAGED_CALLS = weakref.WeakKeyDictionary()  # module -> (key, AttentionCall)
+_PAGED_CALLS = weakref.WeakKeyDictionary()  # module -> (key, AttentionParams)
 
 
 def describe_paged_call(module: torch.nn.Module, query: torch.Tensor, dropout: float, scaling, kwargs: dict):
     """:func:`describe_call` for a paged reader's call (no mask, no packing), memoised per module.
 
-    Every step calls each layer with the same features, so the :class:`AttentionCall` is built (and checked)
+    Every step calls each layer with the same features, so the params are built (and checked)
     once per layer, not once per layer and step. Tensors (``s_aux``) are keyed by identity.
     """
     if dropout:

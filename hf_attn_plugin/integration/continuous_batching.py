@@ -40,8 +40,13 @@ Sliding-window layers use a rolling buffer whose slots are not in position order
 
 transformers 5.17-5.18 switch a ``"plugin"`` model to ``"paged|plugin"`` and hand that attention
 function the new K/V plus ``cache=``; :func:`paged_plugin_attention`, registered under that name on
-import (those versions only), writes and attends in place the same way. A plain ``model.generate_batch``
-works there too, on transformers' own manager (without the decode fast path).
+import (those versions only: :func:`~hf_attn_plugin.integration.compat.register_paged_attention`), writes and
+attends in place the same way. A plain ``model.generate_batch`` works there too, on transformers' own manager
+(without the decode fast path). Which regime runs, and the manager subclass, live in
+:mod:`~hf_attn_plugin.integration.compat`.
+
+Each step's paged-attention plan (:func:`hf_attn_plugin.paged_ops.plan`) is built by its first layer and run by
+every layer (:func:`hf_attn_plugin.paged_ops.run`).
 """
 
 from __future__ import annotations
@@ -53,9 +58,10 @@ import weakref
 
 import torch
 
-from ..paged_ops import paged_attention_trusted, write_kv_trusted
+from .. import paged_ops
+from ..paged_ops import write_kv_trusted
+from . import compat
 from .attention import describe_paged_call
-from .compat import TRANSFORMERS_VERSION
 from .paged_cache import tag_pool
 from .registration import ATTN_IMPLEMENTATION
 
@@ -64,8 +70,7 @@ __all__ = [
     "init_continuous_batching", "paged_plugin_attention",
 ]
 
-PAGED_ATTN_IMPLEMENTATION = "paged|" + ATTN_IMPLEMENTATION  # what transformers 5.17-5.18 switch "plugin" to
-_CACHE_TAKES_OVER = TRANSFORMERS_VERSION.release >= (5, 19)  # 5.19+: the model calls cache.update itself
+PAGED_ATTN_IMPLEMENTATION = compat.paged_attention_name(ATTN_IMPLEMENTATION)  # what 5.17-5.18 switch "plugin" to
 
 
 @dataclasses.dataclass
@@ -77,10 +82,12 @@ class _Step:
     seq_lens: torch.Tensor  # int32 [N]
     cu_seqlens_q: torch.Tensor  # int32 [N + 1]
     max_seqlen_q: int
+    plan: paged_ops.PagedPlan | None = None  # built by the step's first attention call (it knows q's shape)
 
 
 class InPlacePagedUpdate:
-    """Replacement for one ``PagedAttentionCache.update``: write in place, return tagged page views."""
+    """Replacement for one ``PagedAttentionCache.update``: write in place, return page views tagged with this
+    object, the :class:`~hf_attn_plugin.integration.paged_cache.PagedReader` of the layer being run."""
 
     def __init__(self, cache):
         if set(cache.cache_allocators) != {"full_attention"}:
@@ -91,39 +98,33 @@ class InPlacePagedUpdate:
 
     def __call__(self, key_states, value_states, layer_idx: int, kwargs: dict):
         allocator = self.cache.layer_to_allocator[layer_idx]
-        kwargs["cu_seq_lens_k"] = kwargs["cu_seq_lens_k"][allocator.layer_type].to(torch.int32)
-        kwargs["max_length_k"] = kwargs["max_length_k"][allocator.layer_type]
+        kwargs["cu_seq_lens_k"], max_q, max_k = compat.batch_lengths(kwargs, allocator.layer_type)
         k_pages, v_pages = allocator.get_cache_for_block_table(layer_idx)
-        step = self._step(allocator.index, k_pages.shape[1], layer_idx, kwargs)
+        self._memo = _memoised_step(self._memo, allocator.index, k_pages.shape[1], layer_idx, kwargs, max_q, max_k)
+        step = self._memo[1]
         as_tokens = lambda t: t[0].transpose(0, 1)  # noqa: E731  [1, H_kv, T, D] -> [T, H_kv, D]
         write_kv_trusted(k_pages, v_pages, as_tokens(key_states), as_tokens(value_states), step.slots)
         self._current = (k_pages, v_pages, step)
         tag_pool(k_pages, self)
         return k_pages, v_pages
 
-    def attend(self, call, query: torch.Tensor, attention_mask) -> torch.Tensor:
-        return _attend(call, query, *self._current)
-
-    def _step(self, group: int, page_size: int, layer_idx: int, kwargs: dict) -> _Step:
-        max_q, max_k = kwargs["max_length_q"], kwargs["max_length_k"]
-        self._memo = _memoised_step(self._memo, group, page_size, layer_idx, kwargs, max_q, max_k)
-        return self._memo[1]
+    def attend(self, params, query: torch.Tensor, attention_mask) -> torch.Tensor:
+        return _attend(params, query, *self._current)
 
 
-def _attend(call, query: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, step: _Step) -> torch.Tensor:
-    """``query`` ``[1, Hq, T, D]`` (sequences packed along T) over the pages -> ``[1, T, Hq, D]``."""
+def _attend(params, query: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.Tensor, step: _Step) -> torch.Tensor:
+    """``query`` ``[1, Hq, T, D]`` (sequences packed along T) over the pages -> ``[1, T, Hq, D]``; the step's first
+    call plans it (every argument is built by us: no checks)."""
     if step.slots.numel() != query.shape[2]:
         raise RuntimeError(f"{query.shape[2]} query tokens for {step.slots.numel()} cache slots: transformers' batch "
                            "layout is not the one this version of hf_attn_plugin expects")
     q = query[0].transpose(0, 1).to(k_pages.dtype)
     if q.stride(-1) != 1:
         q = q.contiguous()
-    # The checked public paged_attention minus its per-call validation: every argument here is built by us.
-    out = paged_attention_trusted(
-        q, k_pages, v_pages, step.block_tables, step.seq_lens, step.cu_seqlens_q, None, call.sinks, call.scale,
-        call.causal, call.window or 0, call.softcap or 0.0, 0, step.max_seqlen_q,
-    )
-    return out.unsqueeze(0)
+    if step.plan is None:
+        step.plan = paged_ops.plan(q, k_pages, step.block_tables, step.seq_lens, cu_seqlens_q=step.cu_seqlens_q,
+                                   max_seqlen_q=step.max_seqlen_q)
+    return paged_ops.run(q, k_pages, v_pages, step.plan, params).unsqueeze(0)
 
 
 def _memoised_step(memo: tuple, group: int, page_size: int, layer_idx: int, kwargs: dict, max_q: int,
@@ -197,11 +198,9 @@ def paged_plugin_attention(module, query, key, value, attention_mask, dropout=0.
     group, index = cache.layer_index_to_group_indices[layer]
     if cache.sliding_windows[layer] != 1:
         raise NotImplementedError(_sliding_refusal())
-    for name in ("cu_seq_lens_k", "max_seqlen_k"):  # one entry per layer type when the model mixes them
-        if isinstance(kwargs[name], dict):
-            kwargs[name] = kwargs[name]["full_attention"]
-    memo = _memoised_step(_LEGACY_MEMO.get(cache, (None, None, -1)), group, cache.block_size, layer, kwargs,
-                          kwargs["max_seqlen_q"], kwargs["max_seqlen_k"])
+    kwargs["cu_seq_lens_k"], max_q, max_k = compat.batch_lengths(kwargs, "full_attention")
+    memo = _memoised_step(_LEGACY_MEMO.get(cache, (None, None, -1)), group, cache.block_size, layer, kwargs, max_q,
+                          max_k)
     _LEGACY_MEMO[cache] = memo
     shape = (-1, cache.block_size, *cache.key_cache[index].shape[1:])
     k_pages, v_pages = cache.key_cache[index].view(shape), cache.value_cache[index].view(shape)
@@ -214,56 +213,18 @@ def paged_plugin_attention(module, query, key, value, attention_mask, dropout=0.
 def _sliding_refusal() -> str:
     return (
         "continuous batching through attn_implementation='plugin' supports full-attention layers; transformers "
-        f"{TRANSFORMERS_VERSION} stores sliding-window layers in a rolling buffer out of position order. Use "
+        f"{compat.TRANSFORMERS_VERSION} stores sliding-window layers in a rolling buffer out of position order. Use "
         "model.generate(..., past_key_values=hf_attn_plugin.PagedCache(...)) (sliding windows supported), or "
         "attn_implementation='sdpa' for generate_batch."
     )
-
-
-@functools.cache
-def _manager_class():
-    """:class:`PluginContinuousBatchingManager`, defined lazily (transformers' continuous batching is imported late)."""
-    from transformers.generation.continuous_batching import ContinuousBatchingManager
-
-    class PluginContinuousBatchingManager(ContinuousBatchingManager):
-        """transformers' manager for ``"plugin"`` models: on 5.19+ it accepts ``"plugin"`` itself and reads its
-        cache's pages in place (:class:`InPlacePagedUpdate`); on every version it honours an explicit
-        ``max_blocks_per_request > 0`` (transformers keeps its block-table decode path for flash attention only)."""
-
-        def __init__(self, model, generation_config, continuous_batching_config, workload_hints=None):
-            requested = continuous_batching_config.max_blocks_per_request
-            super().__init__(model, generation_config, continuous_batching_config, workload_hints)
-            if requested:  # transformers resolves a copy of the config and zeroes this for non-flash attention
-                self.continuous_batching_config.max_blocks_per_request = requested
-
-        def switch_to_cb_friendly_attn(self, model, auto_switch_to_flash: bool = True) -> None:
-            impl = model.config._attn_implementation
-            if impl not in (ATTN_IMPLEMENTATION, PAGED_ATTN_IMPLEMENTATION):
-                raise ValueError(
-                    f"hf_attn_plugin continuous batching runs models loaded with attn_implementation="
-                    f"{ATTN_IMPLEMENTATION!r}; this one uses {impl!r} (call model.generate_batch directly for it)"
-                )
-            if not _CACHE_TAKES_OVER and impl == ATTN_IMPLEMENTATION:
-                # 5.17-5.18: the model must call "paged|plugin" (with cache=). Switched here, not by the base class,
-                # which would switch to flash attention instead when flash-attn is installed. Restored on stop.
-                model.set_attn_implementation(PAGED_ATTN_IMPLEMENTATION)
-                self._original_attn_impl = impl
-
-        def _create_batch_processor(self):
-            processor = super()._create_batch_processor()
-            if _CACHE_TAKES_OVER and not isinstance(processor.cache.update, InPlacePagedUpdate):
-                processor.cache.update = InPlacePagedUpdate(processor.cache)
-            return processor
-
-    return PluginContinuousBatchingManager
 
 
 def init_continuous_batching(model, generation_config=None, continuous_batching_config=None, workload_hints=None):
     """Like ``model.init_continuous_batching``, returning a manager that runs on our paged kernels."""
     from transformers import ContinuousBatchingConfig
 
-    manager_cls = _manager_class()
-    cached = getattr(model, "_cached_continuous_batching_manager", None)
+    manager_cls = compat.manager_class(ATTN_IMPLEMENTATION, InPlacePagedUpdate)
+    cached = compat.cached_manager(model)
     if isinstance(cached, manager_cls):
         return cached
     gen_config = generation_config if generation_config is not None else model.generation_config
@@ -284,10 +245,11 @@ def continuous_batching_context(model):
     Only this model object is affected (its ``init_continuous_batching`` is shadowed by an instance
     attribute, removed on exit).
     """
-    if model.config._attn_implementation != ATTN_IMPLEMENTATION:
+    impl = compat.attn_implementation(model)
+    if impl != ATTN_IMPLEMENTATION:
         raise ValueError(
             "hf_attn_plugin.continuous_batching_context needs a model with attn_implementation="
-            f"{ATTN_IMPLEMENTATION!r}, got {model.config._attn_implementation!r}"
+            f"{ATTN_IMPLEMENTATION!r}, got {impl!r}"
         )
     model.init_continuous_batching = functools.partial(init_continuous_batching, model)
     try:
@@ -305,7 +267,4 @@ def generate_batch(model, inputs: list[list[int]], generation_config=None, **kwa
         return model.generate_batch(inputs, generation_config=generation_config, **kwargs)
 
 
-if not _CACHE_TAKES_OVER:
-    from transformers import AttentionInterface
-
-    AttentionInterface.register(PAGED_ATTN_IMPLEMENTATION, paged_plugin_attention)
+compat.register_paged_attention(ATTN_IMPLEMENTATION, paged_plugin_attention)  # 5.17-5.18 only

@@ -46,16 +46,21 @@ def plugin_mask(
     ``>= q_offset + q_length`` are the empty tail of a static cache.
     """
     device = attention_mask.device if attention_mask is not None else device
-    columns = torch.arange(kv_length, device=device) + kv_offset
-    written = columns < (q_offset + q_length)
+    # Slots past the newest query may be unwritten (a static cache's tail): only then is "written" computed (a
+    # dynamic cache's decode step skips those tensor ops).
+    tail = isinstance(q_offset, torch.Tensor) or q_offset + q_length < kv_offset + kv_length
     if attention_mask is not None:
         if attention_mask.dim() != 2:
             return attention_mask  # a custom 4-D mask: the attention function refuses it with a clear error
         user = attention_mask.to(dtype=torch.bool, device=device)
-        padded = torch.nn.functional.pad(user, (0, max(0, kv_offset + kv_length - user.shape[-1])))
-        key_mask = padded[:, kv_offset : kv_offset + kv_length] & written
-    elif isinstance(q_offset, torch.Tensor) or q_offset + q_length < kv_offset + kv_length:
-        key_mask = written.expand(batch_size, kv_length)
+        missing = kv_offset + kv_length - user.shape[-1]
+        if missing > 0:
+            user = torch.nn.functional.pad(user, (0, missing))
+        key_mask = user[:, kv_offset : kv_offset + kv_length]
+        if tail:
+            key_mask = key_mask & _written(kv_length, kv_offset, q_offset + q_length, device)
+    elif tail:
+        key_mask = _written(kv_length, kv_offset, q_offset + q_length, device).expand(batch_size, kv_length)
     elif mask_function is not None and q_length == kv_length > 1 and mask_function not in _UNPACKED:
         return packed_documents(mask_function, batch_size, q_length, q_offset, kv_offset, device)
     else:
@@ -66,6 +71,11 @@ def plugin_mask(
             return None
         _check_contiguous(key_mask)
     return key_mask
+
+
+def _written(kv_length: int, kv_offset: int, end: int | torch.Tensor, device) -> torch.Tensor:
+    """``[kv_length]`` bool: key slot ``j`` (absolute position ``kv_offset + j``) lies before ``end``."""
+    return torch.arange(kv_offset, kv_offset + kv_length, device=device) < end
 
 
 def _check_contiguous(key_mask: torch.Tensor) -> None:

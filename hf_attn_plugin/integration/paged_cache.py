@@ -1,18 +1,19 @@
 """A ``transformers.Cache`` whose layers live in pages: ``model.generate(past_key_values=PagedCache(...))``.
 
 Every layer stores its K/V in one preallocated pool ``[num_pages, page_size, H_kv, D]`` of a shared
-:class:`~hf_attn_plugin.paged.PagedKVCache`; a batch row is one paged sequence. One forward step:
+:class:`~hf_attn_plugin.paged.PagePool`; a batch row is one paged sequence. One forward step:
 
-1. the first layer's ``update`` asks the allocator for the step's pages (``PagedKVCache.plan``: all
+1. the first layer's ``update`` asks the page pool for the step's pages (``PagePool.plan``: all
    layers share block tables, so pages are allocated once per step, all-or-nothing, raising
    :class:`~hf_attn_plugin.paged.OutOfPagesError` when they do not fit);
 2. each layer's ``update`` writes its new K/V into its pools with :func:`~hf_attn_plugin.paged_ops.write_kv`
    and returns the *pools themselves*, tagged with the layer (:func:`tag_pool`);
 3. ``plugin_attention`` recognises a tagged pool (:func:`paged_reader_of`) and calls the layer's
-   :meth:`PagedLayer.attend`, which runs
-   :func:`~hf_attn_plugin.paged_ops.paged_attention` over the block tables: K/V are read in place,
-   never concatenated or gathered into a contiguous copy (the reference backend on CPU gathers, as
-   the oracle; the Triton kernels on GPU do not).
+   :meth:`PagedLayer.attend` (the :class:`PagedReader` protocol). The step's first ``attend`` builds the
+   step's paged-attention plan (:func:`~hf_attn_plugin.paged_ops.plan`: ``k_starts`` from the key mask,
+   split counts, grids, partial buffers) and every layer runs it (:func:`~hf_attn_plugin.paged_ops.run`) over
+   the block tables: K/V are read in place, never concatenated or gathered into a contiguous copy (the
+   reference backend on CPU gathers, as the oracle; the Triton kernels on GPU do not).
 
 Left padding: positions keep their meaning (pad tokens occupy slots, as in ``DynamicCache``), and the
 first real slot of each row, from the ``"plugin"`` key mask, becomes ``k_starts``. Sliding-window
@@ -24,16 +25,18 @@ handed a page pool instead of a ``[B, H, S, D]`` tensor.
 from __future__ import annotations
 
 import weakref
+from typing import Protocol, runtime_checkable
 
 import torch
 from transformers import Cache
 from transformers.cache_utils import CacheLayerMixin
 
+from .. import paged_ops
 from .._checks import mark_built
-from ..paged import PagedKVCache, StepPlan
-from ..paged_ops import paged_attention, write_kv
+from ..paged import PagePool, StepPlan
+from ..paged_ops import write_kv
 
-__all__ = ["PagedCache", "paged_reader_of", "tag_pool"]
+__all__ = ["PagedCache", "PagedReader", "paged_reader_of", "tag_pool"]
 
 _TAG = "_hf_attn_plugin_paged_reader"  # attribute on a K page pool: weak reference to its reader
 _ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -85,7 +88,7 @@ class PagedCache(Cache):
         if device is None:
             device = model.device if model is not None else "cpu"
 
-        self.kv = PagedKVCache(
+        self.kv = PagePool(
             len(layer_types), kv_heads, head_dim, num_pages=num_pages, memory_gib=memory_gib,
             page_size=page_size, max_seqs=2 * max_batch_size,  # headroom: a beam reorder forks before freeing
             max_seq_len=max_seq_len, dtype=dtype, device=device,
@@ -93,8 +96,8 @@ class PagedCache(Cache):
         self.max_rows = max_batch_size
         self.seq_ids: list[int] = []
         self.plan: StepPlan | None = None
+        self.attention_plan: paged_ops.PagedPlan | None = None  # the step's, built by its first attend
         self._steps = 0  # forward steps planned so far (each PagedLayer counts the steps it has written)
-        self._k_starts: tuple[torch.Tensor | None, torch.Tensor | None] = (None, None)  # (mask, k_starts) memo
         super().__init__(layers=[PagedLayer(self, i, t == "sliding_attention") for i, t in enumerate(layer_types)])
 
     # ------------------------------------------------------------------ accounting
@@ -111,7 +114,7 @@ class PagedCache(Cache):
         return self.kv.num_pages - self.kv.num_free_pages
 
     def waste(self) -> float:
-        """Allocated-but-unused slots / allocated slots (see :meth:`PagedKVCache.waste`)."""
+        """Allocated-but-unused slots / allocated slots (see :meth:`PagePool.waste`)."""
         return self.kv.waste()
 
     # ------------------------------------------------------------------ Cache API
@@ -137,9 +140,8 @@ class PagedCache(Cache):
         """Free every sequence and page; the pools stay allocated for the next ``generate``."""
         for sid in self.seq_ids:
             self.kv.free(sid)
-        self.seq_ids, self.plan = [], None
+        self.seq_ids, self.plan, self.attention_plan = [], None, None
         self._steps = 0
-        self._k_starts = (None, None)
         for layer in self.layers:
             layer.steps = 0
 
@@ -172,19 +174,26 @@ class PagedCache(Cache):
                     f"PagedCache holds {len(self.seq_ids)} sequences but the step has {batch} rows; "
                     "call reset() before generating a new batch"
                 )
-            self.plan = self.kv.plan(self.seq_ids, [num_new] * batch)
+            self.plan, self.attention_plan = self.kv.plan(self.seq_ids, [num_new] * batch), None
             self._steps += 1
         layer.steps += 1
         return self.plan
 
-    def k_starts(self, key_mask: torch.Tensor | None) -> torch.Tensor | None:
-        """First real key slot of each row (int32), from the ``"plugin"`` key mask; memoised per mask."""
-        if key_mask is None:
-            return None
-        if self._k_starts[0] is not key_mask:
-            starts = torch.argmax(key_mask.to(torch.int32), dim=-1).to(torch.int32)
-            self._k_starts = (key_mask, mark_built(starts.to(self.kv.device)))  # >= 0: the ops skip its check
-        return self._k_starts[1]
+    def _attention_plan(self, q: torch.Tensor, key_mask: torch.Tensor | None) -> paged_ops.PagedPlan:
+        """The step's paged-attention plan, built by its first attention call: every layer of a step has the same
+        query shape, block tables and key mask (:meth:`PagedLayer.get_mask_sizes` gives sliding layers the whole
+        history too), whose first real slot per row becomes ``k_starts``."""
+        if self.attention_plan is None:
+            plan = self.plan
+            k_starts = None
+            if key_mask is not None:  # >= 0 by construction: marked package-built
+                k_starts = mark_built(torch.argmax(key_mask.to(torch.int32), dim=-1).to(torch.int32).to(q.device))
+            self.attention_plan = paged_ops.plan(
+                q, self.kv.k_pools[0], plan.block_tables, plan.seq_lens,
+                cu_seqlens_q=None if plan.is_decode else plan.cu_seqlens_q, max_seqlen_q=plan.max_seqlen_q,
+                k_starts=k_starts,
+            )
+        return self.attention_plan
 
 
 _KEY_PROJECTIONS = ("k_proj", "qkv_proj", "query_key_value")  # modules whose output holds the keys, fused or not
@@ -263,32 +272,38 @@ class PagedLayer(CacheLayerMixin):
 
     prefetch = offload
 
-    def attend(self, call, query: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+    def attend(self, params, query: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
         """Attention of ``query`` ``[B, Hq, S, D]`` over this layer's pages; returns ``[B, S, Hq, D]``.
 
-        ``call`` is the layer's :class:`~hf_attn_plugin.integration.AttentionCall` (scale, causality,
-        window, softcap, sinks); ``attention_mask`` the ``"plugin"`` key mask or ``None``.
+        ``params`` are the layer's :class:`~hf_attn_plugin.ops.AttentionParams` (scale, causality, window,
+        softcap, sinks); ``attention_mask`` the ``"plugin"`` key mask or ``None``.
         """
-        cache = self.cache
         batch, heads, num_new, dim = query.shape
         q = query.transpose(1, 2).reshape(batch * num_new, heads, dim).to(self.keys.dtype)
-        cu_seqlens_q = None
-        if num_new > 1:
-            cu_seqlens_q = torch.arange(0, (batch + 1) * num_new, num_new, dtype=torch.int32, device=q.device)
-        out = paged_attention(
-            q, self.keys, self.values, cache.plan.block_tables, cache.plan.seq_lens,
-            cu_seqlens_q=cu_seqlens_q, max_seqlen_q=num_new, k_starts=cache.k_starts(attention_mask),
-            scale=call.scale, causal=call.causal, window=call.window, softcap=call.softcap, sinks=call.sinks,
-        )
-        return out.view(batch, num_new, heads, dim)
+        if q.stride(-1) != 1:
+            q = q.contiguous()
+        plan = self.cache._attention_plan(q, attention_mask)
+        return paged_ops.run(q, self.keys, self.values, plan, params).view(batch, num_new, heads, dim)
 
 
-def tag_pool(pool: torch.Tensor, reader) -> None:
-    """Mark ``pool`` as a page pool read by ``reader`` (an object with ``attend(call, query, attention_mask)``)."""
+@runtime_checkable
+class PagedReader(Protocol):
+    """What a cache offers when its update hands ``plugin_attention`` a page pool instead of ``[B, H, S, D]`` keys
+    (:func:`tag_pool` marks the pool, :func:`paged_reader_of` finds the reader): ``PagedLayer`` (``PagedCache``)
+    and ``InPlacePagedUpdate`` (continuous batching)."""
+
+    def attend(self, params, query: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention of transformers' ``query`` ``[B, Hq, S, D]`` over the pages the last ``update`` returned, with
+        the layer's :class:`~hf_attn_plugin.ops.AttentionParams`; returns ``[B, S, Hq, D]``."""
+        ...
+
+
+def tag_pool(pool: torch.Tensor, reader: PagedReader) -> None:
+    """Mark ``pool`` as a page pool read by ``reader``."""
     setattr(pool, _TAG, weakref.ref(reader))
 
 
-def paged_reader_of(key: torch.Tensor):
+def paged_reader_of(key: torch.Tensor) -> PagedReader | None:
     """The reader whose page pool ``key`` is (see :func:`tag_pool`), or ``None`` for an ordinary K tensor."""
     ref = getattr(key, _TAG, None)
     return ref() if ref is not None else None

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from .attention import plugin_attention
 from .masks import plugin_mask
@@ -26,7 +27,6 @@ def register(name: str = ATTN_IMPLEMENTATION) -> str:
 
 
 def is_registered(name: str = ATTN_IMPLEMENTATION) -> bool:
-    return (
-        AttentionInterface._global_mapping.get(name) is plugin_attention
-        and AttentionMaskInterface._global_mapping.get(name) is plugin_mask
-    )
+    """Whether ``name`` runs our attention function and our mask function (transformers' public mappings)."""
+    return (ALL_ATTENTION_FUNCTIONS.get(name) is plugin_attention
+            and ALL_MASK_ATTENTION_FUNCTIONS.get(name) is plugin_mask)

@@ -26,7 +26,8 @@ Hopper forward (``gluon_fwd.py``; candidates of the 64 and 128 buckets, after th
 choose Gluon per key. ``flash.flash_attn_forward`` runs it where the Gluon kernel supports the call (16-bit, D 64 or
 128, no segments/window/softcap/sinks/dropout, sm_90, Triton with Gluon); otherwise it asks :func:`pick` again with
 ``triton_only=True``: the table entry's recorded Triton ``fallback`` (nearest-bucket rules as above, over the
-entries' Triton view), else the candidates' default. The backward is always Triton (same lse contract).
+entries' Triton view), else the candidates' default. The dK/dV backward likewise (``Config.gluon`` of the
+("bwd_dkdv", 64/128) lists: 0..2 of ``gluon_bwd.py``, same subset); dQ is always Triton.
 
 No configuration is benchmarked at run time unless the user opts in, on any GPU: on a GPU without a shipped table
 (or for a key the table lacks) the nearest entry or the default is used, and a fresh process pays compiles only.
@@ -43,8 +44,9 @@ Environment:
 * ``HF_ATTN_PLUGIN_AUTOTUNE``: ``1`` tunes the keys the tables miss (above); ``0`` or unset (the default): never
   tunes. (Until this change tuning was on by default and ``0`` meant "always the first candidate".)
 * ``HF_ATTN_PLUGIN_TUNE_CACHE=0``: neither read nor write persisted tuning results (``1``, the default: both).
-* ``HF_ATTN_PLUGIN_GLUON=0``: never run the Gluon forward; where a config names it, the key's Triton config runs
-  (as for calls the Gluon kernel does not support). ``1``, the default: Gluon where the config names it.
+* ``HF_ATTN_PLUGIN_GLUON=0``: never run the Gluon kernels (forward, dK/dV); where a config names one, the key's
+  Triton config runs (as for calls the Gluon kernel does not support). ``1``, the default: Gluon where the config
+  names it.
 * ``HF_ATTN_PLUGIN_VERBOSE=1``: print each key's config and where it came from (user, exact, nearest, plain,
   default, tuned), and every tuned candidate's time, registers and spills.
 * ``TRITON_INTERPRET=1`` (CPU tests): fixed small configs (tiles of 16/32 rows, so that the CPU tests cross many
@@ -93,10 +95,11 @@ class Config:
     16 rows). Split-K (paged only): ``min_split_keys`` is the shortest piece a sequence is cut into;
     ``split_programs`` the number of programs that fill the GPU (0: four per SM).
 
-    ``gluon`` (flash forward only): -1 (the default) runs the Triton kernel; 0..3 runs that variant (``warp_spec``
-    argument) of the Gluon Hopper forward, ``kernels/gluon_fwd.py``, whose tile shape is fixed: the other fields
-    then only record it (``gluon_fwd._config``). ``flash.flash_attn_forward`` runs a Gluon config only where the
-    Gluon kernel supports the call, else the key's Triton config (:func:`pick` with ``triton_only``).
+    ``gluon`` (flash forward and dK/dV): -1 (the default) runs the Triton kernel; 0..3 runs that variant
+    (``warp_spec`` argument) of the Gluon Hopper forward, ``kernels/gluon_fwd.py`` (dK/dV: 0..2 of
+    ``kernels/gluon_bwd.py``), whose tile shape is fixed: the other fields then only record it (``_config`` of the
+    module). ``flash.flash_attn_forward`` / ``flash_attn_backward`` run a Gluon config only where the Gluon kernel
+    supports the call, else the key's Triton config (:func:`pick` with ``triton_only``).
     """
 
     block_m: int
@@ -216,6 +219,13 @@ def _gluon_candidates(head_dim: int) -> Tuple[Config, ...]:
     return tuple(Config(128, 128, 8 if v < 2 else 4, stages, gluon=v) for v in GLUON_VARIANTS)
 
 
+def _gluon_bwd_candidates(head_dim: int) -> Tuple[Config, ...]:
+    """The Gluon dK/dV kernel's variants (kernels/gluon_bwd.py ``_config``: 128 keys x 64 query rows; 3 stages at
+    D=64, 2 at D=128; 0: 8 math warps, 1: plus a producer warp, 2: two 4-warp math partitions plus a producer)."""
+    stages = 3 if head_dim == 64 else 2
+    return tuple(Config(64, 128, 8 if v < 2 else 4, stages, gluon=v) for v in (0, 1, 2))
+
+
 # Hopper candidates, default first (used wherever no table entry applies, so it must fit every dtype). wgmma
 # wants >= 64 rows per warpgroup; head_dim 128 at 128x128 tiles sits at the register limit, so the larger tiles
 # are only tried where they can fit.
@@ -249,16 +259,19 @@ _GPU: Dict[Tuple[str, int], Sequence[Config]] = {
                       Config(128, 32, 8, 3)),
     ("bwd_dq", 256): (Config(64, 64, 4, 1), Config(64, 32, 4, 2), Config(128, 32, 8, 1), Config(32, 32, 4, 1)),
     ("bwd_dkdv", 64): (Config(64, 128, 8, 2), Config(32, 128, 4, 2), Config(64, 64, 4, 3), Config(64, 128, 4, 2, True),
-                       Config(64, 128, 8, 3), Config(32, 64, 4, 3), Config(128, 128, 8, 2), Config(64, 64, 8, 3)),
+                       Config(64, 128, 8, 3), Config(32, 64, 4, 3), Config(128, 128, 8, 2), Config(64, 64, 8, 3),
+                       *_gluon_bwd_candidates(64)),
     # dK and dV accumulate in registers for the whole program: [BLOCK_N, D] fp32 each. At D=128 a
     # 128-row KV tile spills on 8 warps (114-214 spilled registers); 64-row KV tiles on 8 warps were
     # 2x slower still (likely: two warpgroups share a 64-row wgmma M dimension); one warpgroup on a
     # 64-row KV tile with 32-row query tiles was fastest (H200 run 2, MHA S=16k: 3.96 ms vs 5.62 ms
     # for the best run-1 config; see benchmarks/NOTES_flash.md).
     ("bwd_dkdv", 128): (Config(32, 64, 4, 3), Config(64, 128, 8, 2), Config(64, 64, 8, 3), Config(32, 64, 4, 4),
-                        Config(16, 64, 4, 4), Config(64, 64, 4, 2), Config(32, 128, 8, 3), Config(64, 128, 4, 2, True)),
+                        Config(16, 64, 4, 4), Config(64, 64, 4, 2), Config(32, 128, 8, 3), Config(64, 128, 4, 2, True),
+                        *_gluon_bwd_candidates(128)),
     # ^ warp-specialized 64x128 (two 64-row consumers): ~2% faster where picked (session 4); WS 32x128 and 64x64
     #   were 10-50% slower at every shape and are not listed (benchmarks/results/flash_ws_bwd_variants_log.txt).
+    #   Gluon dK/dV (kernels/gluon_bwd.py, D 64/128 buckets): last, never the default; not timed on a GPU yet.
     ("bwd_dkdv", 256): (Config(64, 64, 8, 1), Config(32, 64, 8, 2), Config(64, 32, 8, 2), Config(32, 32, 4, 1)),
     ("bwd_pre", 64): (Config(128, 0, 4, 1),),
     ("bwd_pre", 128): (Config(128, 0, 4, 1),),

@@ -6,7 +6,8 @@ so otherwise). GQA/MQA is native: query head ``h`` reads KV head ``h // group``.
 Kernels
 
 * ``_attn_fwd``: one program per (query tile, segment x query head). Online softmax in base 2:
-  logits are prescaled by ``scale * log2(e)`` so every exponential is one ``exp2``. Saves the
+  logits are prescaled by ``scale * log2(e)`` so every exponential is one ``exp2`` (the score, mask and
+  online-softmax pieces are :mod:`.primitives`, shared with the paged kernels). Saves the
   natural-log LSE for the backward. K/V tiles are loaded with TMA through descriptors built in the
   kernel, bounded by the program's segment (Triton needs a scratch allocator for them: set at launch
   unless the caller set one).
@@ -51,7 +52,10 @@ import triton.language as tl
 from triton.runtime import _allocation
 
 from . import configs
-from .host import tma_ready
+from .host import cdiv, next_power_of_2, tma_ready
+from .primitives import (LN2, LOG2E, finish_softmax, mask_scores, online_softmax_step, score_scales, scores,
+                         scores_grad)
+from .params import AttentionParams
 
 __all__ = ["flash_attn_forward", "flash_attn_backward", "SUPPORTED_HEAD_DIMS", "check_head_dim", "dropout_mask"]
 
@@ -64,8 +68,6 @@ __all__ = ["flash_attn_forward", "flash_attn_backward", "SUPPORTED_HEAD_DIMS", "
 # the segment are filled with zeros by the TMA unit. tl.dot needs an inner dimension >= 16: hence the minimum.
 HEAD_DIM_MULTIPLE, MIN_HEAD_DIM, MAX_HEAD_DIM = 8, 16, 256
 SUPPORTED_HEAD_DIMS = tuple(range(MIN_HEAD_DIM, MAX_HEAD_DIM + 1, HEAD_DIM_MULTIPLE))
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 
 # Tests set this to fill freshly allocated (fully overwritten) outputs with NaN.
 POISON = False
@@ -150,28 +152,6 @@ def _dropout_mask_kernel(Seed, Keep, seqlen_q, seqlen_k, drop_p, BLOCK_M: tl.con
 
 
 @triton.jit
-def _tanh(x):
-    # 1 - 2 / (e^{2x} + 1): saturates to +-1 without NaN for large |x|.
-    return 1.0 - 2.0 / (tl.exp2(x * (2.0 * 1.4426950408889634)) + 1.0)
-
-
-@triton.jit
-def _logits(qk, sm_scale2, cap_scale, cap2, SOFTCAP: tl.constexpr):
-    """Scores in the log2 domain, ``log2(e) * s``, and ``tanh`` (for the softcap gradient).
-
-    Without softcap ``s = scale * qk``; with it ``s = cap * tanh(scale * qk / cap)``, so
-    ``log2(e) * s = (cap * log2(e)) * tanh(qk * (scale / cap))``.
-    """
-    if SOFTCAP:
-        t = _tanh(qk * cap_scale)
-        s = t * cap2
-    else:
-        t = qk
-        s = qk * sm_scale2
-    return s, t
-
-
-@triton.jit
 def _kv_range(m0, len_q, len_k, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
               CAUSAL: tl.constexpr, WINDOW: tl.constexpr):
     """Key-tile loop bounds for query rows ``[m0, m0 + BLOCK_M)``: masked ``[lo, p1)``,
@@ -214,20 +194,6 @@ def _q_range(n0, len_q, len_k, window, BLOCK_M: tl.constexpr, BLOCK_N: tl.conste
     return lo, tl.minimum(full_lo, hi), full_lo, full_hi, hi
 
 
-@triton.jit
-def _mask_scores(s, rows, cols, off, len_k, window, CHECK_COLS: tl.constexpr, CAUSAL: tl.constexpr,
-                 WINDOW: tl.constexpr):
-    """-inf where key ``cols`` is invisible to local query ``rows`` (either may be the broadcast axis)."""
-    pos = rows + off
-    if CHECK_COLS:
-        s = tl.where(cols < len_k, s, float("-inf"))
-    if CAUSAL:
-        s = tl.where(cols <= pos, s, float("-inf"))
-    if WINDOW:
-        s = tl.where(cols > pos - window, s, float("-inf"))
-    return s
-
-
 # ----------------------------------------------------------------------------------------------
 # Forward
 # ----------------------------------------------------------------------------------------------
@@ -236,29 +202,23 @@ def _mask_scores(s, rows, cols, off, len_k, window, CHECK_COLS: tl.constexpr, CA
 @triton.jit
 def _fwd_inner(acc, l_i, m_i, q, k_desc, v_desc, m0, start, end, len_q, len_k, window,
                sm_scale2, cap_scale, cap2, seed, bh, q_start, k_start, drop_p,
-               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-               MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-               DOT_PRECISION: tl.constexpr, WARP_SPEC: tl.constexpr, DROPOUT: tl.constexpr):
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+               SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
+               MASKED: tl.constexpr, WARP_SPEC: tl.constexpr):
     """K/V tiles come through TMA descriptors bounded by the segment: rows past ``len_k`` and columns past
     ``HEAD_DIM`` load as zeros (the masked phases also mask those scores)."""
     rows = m0 + tl.arange(0, BLOCK_M)
-    off = len_k - len_q
+    pos = rows[:, None] + (len_k - len_q)  # key position of each query row (bottom-right aligned)
     for start_n in tl.range(start, end, BLOCK_N, warp_specialize=WARP_SPEC):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         k = k_desc.load([start_n, 0])
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        s, _ = _logits(qk, sm_scale2, cap_scale, cap2, SOFTCAP)
+        s, _ = scores(qk, sm_scale2, cap_scale, cap2, SOFTCAP)
         if MASKED:
             cols = start_n + tl.arange(0, BLOCK_N)
-            s = _mask_scores(s, rows[:, None], cols[None, :], off, len_k, window, True, CAUSAL, WINDOW)
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        if MASKED:  # all -inf so far: subtract 0 instead, so exp2(-inf - -inf) never happens
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_use = m_new
-        alpha = tl.exp2(m_i - m_use)
-        p = tl.exp2(s - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+            s = mask_scores(s, pos, cols[None, :], 0, len_k, window, CHECK_START=False, CHECK_END=True,
+                            CAUSAL=CAUSAL, WINDOW=WINDOW)
+        p, alpha, m_new, l_i = online_softmax_step(s, m_i, l_i, MASKED)
         if DROPOUT:  # l (hence the LSE) sums every probability; only the P @ V product drops some
             keep = _dropout_keep(seed, bh, q_start + rows[:, None], k_start + start_n + tl.arange(0, BLOCK_N)[None, :],
                                  drop_p)
@@ -307,7 +267,7 @@ def _attn_fwd(
         q = _load_rows(q_seg + m0.to(tl.int64) * stride_qs, stride_qs, len_q - m0, BLOCK_M, HEAD_DIM, BLOCK_D, True)
 
     if SINKS:
-        m_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32) + tl.load(Sinks + head).to(tl.float32) * 1.4426950408889634
+        m_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32) + tl.load(Sinks + head).to(tl.float32) * LOG2E
         l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32) + 1.0
     else:
         m_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32) - float("inf")
@@ -329,27 +289,25 @@ def _attn_fwd(
         # single key loop only (several loops, an early return or an `if` in the loop make it fail or skip it).
         hi = tl.where(m0 < len_q, hi, lo)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_desc, v_desc, m0, lo, hi, len_q, len_k, window, sm_scale2,
-                                   cap_scale, cap2, seed, bh, q_start, k_start, drop_p, BLOCK_M, BLOCK_N, True,
-                                   CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION, True, DROPOUT)
+                                   cap_scale, cap2, seed, bh, q_start, k_start, drop_p, BLOCK_M, BLOCK_N, CAUSAL,
+                                   WINDOW, SOFTCAP, DOT_PRECISION, DROPOUT, MASKED=True, WARP_SPEC=True)
     else:
         # window-edge tiles, then the unmasked bulk, then the diagonal band / ragged end
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_desc, v_desc, m0, lo, p1_end, len_q, len_k, window, sm_scale2,
-                                   cap_scale, cap2, seed, bh, q_start, k_start, drop_p, BLOCK_M, BLOCK_N, True,
-                                   CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION, False, DROPOUT)
+                                   cap_scale, cap2, seed, bh, q_start, k_start, drop_p, BLOCK_M, BLOCK_N, CAUSAL,
+                                   WINDOW, SOFTCAP, DOT_PRECISION, DROPOUT, MASKED=True, WARP_SPEC=False)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_desc, v_desc, m0, full_lo, full_hi, len_q, len_k, window,
                                    sm_scale2, cap_scale, cap2, seed, bh, q_start, k_start, drop_p, BLOCK_M, BLOCK_N,
-                                   False, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION, False, DROPOUT)
+                                   CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION, DROPOUT, MASKED=False, WARP_SPEC=False)
         acc, l_i, m_i = _fwd_inner(acc, l_i, m_i, q, k_desc, v_desc, m0, full_hi, hi, len_q, len_k, window, sm_scale2,
-                                   cap_scale, cap2, seed, bh, q_start, k_start, drop_p, BLOCK_M, BLOCK_N, True,
-                                   CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION, False, DROPOUT)
+                                   cap_scale, cap2, seed, bh, q_start, k_start, drop_p, BLOCK_M, BLOCK_N, CAUSAL,
+                                   WINDOW, SOFTCAP, DOT_PRECISION, DROPOUT, MASKED=True, WARP_SPEC=False)
 
     # Rows with nothing visible (l = 0): out = 0, lse = 0.
-    live = l_i > 0.0
-    l_safe = tl.where(live, l_i, 1.0)
-    out = acc / l_safe[:, None]
+    out, lse2 = finish_softmax(acc, m_i, l_i)
     if DROPOUT:  # kept probabilities scaled by 1 / (1 - p)
         out = out * drop_scale
-    lse = tl.where(live, (m_i + tl.log2(l_safe)) * 0.6931471805599453, 0.0)
+    lse = tl.where(l_i > 0.0, lse2 * LN2, 0.0)
     o_base = Out + batch64 * stride_ob + head.to(tl.int64) * stride_oh + (q_start + m0).to(tl.int64) * stride_os
     _store_rows(o_base, stride_os, len_q - m0, out, BLOCK_M, HEAD_DIM, BLOCK_D)
     rows = tl.arange(0, BLOCK_M)
@@ -384,10 +342,10 @@ def _bwd_preprocess(Out, DO, Delta, stride_ob, stride_os, stride_oh, stride_db, 
 def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, m0, start, end, len_q, len_k, window,
               sm_scale2, cap_scale, cap2, seed, bh, q_start, k_start, drop_p, drop_scale,
               HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-              DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
+              CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+              DROPOUT: tl.constexpr, MASKED: tl.constexpr):
     rows = m0 + tl.arange(0, BLOCK_M)
-    off = len_k - len_q
+    pos = rows[:, None] + (len_k - len_q)  # key position of each query row (bottom-right aligned)
     for start_n in range(start, end, BLOCK_N):
         start_n = tl.multiple_of(start_n, BLOCK_N)
         n_left = len_k - start_n
@@ -396,19 +354,18 @@ def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, m0, 
         v = _load_rows(v_base + start_n.to(tl.int64) * stride_vs, stride_vs, n_left, BLOCK_N, HEAD_DIM, BLOCK_D,
                        MASKED)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
-        s, t = _logits(qk, sm_scale2, cap_scale, cap2, SOFTCAP)
+        s, t = scores(qk, sm_scale2, cap_scale, cap2, SOFTCAP)
         if MASKED:
             cols = start_n + tl.arange(0, BLOCK_N)
-            s = _mask_scores(s, rows[:, None], cols[None, :], off, len_k, window, True, CAUSAL, WINDOW)
+            s = mask_scores(s, pos, cols[None, :], 0, len_k, window, CHECK_START=False, CHECK_END=True,
+                            CAUSAL=CAUSAL, WINDOW=WINDOW)
         p = tl.exp2(s - lse2[:, None])  # probabilities, exactly as the forward normalised them
         dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
         if DROPOUT:  # dL/dP through the dropped, rescaled probabilities
             keep = _dropout_keep(seed, bh, q_start + rows[:, None], k_start + start_n + tl.arange(0, BLOCK_N)[None, :],
                                  drop_p)
             dp = tl.where(keep, dp * drop_scale, 0.0)
-        ds = p * (dp - delta[:, None])  # dL/ds (s after softcap)
-        if SOFTCAP:  # d(cap * tanh(x / cap)) / dx = 1 - tanh^2
-            ds = ds * (1.0 - t * t)
+        ds = scores_grad(p, dp, delta[:, None], t, SOFTCAP)
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
     return dq
 
@@ -444,7 +401,7 @@ def _attn_bwd_dq(
                     BLOCK_M, HEAD_DIM, BLOCK_D, True)
     rows = tl.arange(0, BLOCK_M)
     stat = batch64 * stride_lb + head64 * stride_lh + q_start + m0 + rows
-    lse2 = tl.load(Lse + stat, mask=rows < len_q - m0, other=0.0) * 1.4426950408889634
+    lse2 = tl.load(Lse + stat, mask=rows < len_q - m0, other=0.0) * LOG2E
     delta = tl.load(Delta + stat, mask=rows < len_q - m0, other=0.0)
     k_base = K + batch64 * stride_kb + kv_head.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_ks
     v_base = V + batch64 * stride_vb + kv_head.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vs
@@ -455,13 +412,13 @@ def _attn_bwd_dq(
     lo, p1_end, full_lo, full_hi, hi = _kv_range(m0, len_q, len_k, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
     dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, m0, lo, p1_end, len_q, len_k,
                    window, sm_scale2, cap_scale, cap2, seed, bh, q_start, k_start, drop_p, drop_scale, HEAD_DIM,
-                   BLOCK_D, BLOCK_M, BLOCK_N, True, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION, DROPOUT)
+                   BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION, DROPOUT, MASKED=True)
     dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, m0, full_lo, full_hi, len_q, len_k,
                    window, sm_scale2, cap_scale, cap2, seed, bh, q_start, k_start, drop_p, drop_scale, HEAD_DIM,
-                   BLOCK_D, BLOCK_M, BLOCK_N, False, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION, DROPOUT)
+                   BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION, DROPOUT, MASKED=False)
     dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, m0, full_hi, hi, len_q, len_k,
                    window, sm_scale2, cap_scale, cap2, seed, bh, q_start, k_start, drop_p, drop_scale, HEAD_DIM,
-                   BLOCK_D, BLOCK_M, BLOCK_N, True, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION, DROPOUT)
+                   BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION, DROPOUT, MASKED=True)
     # s = scale * q.k  =>  dq = scale * dS @ K
     dq = dq * sm_scale
     _store_rows(DQ + batch64 * stride_gb + head64 * stride_gh + row0 * stride_gs, stride_gs, len_q - m0, dq,
@@ -469,16 +426,17 @@ def _attn_bwd_dq(
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, q, do, lse2, delta, rows, cols, off, len_k, window, sm_scale2, cap_scale, cap2,
+def _dkdv_tile(dk, dv, k, v, q, do, lse2, delta, rows, cols, off, window, sm_scale2, cap_scale, cap2,
                seed, bh, q_start, k_start, drop_p, drop_scale,
-               MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-               DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
+               CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               DROPOUT: tl.constexpr, MASKED: tl.constexpr):
     """One query tile's contribution to dK/dV. Transposed formulation: scores are ``[BLOCK_N keys, BLOCK_M
     queries]`` so that dK and dV come out of ``dS^T @ Q`` and ``P^T @ dO`` without transposing P."""
     qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
-    sT, tT = _logits(qkT, sm_scale2, cap_scale, cap2, SOFTCAP)
-    if MASKED:
-        sT = _mask_scores(sT, rows[None, :], cols[:, None], off, len_k, window, False, CAUSAL, WINDOW)
+    sT, tT = scores(qkT, sm_scale2, cap_scale, cap2, SOFTCAP)
+    if MASKED:  # keys past the segment need no mask: their dK/dV rows are not stored
+        sT = mask_scores(sT, rows[None, :] + off, cols[:, None], 0, 0, window, CHECK_START=False, CHECK_END=False,
+                         CAUSAL=CAUSAL, WINDOW=WINDOW)
     pT = tl.exp2(sT - lse2[None, :])
     if DROPOUT:  # rows / cols are local: the mask is indexed by padded-layout positions
         keepT = _dropout_keep(seed, bh, q_start + rows[None, :], k_start + cols[:, None], drop_p)
@@ -488,9 +446,7 @@ def _dkdv_tile(dk, dv, k, v, q, do, lse2, delta, rows, cols, off, len_k, window,
     else:
         dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
         dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-    dsT = pT * (dpT - delta[None, :])
-    if SOFTCAP:
-        dsT = dsT * (1.0 - tT * tT)
+    dsT = scores_grad(pT, dpT, delta[None, :], tT, SOFTCAP)
     dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     return dk, dv
 
@@ -499,8 +455,8 @@ def _dkdv_tile(dk, dv, k, v, q, do, lse2, delta, rows, cols, off, len_k, window,
 def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_ds, n0, start, end,
                 len_q, len_k, window, sm_scale2, cap_scale, cap2, seed, bh, q_start, k_start, drop_p, drop_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                MASKED: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-                DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr):
+                CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                DROPOUT: tl.constexpr, MASKED: tl.constexpr):
     """Query rows past ``len_q`` load as zeros (q = dO = lse = delta = 0) and contribute exactly 0, so only the
     masked phases check bounds."""
     cols = n0 + tl.arange(0, BLOCK_N)
@@ -514,14 +470,14 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, 
         do = _load_rows(do_base + start_m.to(tl.int64) * stride_ds, stride_ds, m_left, BLOCK_M, HEAD_DIM, BLOCK_D,
                         MASKED)
         if MASKED:
-            lse2 = tl.load(lse_base + start_m + offs_m, mask=offs_m < m_left, other=0.0) * 1.4426950408889634
+            lse2 = tl.load(lse_base + start_m + offs_m, mask=offs_m < m_left, other=0.0) * LOG2E
             delta = tl.load(delta_base + start_m + offs_m, mask=offs_m < m_left, other=0.0)
         else:
-            lse2 = tl.load(lse_base + start_m + offs_m) * 1.4426950408889634
+            lse2 = tl.load(lse_base + start_m + offs_m) * LOG2E
             delta = tl.load(delta_base + start_m + offs_m)
-        dk, dv = _dkdv_tile(dk, dv, k, v, q, do, lse2, delta, start_m + offs_m, cols, off, len_k, window, sm_scale2,
-                            cap_scale, cap2, seed, bh, q_start, k_start, drop_p, drop_scale, MASKED, CAUSAL, WINDOW,
-                            SOFTCAP, DOT_PRECISION, DROPOUT)
+        dk, dv = _dkdv_tile(dk, dv, k, v, q, do, lse2, delta, start_m + offs_m, cols, off, window, sm_scale2,
+                            cap_scale, cap2, seed, bh, q_start, k_start, drop_p, drop_scale, CAUSAL, WINDOW, SOFTCAP,
+                            DOT_PRECISION, DROPOUT, MASKED)
     return dk, dv
 
 
@@ -544,11 +500,11 @@ def _dkdv_inner_ws(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, stride_l
         do = do_desc.load([g, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
         rows = start_m + offs_m
         stat = g.to(tl.int64) * stride_lh + rows
-        lse2 = tl.load(lse_base + stat, mask=rows < len_q, other=0.0) * 1.4426950408889634
+        lse2 = tl.load(lse_base + stat, mask=rows < len_q, other=0.0) * LOG2E
         delta = tl.load(delta_base + stat, mask=rows < len_q, other=0.0)
-        dk, dv = _dkdv_tile(dk, dv, k, v, q, do, lse2, delta, rows, cols, off, len_k, window, sm_scale2, cap_scale,
-                            cap2, seed, bh0 + g, q_start, k_start, drop_p, drop_scale, True, CAUSAL, WINDOW, SOFTCAP,
-                            DOT_PRECISION, DROPOUT)
+        dk, dv = _dkdv_tile(dk, dv, k, v, q, do, lse2, delta, rows, cols, off, window, sm_scale2, cap_scale, cap2,
+                            seed, bh0 + g, q_start, k_start, drop_p, drop_scale, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION,
+                            DROPOUT, MASKED=True)
     return dk, dv
 
 
@@ -575,16 +531,16 @@ def _dkdv_heads(dk, dv, Q, K, V, DO, Lse, Delta, batch64, kv_head, q_start, krow
         delta_base = Delta + batch64 * stride_lb + head64 * stride_lh + q_start
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_ds, n0, lo,
                              p1_end, len_q, len_k, window, sm_scale2, cap_scale, cap2, seed, bh0 + g,
-                             q_start, k_start, drop_p, drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, CAUSAL,
-                             WINDOW, SOFTCAP, DOT_PRECISION, DROPOUT)
+                             q_start, k_start, drop_p, drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL,
+                             WINDOW, SOFTCAP, DOT_PRECISION, DROPOUT, MASKED=True)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_ds, n0, full_lo,
                              full_hi, len_q, len_k, window, sm_scale2, cap_scale, cap2, seed, bh0 + g,
-                             q_start, k_start, drop_p, drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, False, CAUSAL,
-                             WINDOW, SOFTCAP, DOT_PRECISION, DROPOUT)
+                             q_start, k_start, drop_p, drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL,
+                             WINDOW, SOFTCAP, DOT_PRECISION, DROPOUT, MASKED=False)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_ds, n0, full_hi,
                              hi, len_q, len_k, window, sm_scale2, cap_scale, cap2, seed, bh0 + g,
-                             q_start, k_start, drop_p, drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, True, CAUSAL,
-                             WINDOW, SOFTCAP, DOT_PRECISION, DROPOUT)
+                             q_start, k_start, drop_p, drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL,
+                             WINDOW, SOFTCAP, DOT_PRECISION, DROPOUT, MASKED=True)
     return dk, dv
 
 
@@ -691,14 +647,11 @@ def check_head_dim(head_dim: int, kernels: str = "flash") -> None:
         )
 
 
-def _check(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+def _check(q: torch.Tensor) -> None:
+    """What the kernels can run (the inputs themselves are checked by :func:`hf_attn_plugin.ops.attention`)."""
     check_head_dim(q.shape[-1])
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"flash kernels support float16, bfloat16 and float32, got {q.dtype}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v dtypes differ: {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.shape[2] % k.shape[2]:
-        raise ValueError(f"query heads ({q.shape[2]}) must be a multiple of key/value heads ({k.shape[2]})")
 
 
 def _alloc(shape, like: torch.Tensor, dtype, zero: bool) -> torch.Tensor:
@@ -711,41 +664,36 @@ def _alloc(shape, like: torch.Tensor, dtype, zero: bool) -> torch.Tensor:
 
 
 class _Launch:
-    """Everything both directions derive from the arguments (grid extents, flags, scales)."""
+    """Everything both directions derive from the shapes and the params (grid extents, flags, scales)."""
 
-    def __init__(self, q, k, segments, scale, causal, window, softcap, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
-                 dropout_seed=None):
+    def __init__(self, q, k, params: AttentionParams):
         self.batch, self.seqlen_q, self.heads_q, self.head_dim = q.shape
         self.seqlen_k, self.heads_kv = k.shape[1], k.shape[2]
         self.group = self.heads_q // self.heads_kv
-        self.block_d = max(triton.next_power_of_2(self.head_dim), 16)
-        self.segmented = segments is not None
+        self.block_d = max(next_power_of_2(self.head_dim), 16)
+        self.segmented = params.segments is not None
         if self.segmented:
-            self.segments = segments.to(device=q.device, dtype=torch.int32).contiguous()
+            self.segments = params.segments.to(device=q.device, dtype=torch.int32).contiguous()
             self.n_seg = self.segments.shape[0]
-            self.max_q = max(min(int(max_seqlen_q), self.seqlen_q), 1)
-            self.max_k = max(min(int(max_seqlen_k), self.seqlen_k), 1)
+            max_q, max_k = params.max_seqlens(self.seqlen_q, self.seqlen_k)
+            self.max_q = max(min(max_q, self.seqlen_q), 1)
+            self.max_k = max(min(max_k, self.seqlen_k), 1)
         else:
             self.segments = q  # dummy pointer, never read
             self.n_seg = self.batch
             self.max_q, self.max_k = self.seqlen_q, self.seqlen_k
-        self.causal = bool(causal)
-        self.window = int(window) if window and window > 0 else 0
-        self.softcap = float(softcap) if softcap and softcap > 0 else 0.0
-        self.scale = float(scale)
-        self.sm_scale2 = self.scale * LOG2E
-        self.cap_scale = self.scale / self.softcap if self.softcap else 0.0
-        self.cap2 = self.softcap * LOG2E
+        self.causal, self.window, self.softcap, self.scale = params.causal, params.window, params.softcap, params.scale
+        self.sm_scale2, self.cap_scale, self.cap2 = score_scales(self.scale, self.softcap)
         self.dot_precision = "ieee" if q.dtype == torch.float32 else "tf32"
         self.empty = self.n_seg == 0 or self.seqlen_q == 0
-        self.dropout_p = float(dropout_p)
+        self.dropout_p = params.dropout_p
         self.dropout = self.dropout_p > 0.0
         if self.dropout:
-            if not 0.0 < self.dropout_p < 1.0:
-                raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
-            if dropout_seed is None or dropout_seed.dtype != torch.int64 or dropout_seed.numel() < 1:
-                raise ValueError("dropout needs dropout_seed: an int64 tensor on the inputs' device (ops.dropout_seed)")
-            self.seed = dropout_seed.to(q.device)
+            seed = params.seed
+            if seed is None or seed.dtype != torch.int64 or seed.numel() < 1:
+                raise ValueError("dropout needs params.seed: an int64 tensor on the inputs' device (from "
+                                 "ops.dropout_seed)")
+            self.seed = seed.to(q.device)
         else:
             self.seed = q  # dummy pointer, never read
         self.drop_scale = 1.0 / (1.0 - self.dropout_p) if self.dropout else 1.0
@@ -764,33 +712,20 @@ class _Launch:
                     dropout=self.dropout)
 
 
-def flash_attn_forward(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    segments: Optional[torch.Tensor],
-    sinks: Optional[torch.Tensor],
-    scale: float,
-    causal: bool,
-    window: int,
-    softcap: float,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    dropout_p: float = 0.0,
-    dropout_seed: Optional[torch.Tensor] = None,
-):
+def flash_attn_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: AttentionParams):
     """Returns ``(out [B, Sq, Hq, D] in q.dtype, lse [B, Hq, Sq] float32, natural log)``.
 
-    ``dropout_p > 0``: attention dropout with the mask :func:`dropout_mask` gives for ``dropout_seed`` (an int64
-    tensor on the device, from :func:`hf_attn_plugin.ops.dropout_seed`); the backward must get the same seed.
+    ``params.dropout_p > 0``: attention dropout with the mask :func:`dropout_mask` gives for ``params.seed`` (an
+    int64 tensor on the device, from :func:`hf_attn_plugin.ops.dropout_seed`); the backward must get the same seed.
 
     Kernel: the launch config :func:`configs.pick` gives for the call's key; a config with ``gluon`` >= 0 runs that
     variant of the Gluon Hopper forward (``gluon_fwd.py``) where it supports the call, else the key's best Triton
-    config (``pick(..., triton_only=True)``). Both give the same contract (lse natural log), so the backward is
-    always the Triton one."""
-    _check(q, k, v)
+    config (``pick(..., triton_only=True)``). Both give the same contract (lse natural log), so the backward does
+    not depend on which ran (its dK/dV pass makes the same choice between Triton and ``gluon_bwd.py``)."""
+    _check(q)
     q, k, v = _unit_last(q), tma_ready(k), tma_ready(v)
-    L = _Launch(q, k, segments, scale, causal, window, softcap, max_seqlen_q, max_seqlen_k, dropout_p, dropout_seed)
+    L = _Launch(q, k, params)
+    sinks = params.sinks
     buffers = []  # out, lse of the Triton kernel (the Gluon one allocates its own)
 
     def outputs():
@@ -808,7 +743,7 @@ def flash_attn_forward(
 
     def gluon_unsupported():
         if not gluon_reason:
-            gluon_reason.append(_gluon_unsupported(q, k, v, segments, sinks, causal, window, softcap, dropout_p))
+            gluon_reason.append(_gluon_unsupported(q, k, v, params))
         return gluon_reason[0]
 
     def launch(cfg: configs.Config):
@@ -818,17 +753,16 @@ def flash_attn_forward(
                 raise configs.Unsupported(reason)
             from . import gluon_fwd
 
-            return gluon_fwd.gluon_attn_forward(q, k, v, None, None, L.scale, L.causal, 0, 0.0, L.seqlen_q,
-                                                L.seqlen_k, warp_spec=cfg.gluon)
+            return gluon_fwd.gluon_attn_forward(q, k, v, params, warp_spec=cfg.gluon)
         out, lse = outputs()
-        grid = (triton.cdiv(L.max_q, cfg.block_m), L.n_seg * L.heads_q)
+        grid = (cdiv(L.max_q, cfg.block_m), L.n_seg * L.heads_q)
         return _attn_fwd[grid](
             q, k, v, out, lse, L.segments, sinks_arg, L.seed,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            out.stride(0), out.stride(1), out.stride(2),
-            lse.stride(0), lse.stride(1),
+            *q.stride()[:3],
+            *k.stride()[:3],
+            *v.stride()[:3],
+            *out.stride()[:3],
+            *lse.stride()[:2],
             L.seqlen_q, L.seqlen_k, L.heads_q, L.group, L.window,
             L.sm_scale2, L.cap_scale, L.cap2, L.dropout_p, L.drop_scale,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SINKS=sinks is not None, WARP_SPEC=cfg.warp_spec,
@@ -849,16 +783,21 @@ def flash_attn_forward(
     return out, lse
 
 
-def _gluon_unsupported(q, k, v, segments, sinks, causal, window, softcap, dropout_p) -> Optional[str]:
-    """Why the Gluon forward cannot run this call (None: it can). Gluon is imported only for compiled CUDA calls:
-    never under the interpreter or for CPU tensors."""
+def _gluon_unsupported(q, k, v, params: AttentionParams, backward: bool = False) -> Optional[str]:
+    """Why the Gluon forward (``backward``: the Gluon dK/dV kernel) cannot run this call (None: it can). Gluon is
+    imported only for compiled CUDA calls: never under the interpreter or for CPU tensors."""
+    kernel = "Gluon dK/dV kernel" if backward else "Gluon forward"
     if configs.interpreting() or not q.is_cuda:
-        return "the Gluon forward runs compiled on CUDA only"
+        return f"the {kernel} runs compiled on CUDA only"
     if not configs.gluon_enabled():
-        return "the Gluon forward is switched off (HF_ATTN_PLUGIN_GLUON=0)"
+        return f"the {kernel} is switched off (HF_ATTN_PLUGIN_GLUON=0)"
+    if backward:
+        from . import gluon_bwd
+
+        return gluon_bwd.unsupported_reason(q, k, v, params)
     from . import gluon_fwd
 
-    return gluon_fwd.unsupported_reason(q, k, v, segments, sinks, causal, window, softcap, dropout_p)
+    return gluon_fwd.unsupported_reason(q, k, v, params)
 
 
 def flash_attn_backward(
@@ -868,25 +807,20 @@ def flash_attn_backward(
     v: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
-    segments: Optional[torch.Tensor],
-    sinks: Optional[torch.Tensor],
-    scale: float,
-    causal: bool,
-    window: int,
-    softcap: float,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    dropout_p: float = 0.0,
-    dropout_seed: Optional[torch.Tensor] = None,
+    params: AttentionParams,
 ):
     """Returns ``(dq, dk, dv, dsinks)`` with ``dsinks`` float32 ``[Hq]`` (or None without sinks). ``out`` is the
-    forward's (dropped) output; ``dropout_p``/``dropout_seed`` those of the forward: the mask is regenerated."""
-    _check(q, k, v)
+    forward's (dropped) output; ``params`` those of the forward (with its seed: the dropout mask is regenerated).
+
+    dK/dV: the launch config's kernel: Triton, or with ``gluon`` >= 0 the Gluon Hopper kernel (``gluon_bwd.py``)
+    where it supports the call, else the key's best Triton config (as the forward). dQ: always Triton."""
+    _check(q)
     q, k, v, out = tma_ready(q), tma_ready(k), tma_ready(v), _unit_last(out)
     dout = tma_ready(dout.contiguous())  # a grad of sum() has stride 0
     _ensure_scratch_allocator()  # autograd runs the backward in its own thread (Triton's allocator is per thread)
     lse = lse.contiguous()
-    L = _Launch(q, k, segments, scale, causal, window, softcap, max_seqlen_q, max_seqlen_k, dropout_p, dropout_seed)
+    L = _Launch(q, k, params)
+    sinks = params.sinks
     # dq for rows outside every segment and dk/dv for keys outside every segment are never written. Contiguous,
     # whatever the inputs' layout: what the op returns (a transposed q would otherwise cost a copy of dq).
     dq = _alloc(q.shape, q, q.dtype, zero=L.segmented)
@@ -900,55 +834,62 @@ def flash_attn_backward(
     # delta = rowsum(dO * O); rows outside every segment have O = 0, hence delta = 0.
     delta = torch.empty((L.batch, L.heads_q, L.seqlen_q), dtype=torch.float32, device=q.device)
     pre = configs.candidates("bwd_pre", L.block_d)[0]
-    _bwd_preprocess[(triton.cdiv(L.seqlen_q, pre.block_m), L.batch * L.heads_q)](
+    _bwd_preprocess[(cdiv(L.seqlen_q, pre.block_m), L.batch * L.heads_q)](
         out, dout, delta,
-        out.stride(0), out.stride(1), out.stride(2),
-        dout.stride(0), dout.stride(1), dout.stride(2),
-        delta.stride(0), delta.stride(1), L.seqlen_q, L.heads_q,
+        *out.stride()[:3],
+        *dout.stride()[:3],
+        *delta.stride()[:2], L.seqlen_q, L.heads_q,
         HEAD_DIM=L.head_dim, BLOCK_D=L.block_d, BLOCK_M=pre.block_m, num_warps=pre.num_warps,
     )
-    common = (
-        L.seqlen_q, L.seqlen_k, None, L.group, L.window,
-        L.scale, L.sm_scale2, L.cap_scale, L.cap2, L.dropout_p, L.drop_scale,
-    )
+    # scalar arguments of both kernels, by keyword (each launch adds its own head count)
+    common = dict(seqlen_q=L.seqlen_q, seqlen_k=L.seqlen_k, group=L.group, window=L.window, sm_scale=L.scale,
+                  sm_scale2=L.sm_scale2, cap_scale=L.cap_scale, cap2=L.cap2, drop_p=L.dropout_p,
+                  drop_scale=L.drop_scale)
 
     def launch_dq(cfg: configs.Config):
-        grid = (triton.cdiv(L.max_q, cfg.block_m), L.n_seg * L.heads_q)
-        args = list(common)
-        args[2] = L.heads_q
+        grid = (cdiv(L.max_q, cfg.block_m), L.n_seg * L.heads_q)
         return _attn_bwd_dq[grid](
             q, k, v, dout, lse, delta, dq, L.segments, L.seed,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            dout.stride(0), dout.stride(1), dout.stride(2),
-            dq.stride(0), dq.stride(1), dq.stride(2),
-            lse.stride(0), lse.stride(1),
-            *args,
+            *q.stride()[:3],
+            *k.stride()[:3],
+            *v.stride()[:3],
+            *dout.stride()[:3],
+            *dq.stride()[:3],
+            *lse.stride()[:2],
+            heads_q=L.heads_q, **common,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
             **L.flags(),
         )
 
     def launch_dkdv(cfg: configs.Config):
-        grid = (triton.cdiv(L.max_k, cfg.block_n), L.n_seg * L.heads_kv)
-        args = list(common)
-        args[2] = L.heads_kv
+        if cfg.gluon >= 0:  # the Gluon Hopper dK/dV kernel (kernels/gluon_bwd.py)
+            reason = _gluon_unsupported(q, k, v, params, backward=True)
+            if reason is not None:
+                raise configs.Unsupported(reason)
+            from . import gluon_bwd
+
+            return gluon_bwd.gluon_attn_backward_dkdv(dout, q, k, v, lse, delta, dk, dv, params, warp_spec=cfg.gluon)
+        grid = (cdiv(L.max_k, cfg.block_n), L.n_seg * L.heads_kv)
         return _attn_bwd_dkdv[grid](
             q, k, v, dout, lse, delta, dk, dv, L.segments, L.seed,
-            q.stride(0), q.stride(1), q.stride(2),
-            k.stride(0), k.stride(1), k.stride(2),
-            v.stride(0), v.stride(1), v.stride(2),
-            dout.stride(0), dout.stride(1), dout.stride(2),
-            dk.stride(0), dk.stride(1), dk.stride(2),
-            dv.stride(0), dv.stride(1), dv.stride(2),
-            lse.stride(0), lse.stride(1),
-            *args,
+            *q.stride()[:3],
+            *k.stride()[:3],
+            *v.stride()[:3],
+            *dout.stride()[:3],
+            *dk.stride()[:3],
+            *dv.stride()[:3],
+            *lse.stride()[:2],
+            heads_kv=L.heads_kv, **common,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, WARP_SPEC=cfg.warp_spec, num_warps=cfg.num_warps,
             num_stages=cfg.num_stages, **L.flags(),
         )
 
     key = L.key(q.dtype)
-    configs.launch_fitting("bwd_dkdv", L.block_d, key, configs.pick("bwd_dkdv", L.block_d, key, launch_dkdv), launch_dkdv)
+    cfg = configs.pick("bwd_dkdv", L.block_d, key, launch_dkdv)
+    triton_only = cfg.gluon >= 0 and _gluon_unsupported(q, k, v, params, backward=True) is not None
+    if triton_only:  # the key's entry names the Gluon dK/dV kernel, which cannot run this call: best Triton config
+        cfg = configs.pick("bwd_dkdv", L.block_d, key, launch_dkdv, triton_only=True)
+    configs.launch_fitting("bwd_dkdv", L.block_d, key, cfg, launch_dkdv, triton_only=triton_only)
     configs.launch_fitting("bwd_dq", L.block_d, key, configs.pick("bwd_dq", L.block_d, key, launch_dq), launch_dq)
 
     dsinks = None
@@ -967,6 +908,6 @@ def dropout_mask(seed: torch.Tensor, batch: int, heads_q: int, seqlen_q: int, se
     whole mask."""
     keep = torch.empty((batch, heads_q, seqlen_q, seqlen_k), dtype=torch.int8, device=seed.device)
     if keep.numel():
-        grid = (triton.cdiv(seqlen_q, 32), triton.cdiv(seqlen_k, 32), batch * heads_q)
+        grid = (cdiv(seqlen_q, 32), cdiv(seqlen_k, 32), batch * heads_q)
         _dropout_mask_kernel[grid](seed, keep, seqlen_q, seqlen_k, float(dropout_p), BLOCK_M=32, BLOCK_N=32)
     return keep.bool()

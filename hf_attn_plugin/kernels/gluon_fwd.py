@@ -30,7 +30,8 @@ from typing import Optional
 
 import torch
 
-from .host import tma_ready
+from .host import cdiv, tma_ready
+from .params import AttentionParams
 
 try:  # Gluon exists in Triton >= 3.5; the API used here is Triton 3.6's.
     import triton
@@ -289,9 +290,8 @@ if gluon is not None:
             mbarrier.invalidate(q_bars.index(i))
 
 
-def unsupported_reason(q, k, v, segments=None, sinks=None, causal=True, window=0, softcap=0.0,
-                       dropout_p=0.0) -> Optional[str]:
-    """Why this kernel cannot run the call (``None``: it can)."""
+def unsupported_reason(q, k, v, params: Optional[AttentionParams] = None) -> Optional[str]:
+    """Why this kernel cannot run the call (``None``: it can). ``params`` ``None``: a call without optional features."""
     if _IMPORT_ERROR is not None:
         return f"Gluon is not available in this Triton ({_IMPORT_ERROR!r}); Triton 3.6 is needed"
     if not (q.is_cuda and k.is_cuda and v.is_cuda):
@@ -307,9 +307,9 @@ def unsupported_reason(q, k, v, segments=None, sinks=None, causal=True, window=0
         return f"the Gluon forward supports head_dim {SUPPORTED_HEAD_DIMS} (got {q.shape[-1]})"
     if q.shape[2] % k.shape[2] or k.shape[2] != v.shape[2]:
         return f"query heads ({q.shape[2]}) must be a multiple of key/value heads ({k.shape[2]})"
-    if segments is not None or sinks is not None or (window and window > 0) or (softcap and softcap > 0) \
-            or dropout_p:
-        return "the Gluon forward does not support segments, window, softcap, sinks or dropout"
+    if params is not None and params.features:
+        return (f"the Gluon forward does not support segments, window, softcap, sinks or dropout (this call uses "
+                f"{', '.join(params.features)})")
     return None
 
 
@@ -319,23 +319,8 @@ def _descriptor(t: torch.Tensor, rows: int) -> "TensorDescriptor":
     return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
 
 
-def gluon_attn_forward(
-    q: torch.Tensor,
-    k: torch.Tensor,
-    v: torch.Tensor,
-    segments: Optional[torch.Tensor],
-    sinks: Optional[torch.Tensor],
-    scale: float,
-    causal: bool,
-    window: int,
-    softcap: float,
-    max_seqlen_q: int,
-    max_seqlen_k: int,
-    dropout_p: float = 0.0,
-    dropout_seed: Optional[torch.Tensor] = None,
-    *,
-    warp_spec: int = 0,
-):
+def gluon_attn_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: AttentionParams, *,
+                       warp_spec: int = 0):
     """Same arguments and result as :func:`flash.flash_attn_forward`: ``(out [B, Sq, Hq, D], lse [B, Hq, Sq]
     float32, natural log)``. Raises ``NotImplementedError`` (with the reason) for calls outside its subset;
     :func:`unsupported_reason` tells beforehand.
@@ -346,7 +331,7 @@ def gluon_attn_forward(
     ping-pong (the warpgroups take turns issuing their GEMMs, mbarrier hand-off)."""
     if warp_spec not in (0, 1, 2, 3):
         raise ValueError(f"warp_spec must be 0, 1, 2 or 3, got {warp_spec!r}")
-    reason = unsupported_reason(q, k, v, segments, sinks, causal, window, softcap, dropout_p)
+    reason = unsupported_reason(q, k, v, params)
     if reason is not None:
         raise NotImplementedError(reason)
     batch, seqlen_q, heads_q, head_dim = q.shape
@@ -361,13 +346,13 @@ def gluon_attn_forward(
         return out.zero_(), lse.zero_()
     cfg = _config(head_dim, warp_spec)
     q, k, v = tma_ready(q), tma_ready(k), tma_ready(v)
-    grid = (triton.cdiv(seqlen_q, cfg["BLOCK_M"]), batch * heads_q)
+    grid = (cdiv(seqlen_q, cfg["BLOCK_M"]), batch * heads_q)
     sub_m = cfg["BLOCK_M"] // (2 if warp_spec >= 2 else 1)  # rows of Q/O per consumer partition
     _attn_fwd_gluon[grid](
         _descriptor(q, sub_m), _descriptor(k, cfg["BLOCK_N"]), _descriptor(v, cfg["BLOCK_N"]),
         _descriptor(out, sub_m), lse, lse.stride(0), lse.stride(1),
-        seqlen_q, seqlen_k, heads_q, heads_q // heads_kv, float(scale) * LOG2E,
-        CAUSAL=bool(causal), WARP_SPEC=int(warp_spec), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
+        seqlen_q, seqlen_k, heads_q, heads_q // heads_kv, params.scale * LOG2E,
+        CAUSAL=params.causal, WARP_SPEC=int(warp_spec), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         HEAD_DIM=head_dim, NUM_STAGES=cfg["NUM_STAGES"], num_warps=cfg["num_warps"],
     )
     return out, lse

@@ -19,13 +19,17 @@ sinks); unused pieces exit at once, and a sequence left whole writes its output 
 depends only on shapes and ``num_splits``, never on sequence lengths, and nothing is read back to
 the host, so a decode step can be captured in a CUDA graph.
 
-Scores use base-2 exponentials: ``scale * log2(e)`` is folded into one multiplier.
+Host side, FlashInfer's shape: a :class:`Plan` settles a step's launch geometry once (GQA packing, config,
+query tile, split-K grid, partial buffers) and :func:`run` launches one layer with it; :func:`paged_attention`
+is one call's plan and run.
+
+Scores use base-2 exponentials: ``scale * log2(e)`` is folded into one multiplier. Scores, masks and the
+online-softmax step are those of the flash kernels (:mod:`hf_attn_plugin.kernels.primitives`).
 """
 
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
 import triton
@@ -35,10 +39,9 @@ from . import configs
 from .configs import INTERPRET_SPLIT_PROGRAMS
 from .flash import check_head_dim
 from .host import cdiv, next_power_of_2  # plain Python: triton's are ~3-13 us wrapped calls on the host
+from .primitives import LOG2E, finish_softmax, mask_scores, online_softmax_step, score_scales, scores
 
-__all__ = ["write_kv", "paged_attention", "split_attention", "default_num_splits"]
-
-LOG2E = 1.4426950408889634
+__all__ = ["Plan", "write_kv", "run", "paged_attention", "split_attention", "default_num_splits"]
 
 
 # --------------------------------------------------------------------------- write
@@ -82,19 +85,17 @@ def write_kv(k_pool: torch.Tensor, v_pool: torch.Tensor, k_new: torch.Tensor, v_
 
 # --------------------------------------------------------------------------- attention
 @triton.jit
-def _normalize(acc, m, l, sinks_ptr, head, row_ok, HAS_SINKS: tl.constexpr):
+def _normalize(acc, m, l, sinks_ptr, head, row_ok, SINKS: tl.constexpr):
     """``acc / l`` with the row's sink logit (base 2: ``sink * log2 e``) added to the denominator.
 
     ``acc`` is scaled by ``exp2(-m)``; rows with neither keys nor sink (l == 0) give 0.
     """
-    if HAS_SINKS:
-        sink = tl.load(sinks_ptr + head, mask=row_ok, other=0.0).to(tl.float32) * 1.4426950408889634
-        m_new = tl.maximum(m, sink)
-        alpha = tl.exp2(m - m_new)
+    if SINKS:  # one more online-softmax step: a key column with logit `sink` and a value row of zeros
+        sink = tl.load(sinks_ptr + head, mask=row_ok, other=0.0).to(tl.float32) * LOG2E
+        _, alpha, m, l = online_softmax_step(sink[:, None], m, l, MASKED=False)
         acc = acc * alpha[:, None]
-        l = l * alpha + tl.exp2(sink - m_new)
-    l = tl.where(l > 0, l, 1.0)
-    return acc / l[:, None]
+    out, _ = finish_softmax(acc, m, l)
+    return out
 
 
 @triton.jit
@@ -130,11 +131,11 @@ def _paged_attention_kernel(
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
     stride_bt,
-    scale_log2, softcap, window, num_splits, min_split_tiles, target_pieces,
+    sm_scale2, cap_scale, cap2, window, num_splits, min_split_tiles, target_pieces,
     GROUP: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr, SPLIT_K: tl.constexpr,
-    VARLEN: tl.constexpr, CAUSAL: tl.constexpr, HAS_WINDOW: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-    HAS_SINKS: tl.constexpr, HAS_K_STARTS: tl.constexpr, PRECISION: tl.constexpr,
+    VARLEN: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    SINKS: tl.constexpr, HAS_K_STARTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = BLOCK_Q * HEAD_PAD
     seq = tl.program_id(0)
@@ -179,7 +180,7 @@ def _paged_attention_kernel(
     else:
         hi = seq_len
     lo = k_start
-    if HAS_WINDOW:
+    if WINDOW:
         lo = tl.maximum(lo, first_pos - window + 1)
     tile_lo = lo // BLOCK_N
     num_tiles = tl.maximum(tl.cdiv(hi, BLOCK_N) - tile_lo, 0)
@@ -214,39 +215,26 @@ def _paged_attention_kernel(
                     mask=kv_mask, other=0.0)
         v = tl.load(v_pool_ptr + (page * stride_vp + in_page * stride_vs + kv_head * stride_vh)[:, None] + d[None, :],
                     mask=kv_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        if HAS_SOFTCAP:  # softcap * tanh(s * scale / softcap), tanh through exp2 (stable at both ends)
-            x = s * (scale_log2 / softcap)  # = 2 * log2(e) * (s * scale / softcap) / 2
-            s = softcap * (1.0 - 2.0 / (tl.exp2(2.0 * x) + 1.0)) * 1.4426950408889634
-        else:
-            s = s * scale_log2
-        visible = (j_ok & (j >= k_start))[None, :]
-        if CAUSAL:
-            visible = visible & (j[None, :] <= pos[:, None])
-        if HAS_WINDOW:
-            visible = visible & (j[None, :] > pos[:, None] - window)
-        s = tl.where(visible, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp2(m_i - m_safe)
-        p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+        s, _ = scores(qk, sm_scale2, cap_scale, cap2, SOFTCAP)
+        s = mask_scores(s, pos[:, None], j[None, :], k_start, end, window, CHECK_START=HAS_K_STARTS,
+                        CHECK_END=True, CAUSAL=CAUSAL, WINDOW=WINDOW)
+        p, alpha, m_new, l_i = online_softmax_step(s, m_i, l_i, MASKED=True)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
     out_ptrs = out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
     out_mask = row_ok[:, None] & d_ok[None, :]
     if not SPLIT_K:
-        out = _normalize(acc, m_i, l_i, sinks_ptr, head, row_ok, HAS_SINKS)
+        out = _normalize(acc, m_i, l_i, sinks_ptr, head, row_ok, SINKS)
         tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
     elif whole:  # final output; lse = +inf in split 0 tells the combine to skip the row
-        out = _normalize(acc, m_i, l_i, sinks_ptr, head, row_ok, HAS_SINKS)
+        out = _normalize(acc, m_i, l_i, sinks_ptr, head, row_ok, SINKS)
         tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
         tl.store(part_lse_ptr + part, tl.full([BLOCK_M], float("inf"), tl.float32), mask=row_ok)
     else:
-        lse = tl.where(l_i > 0, m_i + tl.log2(tl.where(l_i > 0, l_i, 1.0)), float("-inf"))
+        out, lse = finish_softmax(acc, m_i, l_i)
         tl.store(part_lse_ptr + part, lse, mask=row_ok)
-        out = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
         tl.store(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :], out, mask=out_mask)
 
 
@@ -254,7 +242,7 @@ def _paged_attention_kernel(
 def _combine_kernel(
     part_out_ptr, part_lse_ptr, out_ptr, sinks_ptr, stride_ot, stride_oh, num_splits,
     NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-    HAS_SINKS: tl.constexpr,
+    SINKS: tl.constexpr,
 ):
     """Merge the splits of one (token, query head): out = sum_s 2^(lse_s - lse) * out_s.
 
@@ -280,7 +268,7 @@ def _combine_kernel(
     acc = tl.sum(w[:, None] * parts, 0)[None, :]
     l = one + tl.sum(w, 0)
     heads = tl.zeros([1], tl.int32) + head
-    out = _normalize(acc, one + m_safe, l, sinks_ptr, heads, heads >= 0, HAS_SINKS)
+    out = _normalize(acc, one + m_safe, l, sinks_ptr, heads, heads >= 0, SINKS)
     tl.store(out_ptr + token * stride_ot + head * stride_oh + d[None, :], out.to(out_ptr.dtype.element_ty),
              mask=(d < HEAD_DIM)[None, :])
 
@@ -325,6 +313,146 @@ def default_num_splits(num_programs: int, max_context: int, device: torch.device
     return 1 if 2 * num_programs >= fill else min(room, -(-fill // max(num_programs, 1)))
 
 
+class Plan:
+    """One step's launch geometry, built once and shared by every layer of the step (FlashInfer's plan/run).
+
+    A step's layers differ only in their K/V pools and their parameters; everything that depends on the shapes
+    and the index tensors is settled here: the GQA packing (``group``, ``head_pad``), and per set of features
+    (causal, window, softcap, sinks: each picks its own config) the query tile, the split-K grid and the
+    partial buffers (:meth:`launch`, filled on first use: a model with sliding and full layers holds two).
+    Layers run one after another on one stream, so they share the partial buffers.
+
+    ``q_shape`` ``(T, Hq, D)``, ``pool_shape`` ``[num_pages, page_size, H_kv, D]``; the index tensors are those
+    of :func:`paged_attention` (``cu_seqlens_q`` ``None``: decode). ``num_splits`` 0: :func:`default_num_splits`;
+    ``config``: force a launch config (tests, tuning).
+    """
+
+    __slots__ = ("q_shape", "dtype", "device", "page_size", "heads_kv", "block_tables", "seq_lens", "cu_seqlens_q",
+                 "max_seqlen_q", "k_starts", "num_splits", "config", "decode", "group", "head_pad", "launches")
+
+    def __init__(self, q_shape: tuple, dtype: torch.dtype, device: torch.device, pool_shape: tuple,
+                 block_tables: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor | None,
+                 max_seqlen_q: int, k_starts: torch.Tensor | None, num_splits: int = 0,
+                 config: configs.Config | None = None):
+        num_tokens, heads_q, head_dim = q_shape
+        check_head_dim(head_dim, "paged")  # the flash kernels' set: pointer loads here, same tl.dot limits
+        self.q_shape, self.dtype, self.device = tuple(q_shape), dtype, device
+        self.page_size, self.heads_kv = pool_shape[1], pool_shape[2]
+        self.block_tables, self.seq_lens, self.cu_seqlens_q = block_tables, seq_lens, cu_seqlens_q
+        self.max_seqlen_q, self.k_starts, self.num_splits, self.config = max_seqlen_q, k_starts, num_splits, config
+        self.decode = cu_seqlens_q is None
+        self.group = heads_q // self.heads_kv
+        self.head_pad = _head_pad(self.group, self.decode)
+        self.launches: dict = {}  # (causal, window > 0, softcap > 0, has sinks) -> _Launch
+
+    def run(self, q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, params) -> torch.Tensor:
+        """:func:`run` with this plan."""
+        return run(q, k_pool, v_pool, self, params)
+
+    def launch(self, causal: bool, window: bool, softcap: bool, sinks: bool) -> "_Launch":
+        """The launch of the layers with these features (built on first use)."""
+        key = (causal, window, softcap, sinks)
+        launch = self.launches.get(key)
+        if launch is None:
+            launch = self.launches[key] = _Launch(self, *key)
+        return launch
+
+
+class _Launch:
+    """Config, query tile, split-K grid and partial buffers of a :class:`Plan` for one set of features."""
+
+    __slots__ = ("cfg", "block_q", "num_splits", "grid", "min_split_tiles", "target_pieces", "part_out", "part_lse")
+
+    def __init__(self, plan: Plan, causal: bool, window: bool, softcap: bool, sinks: bool):
+        num_tokens, heads_q, head_dim = plan.q_shape
+        num_seqs, width = plan.block_tables.shape
+        max_q = plan.max_seqlen_q
+        self.cfg = cfg = plan.config or configs.pick(
+            "paged_decode" if plan.decode else "paged_prefill", next_power_of_2(head_dim),
+            dict(dtype=plan.dtype, causal=causal, seq_q=1 if plan.decode else max_q, seq_k=width * plan.page_size,
+                 group=plan.group, window=window, softcap=softcap, sinks=sinks))
+        self.block_q = 1 if plan.decode else max(1, cfg.block_m // plan.head_pad)
+        num_q_tiles = 1 if plan.decode else cdiv(max(max_q, 1), self.block_q)
+        num_splits = plan.num_splits
+        if num_splits <= 0:
+            num_splits = default_num_splits(num_seqs * plan.heads_kv * num_q_tiles, width * plan.page_size,
+                                            plan.device, num_q_tiles, cfg.min_split_keys)
+        self.num_splits = num_splits
+        self.grid = (num_seqs, plan.heads_kv, num_q_tiles * num_splits)
+        fill = cfg.split_programs or _fill_programs(plan.device)
+        self.min_split_tiles = max(1, cfg.min_split_keys // cfg.block_n)
+        self.target_pieces = max(1, -(-fill // (plan.heads_kv * num_q_tiles)))
+        self.part_out = self.part_lse = None
+        if num_splits > 1 and num_tokens and num_seqs:
+            self.part_out = torch.empty(num_tokens, heads_q, num_splits, head_dim, device=plan.device,
+                                        dtype=torch.float32)
+            self.part_lse = torch.empty(num_tokens, heads_q, num_splits, device=plan.device, dtype=torch.float32)
+
+
+def run(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, plan: Plan, params) -> torch.Tensor:
+    """Attention of ``q`` ``[T, Hq, D]`` (the plan's shape and dtype) over one layer's pools; ``[T, Hq, D]``.
+
+    ``params``: the layer's attention parameters (``scale``, ``causal``, ``window`` and ``softcap`` with 0 or
+    ``None`` meaning off, ``sinks`` ``[Hq]`` or ``None``).
+    """
+    return _run(q, k_pool, v_pool, plan, params.scale, bool(params.causal), params.window or 0, params.softcap or 0.0,
+                params.sinks)
+
+
+def _run(q, k_pool, v_pool, plan: Plan, scale: float, causal: bool, window: int, softcap: float, sinks):
+    out, launch = _split(q, k_pool, v_pool, plan, scale, causal, window, softcap, sinks)
+    if launch is not None and launch.part_out is not None:
+        num_tokens, heads_q, head_dim = plan.q_shape
+        _combine_kernel[(num_tokens, heads_q)](
+            launch.part_out, launch.part_lse, out, sinks if sinks is not None else plan.seq_lens,
+            *out.stride()[:2], launch.num_splits,
+            NUM_HEADS=heads_q, HEAD_DIM=head_dim, BLOCK_D=next_power_of_2(head_dim),
+            BLOCK_S=next_power_of_2(launch.num_splits), SINKS=sinks is not None,
+            num_warps=4,
+        )
+    return out
+
+
+def _split(q, k_pool, v_pool, plan: Plan, scale: float, causal: bool, window: int, softcap: float, sinks):
+    """The attention kernel alone: ``(out, launch)``; ``launch`` is ``None`` when nothing ran (no tokens).
+
+    With ``launch.part_out`` set (split-K), ``out`` still has to be combined from the partials
+    ``[T, Hq, S, D]`` / ``launch.part_lse`` ``[T, Hq, S]``; rows whose ``part_lse[..., 0]`` is ``+inf`` were one
+    piece and are final in ``out`` already. (Tests read the piece counts here.)
+    """
+    out = torch.empty_like(q)
+    num_seqs = plan.seq_lens.shape[0]
+    if plan.q_shape[0] == 0 or num_seqs == 0:
+        return out, None
+    launch = plan.launch(causal, window > 0, softcap > 0, sinks is not None)
+    cfg, head_dim = launch.cfg, plan.q_shape[2]
+    split_k = launch.part_out is not None
+    part_out, part_lse = (launch.part_out, launch.part_lse) if split_k else (out, out)  # unused without split-K
+    dummy = plan.seq_lens
+    _paged_attention_kernel[launch.grid](
+        q, k_pool, v_pool, out, part_out, part_lse,
+        plan.block_tables, plan.seq_lens,
+        plan.k_starts if plan.k_starts is not None else dummy,
+        plan.cu_seqlens_q if plan.cu_seqlens_q is not None else dummy,
+        sinks if sinks is not None else dummy,
+        *q.stride()[:2], *out.stride()[:2], *k_pool.stride()[:3], *v_pool.stride()[:3], plan.block_tables.stride(0),
+        *score_scales(scale, softcap), int(window), launch.num_splits, launch.min_split_tiles,
+        launch.target_pieces,
+        GROUP=plan.group, HEAD_PAD=plan.head_pad, BLOCK_Q=launch.block_q, BLOCK_N=cfg.block_n,
+        HEAD_DIM=head_dim, BLOCK_D=next_power_of_2(head_dim), PAGE_SIZE=plan.page_size, SPLIT_K=split_k,
+        VARLEN=not plan.decode, CAUSAL=causal, WINDOW=window > 0, SOFTCAP=softcap > 0,
+        SINKS=sinks is not None, HAS_K_STARTS=plan.k_starts is not None,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return out, launch
+
+
+def _one_plan(q, k_pool, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, k_starts, num_splits, config) -> Plan:
+    return Plan(q.shape, q.dtype, q.device, k_pool.shape, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, k_starts,
+                num_splits, config)
+
+
 def paged_attention(
     q: torch.Tensor,
     k_pool: torch.Tensor,
@@ -342,26 +470,15 @@ def paged_attention(
     num_splits: int,
     config: configs.Config | None = None,
 ) -> torch.Tensor:
-    """Attention of ``q`` ``[T, Hq, D]`` over paged K/V; returns ``[T, Hq, D]`` in q's dtype.
+    """One call's :class:`Plan` and :func:`run`: attention of ``q`` ``[T, Hq, D]`` over paged K/V.
 
     ``cu_seqlens_q is None`` means decode: ``T == num_seqs``, one query per sequence. Otherwise the
     new tokens of sequence ``b`` are rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` and
     ``max_seqlen_q`` bounds their count (it sizes the grid). ``window``/``softcap`` <= 0 mean off.
     ``num_splits`` >= 1 is the split-K grid size (0: :func:`default_num_splits`).
     """
-    out, partials = split_attention(q, k_pool, v_pool, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, k_starts,
-                                    sinks, scale, causal, window, softcap, num_splits, config)
-    if partials is not None:
-        part_out, part_lse = partials
-        num_tokens, heads_q, head_dim = q.shape
-        num_splits = part_lse.shape[-1]
-        _combine_kernel[(num_tokens, heads_q)](
-            part_out, part_lse, out, sinks if sinks is not None else seq_lens, out.stride(0), out.stride(1),
-            num_splits, NUM_HEADS=heads_q, HEAD_DIM=head_dim, BLOCK_D=next_power_of_2(head_dim),
-            BLOCK_S=next_power_of_2(num_splits), HAS_SINKS=sinks is not None,
-            num_warps=4,
-        )
-    return out
+    plan = _one_plan(q, k_pool, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, k_starts, num_splits, config)
+    return _run(q, k_pool, v_pool, plan, scale, causal, window, softcap, sinks)
 
 
 def split_attention(
@@ -381,58 +498,11 @@ def split_attention(
     num_splits: int,
     config: configs.Config | None = None,
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-    """The attention kernel alone (arguments of :func:`paged_attention`): ``(out, partials)``.
+    """:func:`split_run` of one call (arguments of :func:`paged_attention`): ``(out, partials)``.
 
     ``partials`` is ``None`` without split-K (``out`` is final), else ``(part_out [T, Hq, S, D],
-    part_lse [T, Hq, S])`` still to be combined into ``out``; rows whose ``part_lse[..., 0]`` is
-    ``+inf`` were one piece and are final in ``out`` already. (Tests read the piece counts here.)
+    part_lse [T, Hq, S])`` still to be combined into ``out``.
     """
-    num_tokens, heads_q, head_dim = q.shape
-    check_head_dim(head_dim, "paged")  # the flash kernels' set: pointer loads here, same tl.dot limits
-    num_seqs = seq_lens.shape[0]
-    heads_kv, page_size = k_pool.shape[2], k_pool.shape[1]
-    group = heads_q // heads_kv
-    decode = cu_seqlens_q is None
-    cfg = config or configs.pick(
-        "paged_decode" if decode else "paged_prefill", next_power_of_2(head_dim),
-        dict(dtype=q.dtype, causal=causal, seq_q=1 if decode else max_seqlen_q,
-             seq_k=block_tables.shape[1] * page_size, group=group, window=window > 0, softcap=softcap > 0,
-             sinks=sinks is not None))
-    head_pad = _head_pad(group, decode)
-    block_q = 1 if decode else max(1, cfg.block_m // head_pad)
-    num_q_tiles = 1 if decode else cdiv(max(max_seqlen_q, 1), block_q)
-    if num_splits <= 0:
-        max_context = block_tables.shape[1] * page_size
-        num_splits = default_num_splits(num_seqs * heads_kv * num_q_tiles, max_context, q.device, num_q_tiles,
-                                        cfg.min_split_keys)
-    fill = cfg.split_programs or _fill_programs(q.device)
-
-    out = torch.empty_like(q)
-    if num_tokens == 0 or num_seqs == 0:
-        return out, None
-    if num_splits > 1:
-        part_out = torch.empty(num_tokens, heads_q, num_splits, head_dim, device=q.device, dtype=torch.float32)
-        part_lse = torch.empty(num_tokens, heads_q, num_splits, device=q.device, dtype=torch.float32)
-    else:
-        part_out = part_lse = out  # unused
-    dummy = seq_lens
-    grid = (num_seqs, heads_kv, num_q_tiles * num_splits)
-    _paged_attention_kernel[grid](
-        q, k_pool, v_pool, out, part_out, part_lse,
-        block_tables, seq_lens,
-        k_starts if k_starts is not None else dummy,
-        cu_seqlens_q if cu_seqlens_q is not None else dummy,
-        sinks if sinks is not None else dummy,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1),
-        k_pool.stride(0), k_pool.stride(1), k_pool.stride(2), v_pool.stride(0), v_pool.stride(1), v_pool.stride(2),
-        block_tables.stride(0),
-        scale * LOG2E, float(softcap), int(window), num_splits, max(1, cfg.min_split_keys // cfg.block_n),
-        max(1, -(-fill // (heads_kv * num_q_tiles))),
-        GROUP=group, HEAD_PAD=head_pad, BLOCK_Q=block_q, BLOCK_N=cfg.block_n,
-        HEAD_DIM=head_dim, BLOCK_D=next_power_of_2(head_dim), PAGE_SIZE=page_size, SPLIT_K=num_splits > 1,
-        VARLEN=not decode, CAUSAL=bool(causal), HAS_WINDOW=window > 0, HAS_SOFTCAP=softcap > 0,
-        HAS_SINKS=sinks is not None, HAS_K_STARTS=k_starts is not None,
-        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
-    return out, ((part_out, part_lse) if num_splits > 1 else None)
+    plan = _one_plan(q, k_pool, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, k_starts, num_splits, config)
+    out, launch = _split(q, k_pool, v_pool, plan, scale, causal, window, softcap, sinks)
+    return out, ((launch.part_out, launch.part_lse) if launch is not None and launch.part_out is not None else None)

@@ -9,7 +9,7 @@ from .allocator import (
     OutOfPagesError,
     OutOfSequenceSlotsError,
     PagedCacheError,
-    PagedKVCache,
+    PagePool,
     SequenceTooLongError,
     StepPlan,
     UnknownSequenceError,
@@ -22,10 +22,20 @@ __all__ = [
     "OutOfPagesError",
     "OutOfSequenceSlotsError",
     "PagedCacheError",
-    "PagedKVCache",
+    "PagePool",
     "SequenceTooLongError",
     "StepPlan",
     "UnknownSequenceError",
     "bytes_per_page",
     "num_pages_for_budget",
 ]
+
+
+def __getattr__(name: str):
+    if name == "PagedKVCache":  # deprecated alias (the page pool's former name)
+        import warnings
+
+        warnings.warn("hf_attn_plugin.paged.PagedKVCache is now PagePool (PagedKVCache was too close to the "
+                      "transformers Cache, hf_attn_plugin.PagedCache): use PagePool", DeprecationWarning, stacklevel=2)
+        return PagePool
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

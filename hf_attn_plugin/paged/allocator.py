@@ -15,23 +15,26 @@ Token ``p`` (0-based position) of a sequence lives in page ``pages[p // page_siz
 * ``seq_lens``: int32 ``[num_seqs]``, tokens in the cache per sequence (new tokens included);
 * ``slot_mapping``: int64 ``[num_new_tokens]``, where each new token is written (``-1``: skip).
 
-Pages are reference counted. :meth:`PagedKVCache.fork` shares every page of a sequence (parallel
+Pages are reference counted. :meth:`PagePool.fork` shares every page of a sequence (parallel
 sampling, beams, shared prompt prefixes); a write into a shared, partially filled last page first
 copies it (copy-on-write), so no sequence ever writes into a page another sequence reads. Full pages
 are never written again, so they stay shared until freed.
 
 Typical step (what an integration layer does)::
 
-    cache = PagedKVCache(num_layers, num_kv_heads, head_dim, memory_gib=20, max_seqs=256,
-                         max_seq_len=8192, dtype=torch.bfloat16, device="cuda")
-    sid = cache.add_sequence()
-    plan = cache.plan([sid, ...], [prompt_len, ...])      # allocates pages, builds the tensors
+    pool = PagePool(num_layers, num_kv_heads, head_dim, memory_gib=20, max_seqs=256,
+                    max_seq_len=8192, dtype=torch.bfloat16, device="cuda")
+    sid = pool.add_sequence()
+    step = pool.plan([sid, ...], [prompt_len, ...])       # allocates pages, builds the tensors
     for layer in range(num_layers):
-        write_kv(cache.k_pools[layer], cache.v_pools[layer], k, v, plan.slot_mapping)
-        out = paged_attention(q, cache.k_pools[layer], cache.v_pools[layer], plan.block_tables,
-                              plan.seq_lens, cu_seqlens_q=plan.cu_seqlens_q,
-                              max_seqlen_q=plan.max_seqlen_q)
-    cache.free(sid)                                        # when the request finishes
+        write_kv(pool.k_pools[layer], pool.v_pools[layer], k, v, step.slot_mapping)
+        out = paged_attention(q, pool.k_pools[layer], pool.v_pools[layer], step.block_tables,
+                              step.seq_lens, cu_seqlens_q=step.cu_seqlens_q,
+                              max_seqlen_q=step.max_seqlen_q)
+    pool.free(sid)                                         # when the request finishes
+
+(Integration code that runs many layers per step builds the kernels' launch plan once per step,
+:func:`hf_attn_plugin.paged_ops.plan`, and calls :func:`hf_attn_plugin.paged_ops.run` per layer.)
 
 All bookkeeping is in Python on the host and deterministic: pages come from a LIFO free list (the
 lowest page numbers first on a fresh cache); every operation costs O(pages touched).
@@ -56,7 +59,7 @@ __all__ = [
     "SequenceTooLongError",
     "UnknownSequenceError",
     "BlockAllocator",
-    "PagedKVCache",
+    "PagePool",
     "StepPlan",
     "bytes_per_page",
     "num_pages_for_budget",
@@ -206,8 +209,12 @@ class StepPlan:
         return self.max_seqlen_q == 1 and self.slot_mapping.numel() == len(self.seq_ids)
 
 
-class PagedKVCache:
-    """K/V pools of every layer, the page allocator, and per-sequence block tables.
+class PagePool:
+    """The page pool: K/V pools of every layer, the page allocator, and per-sequence block tables.
+
+    (Formerly ``PagedKVCache``, a name too close to the transformers ``Cache`` built on it,
+    :class:`hf_attn_plugin.PagedCache`; ``hf_attn_plugin.paged.PagedKVCache`` still works, with a
+    ``DeprecationWarning``.)
 
     Size the pools with ``num_pages`` or ``memory_gib`` (one of them). ``max_seqs`` rows of the block
     table exist, so at most ``max_seqs`` sequences live at once. ``max_seq_len`` (or
@@ -480,3 +487,4 @@ class PagedKVCache:
             raise AssertionError("free list holds a page in use (or a page twice)")
         if len(free) + sum(r > 0 for r in refs) != self.num_pages:
             raise AssertionError("a page is neither free nor in use (leak)")
+

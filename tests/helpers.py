@@ -1,0 +1,83 @@
+"""What several test files share: FA2's error rule, the one "can the kernels run here?" check, loading a script.
+
+* :func:`assert_fa2_rule`: FA2's own tolerance (DESIGN.md §5) for a kernel's output against the float64 reference.
+* :func:`kernels_run_on` / :data:`KERNELS_RUN` / :data:`needs_kernels`: whether the Triton kernels can run on a
+  device's tensors in this process (compiled on a CUDA GPU; on CPU tensors only under the Triton interpreter,
+  ``TRITON_INTERPRET=1``, which tests/conftest.py sets on machines without a GPU); :data:`needs_hopper` for the
+  Gluon (sm_90) kernels.
+* :func:`load_file`: a script of examples/ or benchmarks/ as a module, by its path (they are not installed
+  packages; no ``sys.path`` edits).
+
+GPU-only tests need only ``@pytest.mark.gpu``: tests/conftest.py skips them where there is no GPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def max_abs_error(got: torch.Tensor, ref: torch.Tensor) -> float:
+    """max |got - ref|, computed in float64."""
+    return (got.double() - ref.double()).abs().max().item()
+
+
+def assert_fa2_rule(got: torch.Tensor, ref: torch.Tensor, low: torch.Tensor, name: str = "out") -> None:
+    """FA2's error rule: ``max|got - ref| <= 2 * max|low - ref| + 1e-5``.
+
+    ``ref``: the reference in float64 (or float32); ``low``: PyTorch computing the same function at the kernel's
+    dtype (its own rounding error is the yardstick); ``got``: the kernel's result.
+    """
+    err, base = max_abs_error(got, ref), max_abs_error(low, ref)
+    assert err <= 2 * base + 1e-5, (
+        f"{name}: err {err:.3e} > 2 * {base:.3e} + 1e-5 (FA2's rule: the kernel's error against the float64 "
+        f"reference may be at most twice PyTorch's own error at the kernel's dtype)")
+
+
+def kernels_run_on(device: str | torch.device) -> bool:
+    """Whether the Triton kernels can run on tensors of ``device`` in this process: CUDA tensors need a GPU, CPU
+    tensors the Triton interpreter (``TRITON_INTERPRET=1`` before triton is imported)."""
+    if torch.device(device).type == "cuda":
+        return torch.cuda.is_available()
+    # What hf_attn_plugin.kernels.configs.interpreting() reads; read here, since tests monkeypatch that function.
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+KERNELS_RUN = kernels_run_on(DEVICE)  # on the tests' device: the GPU where there is one, else the CPU
+needs_kernels = pytest.mark.skipif(
+    not KERNELS_RUN, reason="the Triton kernels cannot run here: needs a CUDA GPU, or TRITON_INTERPRET=1 set before "
+    "triton is imported (tests/conftest.py sets it on machines without a GPU)")
+
+
+HAS_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)  # the Gluon kernels' GPU
+needs_hopper = pytest.mark.skipif(not HAS_HOPPER, reason="needs an sm_90 GPU (H100/H200: run `pytest -m gpu` there)")
+
+
+def load_file(path: str | Path, name: str | None = None) -> ModuleType:
+    """The Python file ``path`` (absolute, or relative to the repository root) imported as module ``name`` (default:
+    the file's stem) and registered in ``sys.modules``: how tests use examples/*.py and benchmarks/*.py, which are
+    scripts, not installed packages."""
+    path = Path(path) if Path(path).is_absolute() else ROOT / path
+    name = name or path.stem
+    if name in sys.modules and getattr(sys.modules[name], "__file__", None) == str(path):
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ImportError(f"cannot import {path}: not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
+    return module
