@@ -63,11 +63,15 @@ def models_section() -> str:
         return ""
     by = defaultdict(dict)
     order = []
+    latest = rows[0].get("run", "")
+    older = {}  # key -> the earlier run its rows come from (a merged table: a run cut short keeps the older rows)
     for r in rows:
         key = (r["shape"], int(r["B"]), int(r["S"]), r["mode"])
         if key not in by:
             order.append(key)
         by[key][r["impl"].replace("+repeat", "")] = float(r["tflops"])
+        if r.get("run", "") != latest:
+            older[key] = r["run"]
     body = []
     for key in order:
         impls = by[key]
@@ -80,14 +84,17 @@ def models_section() -> str:
         def cell(name):
             return impls.get(name, "-")
 
-        body.append([key[0], key[1], key[2], key[3], ours, cell("sdpa_cudnn"), cell("sdpa_flash"), cell("flex"),
-                     cell("sdpa_mask"), f"{ours / rivals[best]:.2f}x {best}" if best else "-"])
+        body.append([key[0] + (" †" if key in older else ""), key[1], key[2], key[3], ours, cell("sdpa_cudnn"),
+                     cell("sdpa_flash"), cell("flex"), cell("sdpa_mask"),
+                     f"{ours / rivals[best]:.2f}x {best}" if best else "-"])
     meta = rows[0]
+    note = (f"; † rows: {', '.join(sorted(set(older.values())))}'s measurement, not re-measured in {latest}'s run "
+            "(time limit)" if older else "")
     header = ["shape", "B", "S", "mode", "ours", "SDPA cuDNN", "SDPA flash", "Flex", "SDPA + 4-D mask",
               "ours / fastest other"]
     return (f"**Shapes real models have** (TFLOP/s, bf16; `benchmarks/bench_flash.py --models`; {meta['gpu']}, torch "
             f"{meta['torch']}, triton {meta['triton']}, {meta['date']}; SDPA runs GQA natively where its backend takes "
-            "it)\n\n" + table(header, body))
+            f"it{note})\n\n" + table(header, body))
 
 
 def decode_section() -> str:
