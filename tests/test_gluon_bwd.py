@@ -253,8 +253,8 @@ def test_unsupported_reason_names_the_features(monkeypatch):
     """On a (pretend) Hopper with Gluon: plain calls are accepted, each optional feature is refused by name."""
     from hf_attn_plugin.kernels import gluon_fwd
 
-    if gluon_fwd._IMPORT_ERROR is not None:
-        pytest.skip(f"this Triton has no Gluon: {gluon_fwd._IMPORT_ERROR!r}")
+    if gluon_fwd.IMPORT_ERROR is not None:
+        pytest.skip(f"this Triton has no Gluon: {gluon_fwd.IMPORT_ERROR!r}")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
 
     class FakeCuda(torch.Tensor):  # is_cuda without a GPU: only the checks run, nothing is launched

@@ -44,24 +44,8 @@ import torch
 from .host import cdiv, tma_ready
 from .params import AttentionParams
 
-try:  # Gluon exists in Triton >= 3.5; the API used here is Triton 3.6's.
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (
-        fence_async_shared,
-        mbarrier,
-        tma,
-        warpgroup_mma,
-        warpgroup_mma_wait,
-    )
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
-    _IMPORT_ERROR: Optional[BaseException] = None
-except Exception as exc:  # pragma: no cover - depends on the installed Triton
-    gluon = None
-    _IMPORT_ERROR = exc
-
-LOG2E = 1.4426950408889634
+from .gluon_api import (IMPORT_ERROR, LOG2E, TensorDescriptor, fence_async_shared, gl, gluon, mbarrier, tma,
+                        warpgroup_mma, warpgroup_mma_wait)
 SUPPORTED_HEAD_DIMS = (64, 128)
 WARP_SPEC_VARIANTS = (0, 1, 2)
 

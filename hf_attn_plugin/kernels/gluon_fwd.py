@@ -33,25 +33,8 @@ import torch
 from .host import cdiv, tma_ready
 from .params import AttentionParams
 
-try:  # Gluon exists in Triton >= 3.5; the API used here is Triton 3.6's.
-    import triton
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (
-        fence_async_shared,
-        mbarrier,
-        tma,
-        warpgroup_mma,
-        warpgroup_mma_wait,
-    )
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor
-
-    _IMPORT_ERROR: Optional[BaseException] = None
-except Exception as exc:  # pragma: no cover - depends on the installed Triton
-    gluon = None
-    _IMPORT_ERROR = exc
-
-LOG2E = 1.4426950408889634
+from .gluon_api import (IMPORT_ERROR, LOG2E, TensorDescriptor, fence_async_shared, gl, gluon, mbarrier, tma,
+                        warpgroup_mma, warpgroup_mma_wait)
 SUPPORTED_HEAD_DIMS = (64, 128)
 POISON = False  # tests: allocate out/lse as NaN, to prove the kernel writes every element (as flash.POISON)
 
@@ -292,8 +275,8 @@ if gluon is not None:
 
 def unsupported_reason(q, k, v, params: Optional[AttentionParams] = None) -> Optional[str]:
     """Why this kernel cannot run the call (``None``: it can). ``params`` ``None``: a call without optional features."""
-    if _IMPORT_ERROR is not None:
-        return f"Gluon is not available in this Triton ({_IMPORT_ERROR!r}); Triton 3.6 is needed"
+    if IMPORT_ERROR is not None:
+        return f"Gluon is not available in this Triton ({IMPORT_ERROR!r}); Triton 3.6 is needed"
     if not (q.is_cuda and k.is_cuda and v.is_cuda):
         return "the Gluon forward runs on CUDA tensors only (got device %s); use flash.flash_attn_forward" % q.device
     if torch.cuda.get_device_capability(q.device) != (9, 0):
