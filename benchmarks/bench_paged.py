@@ -84,9 +84,9 @@ class DecodeCase:
 
     def pieces(self, num_splits: int = 0, config=None) -> dict[int, list[int]]:
         """Split-K pieces the kernel used, by sequence length: {length: [pieces of each such sequence]}."""
-        _, partials = kernels.split_attention(
+        _, partials = kernels.paged_attention(
             self.q, self.k_pool, self.v_pool, self.block_tables, self.seq_lens, None, 1, None, None, D**-0.5,
-            True, 0, 0.0, num_splits, config)
+            True, 0, 0.0, num_splits, config, return_partials=True)
         if partials is None:
             counts = [1] * len(self.lens)
         else:

@@ -313,7 +313,7 @@ def test_interpreter_uses_fixed_small_configs(monkeypatch):
 
 @needs_kernels
 def test_paged_kernels_take_their_config_from_the_config_system(monkeypatch):
-    """split_attention asks configs.pick (kind by decode/prefill, head-dim bucket, lengths, group) and runs with
+    """paged_attention asks configs.pick (kind by decode/prefill, head-dim bucket, lengths, group) and runs with
     the answer: its rows give the prefill tokens per program (block_m // padded group)."""
     from hf_attn_plugin.kernels import paged
 
@@ -332,10 +332,12 @@ def test_paged_kernels_take_their_config_from_the_config_system(monkeypatch):
     bt = torch.arange(8, device=dev, dtype=torch.int32).view(2, 4)
     seq_lens = torch.tensor([40, 64], device=dev, dtype=torch.int32)
     q = torch.randn(2, hq, d, device=dev)
-    paged.split_attention(q, k_pool, v_pool, bt, seq_lens, None, 1, None, None, 0.25, True, 0, 0.0, 1)
+    paged.paged_attention(q, k_pool, v_pool, bt, seq_lens, None, 1, None, None, 0.25, True, 0, 0.0, 1,
+                          return_partials=True)
     cu = torch.tensor([0, 5, 12], device=dev, dtype=torch.int32)
     q = torch.randn(12, hq, d, device=dev)
-    paged.split_attention(q, k_pool, v_pool, bt, seq_lens, cu, 7, None, None, 0.25, True, 8, 0.0, 1)
+    paged.paged_attention(q, k_pool, v_pool, bt, seq_lens, cu, 7, None, None, 0.25, True, 8, 0.0, 1,
+                          return_partials=True)
     (k1, d1, key1), (k2, _, key2) = asked
     assert (k1, d1, k2) == ("paged_decode", 16, "paged_prefill")
     assert key1["seq_q"] == 1 and key1["seq_k"] == 64 and key1["group"] == 2 and key1["dtype"] == torch.float32

@@ -315,8 +315,8 @@ def _pieces_per_row(lens, num_splits, hq=4, hkv=2, d=16, page=16, config=None, *
     window = feat.get("window", 0)
     _check(q, k_pool, v_pool, bt, seq_lens, k_starts=k_starts, sinks=sinks, window=window, num_splits=num_splits,
            config=config)
-    _, partials = kernels.split_attention(q, k_pool, v_pool, bt, seq_lens, None, 1, k_starts, sinks, d**-0.5, True,
-                                          window, 0.0, num_splits, config)
+    _, partials = kernels.paged_attention(q, k_pool, v_pool, bt, seq_lens, None, 1, k_starts, sinks, d**-0.5, True,
+                                          window, 0.0, num_splits, config, return_partials=True)
     if partials is None:  # no split-K
         return [1] * len(lens)
     lse = partials[1]

@@ -41,7 +41,7 @@ from .flash import check_head_dim
 from .host import cdiv, next_power_of_2  # plain Python: triton's are ~3-13 us wrapped calls on the host
 from .primitives import LOG2E, finish_softmax, mask_scores, online_softmax_step, score_scales, scores
 
-__all__ = ["Plan", "write_kv", "run", "paged_attention", "split_attention", "default_num_splits"]
+__all__ = ["Plan", "write_kv", "run", "paged_attention", "default_num_splits"]
 
 
 # --------------------------------------------------------------------------- write
@@ -469,40 +469,22 @@ def paged_attention(
     softcap: float,
     num_splits: int,
     config: configs.Config | None = None,
-) -> torch.Tensor:
+    *,
+    return_partials: bool = False,
+):
     """One call's :class:`Plan` and :func:`run`: attention of ``q`` ``[T, Hq, D]`` over paged K/V.
 
     ``cu_seqlens_q is None`` means decode: ``T == num_seqs``, one query per sequence. Otherwise the
     new tokens of sequence ``b`` are rows ``cu_seqlens_q[b]:cu_seqlens_q[b+1]`` and
     ``max_seqlen_q`` bounds their count (it sizes the grid). ``window``/``softcap`` <= 0 mean off.
     ``num_splits`` >= 1 is the split-K grid size (0: :func:`default_num_splits`).
+
+    ``return_partials`` (tests, benchmarks): the attention kernel alone, ``(out, partials)``: ``partials`` is
+    ``None`` without split-K (``out`` is final), else ``(part_out [T, Hq, S, D], part_lse [T, Hq, S])`` still to
+    be combined into ``out``.
     """
     plan = _one_plan(q, k_pool, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, k_starts, num_splits, config)
-    return _run(q, k_pool, v_pool, plan, scale, causal, window, softcap, sinks)
-
-
-def split_attention(
-    q: torch.Tensor,
-    k_pool: torch.Tensor,
-    v_pool: torch.Tensor,
-    block_tables: torch.Tensor,
-    seq_lens: torch.Tensor,
-    cu_seqlens_q: torch.Tensor | None,
-    max_seqlen_q: int,
-    k_starts: torch.Tensor | None,
-    sinks: torch.Tensor | None,
-    scale: float,
-    causal: bool,
-    window: int,
-    softcap: float,
-    num_splits: int,
-    config: configs.Config | None = None,
-) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-    """:func:`split_run` of one call (arguments of :func:`paged_attention`): ``(out, partials)``.
-
-    ``partials`` is ``None`` without split-K (``out`` is final), else ``(part_out [T, Hq, S, D],
-    part_lse [T, Hq, S])`` still to be combined into ``out``.
-    """
-    plan = _one_plan(q, k_pool, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, k_starts, num_splits, config)
+    if not return_partials:
+        return _run(q, k_pool, v_pool, plan, scale, causal, window, softcap, sinks)
     out, launch = _split(q, k_pool, v_pool, plan, scale, causal, window, softcap, sinks)
     return out, ((launch.part_out, launch.part_lse) if launch is not None and launch.part_out is not None else None)
