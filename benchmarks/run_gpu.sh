@@ -1,11 +1,34 @@
 #!/bin/bash
-# One device call: GPU tests, then the benchmark. Logs and CSVs go to $OUT.
-export PYTHONUNBUFFERED=1
-OUT=${OUT:-/tmp/out}; mkdir -p $OUT
-nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv | tee $OUT/gpu.txt
-python3 -c "import torch, triton; print(torch.__version__, triton.__version__)" | tee -a $OUT/gpu.txt
-if [ "${SKIP_TESTS:-0}" != 1 ]; then
-  HF_ATTN_PLUGIN_AUTOTUNE=0 timeout ${TEST_TIMEOUT:-220} python3 -m pytest tests/test_flash_kernels.py -m gpu -q -n ${NPROC:-12} -p no:cacheprovider ${TEST_ARGS} 2>&1 | tee $OUT/gpu_tests.log | tail -30
-fi
-HF_ATTN_PLUGIN_VERBOSE=1 timeout ${BENCH_TIMEOUT:-280} python3 benchmarks/bench_flash.py --out $OUT ${BENCH_ARGS} 2>&1 | tee $OUT/bench.log | grep -v "^\[hf_attn" | tail -60
-grep "^\[hf_attn" $OUT/bench.log | tail -40
+# GPU runs by stage: bash benchmarks/run_gpu.sh STAGE [STAGE ...]; logs and CSVs go to $OUT (default /tmp/out),
+# results to $OUT/results (copy the CSVs to benchmarks/results/ and run `python benchmarks/report.py`).
+# Stages and their wall time on one H200 (cold Triton cache):
+#   tests       pytest -m gpu (xdist, 15 workers)                           ~320 s
+#   quickstart  the README's GPU quick start in this environment              ~40 s
+#   models      bench_flash.py --models (the README's main table)           ~150 s
+#   head_dims   bench_head_dims.py (D 32..256, fwd and fwd+bwd)             ~150 s
+#   cold_start  bench_cold_start.py (fresh processes, warm + cold cache)    ~200 s
+#   generate    bench_generate.py, B=1, dynamic and compiled static routes  ~150 s
+#   decode      bench_decode.py (decode kernels beside SDPA)                ~120 s
+#   tune        tune_tables.py for D 64/128/256 (writes $OUT/tune/sm90.json) ~200 s
+set -u
+export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-$PWD}
+OUT=${OUT:-/tmp/out}
+RES=$OUT/results
+mkdir -p "$OUT" "$RES"
+nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --format=csv > "$OUT/gpu.txt"
+for stage in "$@"; do
+  start=$(date +%s)
+  case $stage in
+    tests) timeout 560 python -m pytest -m gpu -q -n 15 -p no:cacheprovider --timeout 240 \
+             --junitxml="$OUT/gpu_junit.xml" tests > "$OUT/gpu_tests.log" 2>&1 ;;
+    quickstart) (python -m pip install -q -e . && hf-attn-plugin-demo) > "$OUT/quickstart.log" 2>&1 ;;
+    models) python benchmarks/bench_flash.py --out "$RES" --models > "$OUT/models.log" 2>&1 ;;
+    head_dims) python benchmarks/bench_head_dims.py --out "$RES" > "$OUT/head_dims.log" 2>&1 ;;
+    cold_start) python benchmarks/bench_cold_start.py --out "$RES" > "$OUT/cold_start.log" 2>&1 ;;
+    generate) python benchmarks/bench_generate.py --out "$RES" --routes dynamic static > "$OUT/generate.log" 2>&1 ;;
+    decode) python benchmarks/bench_decode.py --out "$RES" > "$OUT/decode.log" 2>&1 ;;
+    tune) python benchmarks/tune_tables.py --out "$OUT/tune" --dims 64,128,256 --budget-s 200 > "$OUT/tune.log" 2>&1 ;;
+    *) echo "unknown stage $stage (see the header of $0)"; exit 2 ;;
+  esac
+  echo "$stage: exit $? in $(( $(date +%s) - start )) s" | tee -a "$OUT/stages.txt"
+done
