@@ -17,11 +17,9 @@ import torch
 from hf_attn_plugin import reference
 from hf_attn_plugin.kernels import configs, gluon_bwd
 from hf_attn_plugin.kernels.params import AttentionParams
-from tests.helpers import max_abs_error
-from tests.test_flash_kernels import run_case
+from tests.helpers import max_abs_error, needs_hopper
+from tests.test_flash_kernels import GLUON_FALLBACK_CASES, run_case
 
-HAS_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)
-needs_hopper = pytest.mark.skipif(not HAS_HOPPER, reason="needs an sm_90 GPU (run `pytest -m gpu` there)")
 WS_IDS = ["ws0", "ws1_producer", "ws2_split"]
 
 
@@ -164,13 +162,7 @@ def test_every_gluon_candidate_through_the_backward(flash_gpu, monkeypatch, gluo
 
 
 FALLBACK_CASES = {
-    "window": dict(D=128, Sq=600, Hq=4, Hkv=2, window=100),
-    "softcap_sinks": dict(D=64, Sq=500, Hq=4, Hkv=2, softcap=20.0, sinks=True),
-    "segments": dict(D=128, B=2, Sq=300, Hq=4, Hkv=2, segments=[[0, 50, 300, 50, 300], [1, 0, 300, 0, 300]]),
-    "dropout": dict(D=64, Sq=300, Hq=2, Hkv=1, dropout_p=0.1),
-    "fp32": dict(D=128, Sq=300, Hq=4, Hkv=2, dtype=torch.float32),
-    "head_dim_96": dict(D=96, Sq=400, Hq=4, Hkv=2),  # the 128 bucket, but not a Gluon head dim
-    "switched_off": dict(D=64, Sq=400, Hq=4, Hkv=2),  # plain, with HF_ATTN_PLUGIN_GLUON=0
+    **GLUON_FALLBACK_CASES,  # the Gluon forward's refusals (window, softcap + sinks, segments, dropout, fp32, ...)
     # Sq % 4 != 0: lse/delta TMA boxes would start unaligned (on the H200 that was an illegal instruction, which
     # kills the process): these must run the Triton dK/dV kernel
     "sq_1": dict(D=64, B=2, Sq=1, Sk=300, Hq=4, Hkv=2),
