@@ -20,8 +20,6 @@ Appends to ``DIR/cold_start.csv``.
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import json
 import os
 import statistics
@@ -30,6 +28,8 @@ import sys
 import tempfile
 import time
 
+from common import append_rows, run_meta
+
 FIELDS = ["gpu", "torch", "triton", "transformers", "date", "impl", "triton_cache", "prompt", "first_call_new",
           "first_call_s", "new", "median_step_ms", "worst_step_ms", "worst_over_median", "worst_step"]
 
@@ -37,7 +37,6 @@ FIELDS = ["gpu", "torch", "triton", "transformers", "date", "impl", "triton_cach
 def child(impl: str, prompt_len: int, new: int) -> dict:
     import torch
     import transformers
-    import triton
 
     import hf_attn_plugin  # noqa: F401  (registers "plugin")
     from bench_generate import build_model
@@ -65,9 +64,8 @@ def child(impl: str, prompt_len: int, new: int) -> dict:
     steps = [(b - a) * 1e3 for a, b in zip(clock.times, clock.times[1:])]  # decode steps; the prefill excluded
     median = statistics.median(steps)
     worst = max(range(len(steps)), key=steps.__getitem__)
-    return dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                transformers=transformers.__version__, date=datetime.date.today().isoformat(), impl=impl,
-                prompt=prompt_len, first_call_new=8, first_call_s=round(first, 3), new=new,
+    return dict(run_meta("gpu", "torch", "triton", "transformers", "date"), impl=impl, prompt=prompt_len,
+                first_call_new=8, first_call_s=round(first, 3), new=new,
                 median_step_ms=round(median, 3), worst_step_ms=round(steps[worst], 3),
                 worst_over_median=round(steps[worst] / median, 2), worst_step=worst + 1)
 
@@ -99,12 +97,7 @@ def main() -> None:
             print(f"FAILED {impl} (exit {proc.returncode}):\n{proc.stderr[-2000:]}", flush=True)
             continue
         row = dict(json.loads(lines[-1][len("RESULT "):]), triton_cache=cache)
-        fresh = not os.path.exists(path)
-        with open(path, "a", newline="") as f:
-            writer = csv.DictWriter(f, FIELDS)
-            if fresh:
-                writer.writeheader()
-            writer.writerow(row)
+        append_rows(path, [row], FIELDS)
         print(f"{impl:7s} {cache} Triton cache: first call {row['first_call_s']:.2f} s; {args.new} steps: "
               f"median {row['median_step_ms']:.2f} ms, worst {row['worst_step_ms']:.2f} ms "
               f"({row['worst_over_median']:.1f}x, step {row['worst_step']})",

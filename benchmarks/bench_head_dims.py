@@ -13,14 +13,12 @@ that has no kernel for a head dim is printed as ``FAILED`` and has no row.
 from __future__ import annotations
 
 import argparse
-import csv
-import datetime
 import os
 
 import torch
-import triton
 
 from bench_flash import FIELDS, flops, make_impls, measure
+from common import append_rows, print_device, run_meta
 
 DIMS = (32, 48, 64, 72, 80, 96, 112, 128, 160, 192, 256)
 
@@ -36,8 +34,8 @@ def main() -> None:
     args = parser.parse_args()
     os.makedirs(args.out, exist_ok=True)
     torch._dynamo.config.cache_size_limit = 256
-    meta = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
-                date=datetime.date.today().isoformat())
+    print_device()
+    meta = run_meta("gpu", "torch", "triton", "date")
     path = os.path.join(args.out, "head_dims.csv")
     if os.path.exists(path):
         os.remove(path)
@@ -53,12 +51,7 @@ def main() -> None:
                     continue
                 tf = flops(b, h, s, d, True, 0, mode) / ms / 1e9
                 row = dict(meta, impl=impl, mode=mode, S=s, B=b, Hq=h, Hkv=h, D=d, ms=round(ms, 4), tflops=round(tf, 1))
-                fresh = not os.path.exists(path)
-                with open(path, "a", newline="") as f:
-                    writer = csv.DictWriter(f, FIELDS)
-                    if fresh:
-                        writer.writeheader()
-                    writer.writerow(row)
+                append_rows(path, [row], FIELDS)  # as we go: a run cut short keeps what it measured
                 print(f"D={d:3d} {mode:6s} {impl:18s} {ms:8.3f} ms {tf:6.1f} TFLOP/s", flush=True)
         del impls
         torch.cuda.empty_cache()
