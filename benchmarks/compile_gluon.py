@@ -78,9 +78,8 @@ def check_candidates() -> int:
 gluon_fwd = _load_kernel_module()
 
 
-def compile_one(head_dim: int, causal: bool, dtype: str = "bf16", warp_spec: int = 0):
-    cfg = dict(gluon_fwd._config(head_dim, warp_spec), WARP_SPEC=warp_spec)
-    sub_m = cfg["BLOCK_M"] // (2 if warp_spec >= 2 else 1)
+def _tile_descriptor(dtype: str, head_dim: int):
+    """``desc(rows)``: the signature type of a ``[1, rows, 1, head_dim]`` TMA descriptor (as the launchers build)."""
     gdt = gl.bfloat16 if dtype == "bf16" else gl.float16
 
     def desc(rows):
@@ -88,8 +87,19 @@ def compile_one(head_dim: int, causal: bool, dtype: str = "bf16", warp_spec: int
         layout = gl.NVMMASharedLayout.get_default_for(block, gdt)
         return f"tensordesc<{dtype}[{', '.join(map(str, block))}],{layout!r}>"
 
-    constexprs = {"CAUSAL": causal, "WARP_SPEC": warp_spec, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
-                  "HEAD_DIM": head_dim, "NUM_STAGES": cfg["NUM_STAGES"]}
+    return desc
+
+
+def _constexprs(cfg: dict, causal: bool, warp_spec: int, head_dim: int) -> dict:
+    return {"CAUSAL": causal, "WARP_SPEC": warp_spec, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
+            "HEAD_DIM": head_dim, "NUM_STAGES": cfg["NUM_STAGES"]}
+
+
+def compile_one(head_dim: int, causal: bool, dtype: str = "bf16", warp_spec: int = 0):
+    cfg = dict(gluon_fwd._config(head_dim, warp_spec), WARP_SPEC=warp_spec)
+    sub_m = cfg["BLOCK_M"] // (2 if warp_spec >= 2 else 1)
+    desc = _tile_descriptor(dtype, head_dim)
+    constexprs = _constexprs(cfg, causal, warp_spec, head_dim)
     signature = {
         "q_desc": desc(sub_m), "k_desc": desc(cfg["BLOCK_N"]), "v_desc": desc(cfg["BLOCK_N"]),
         "o_desc": desc(sub_m), "lse_ptr": "*fp32", "lse_stride_b": "i32", "lse_stride_h": "i32",
@@ -135,15 +145,8 @@ def compile_bwd(head_dim: int, causal: bool, dtype: str = "bf16", warp_spec: int
 
     gluon_bwd = importlib.import_module("hf_attn_plugin.kernels.gluon_bwd")
     cfg = gluon_bwd._config(head_dim, warp_spec)
-    gdt = gl.bfloat16 if dtype == "bf16" else gl.float16
-
-    def desc(rows):
-        block = [1, rows, 1, head_dim]
-        layout = gl.NVMMASharedLayout.get_default_for(block, gdt)
-        return f"tensordesc<{dtype}[{', '.join(map(str, block))}],{layout!r}>"
-
-    constexprs = {"CAUSAL": causal, "WARP_SPEC": warp_spec, "BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"],
-                  "HEAD_DIM": head_dim, "NUM_STAGES": cfg["NUM_STAGES"]}
+    desc = _tile_descriptor(dtype, head_dim)
+    constexprs = _constexprs(cfg, causal, warp_spec, head_dim)
     sub_n = cfg["BLOCK_N"] // (2 if warp_spec >= 2 else 1)
     stat_layout = gl.NVMMASharedLayout.get_default_for([cfg["BLOCK_M"]], gl.float32)  # lse / delta rows (1-D)
     stat_desc = f"tensordesc<fp32[{cfg['BLOCK_M']}],{stat_layout!r}>"

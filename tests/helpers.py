@@ -5,6 +5,7 @@
   device's tensors in this process (compiled on a CUDA GPU; on CPU tensors only under the Triton interpreter,
   ``TRITON_INTERPRET=1``, which tests/conftest.py sets on machines without a GPU); :data:`needs_hopper` for the
   Gluon (sm_90) kernels.
+* :func:`each_candidate`: every launch-config candidate forced in turn (the GPU sweeps of every kernel config).
 * :func:`load_file`: a script of examples/ or benchmarks/ as a module, by its path (they are not installed
   packages; no ``sys.path`` edits).
 
@@ -60,6 +61,27 @@ needs_kernels = pytest.mark.skipif(
 
 HAS_HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability() == (9, 0)  # the Gluon kernels' GPU
 needs_hopper = pytest.mark.skipif(not HAS_HOPPER, reason="needs an sm_90 GPU (H100/H200: run `pytest -m gpu` there)")
+
+
+KERNEL_KINDS = ("fwd", "bwd_dq", "bwd_dkdv")
+
+
+def each_candidate(monkeypatch, block_ds):
+    """Force every launch-config candidate in turn: for ``i`` over the longest candidate list of the head-dim
+    buckets ``block_ds``, ``configs.candidates`` offers each kernel kind only its ``i``-th config (its last one
+    past the end of its list). Yields ``(i, forced)``; ``forced(kind, block_d)`` is the patched function (it names
+    the configs in a failure message)."""
+    from hf_attn_plugin.kernels import configs
+
+    real = configs.candidates
+    longest = max(len(real(kind, bd)) for kind in KERNEL_KINDS for bd in block_ds)
+    for i in range(longest):
+        def forced(kind, block_d, i=i):
+            options = real(kind, block_d)
+            return (options[min(i, len(options) - 1)],)
+
+        monkeypatch.setattr(configs, "candidates", forced)
+        yield i, forced
 
 
 def load_file(path: str | Path, name: str | None = None) -> ModuleType:

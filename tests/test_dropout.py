@@ -22,6 +22,7 @@ if not torch.cuda.is_available():  # must precede the first @triton.jit import
 from hf_attn_plugin import ops, reference  # noqa: E402
 from hf_attn_plugin.ops import AttentionParams  # noqa: E402
 
+from .helpers import each_candidate  # noqa: E402
 from .test_flash_kernels import CACHE, PACKED, run_case  # noqa: E402
 
 
@@ -241,16 +242,7 @@ def test_gpu_dropout_exact_bf16(flash_gpu, D):
 @pytest.mark.parametrize("D", [64, 128, 256])
 def test_gpu_dropout_every_tuning_candidate(flash_gpu, monkeypatch, D):
     """Every candidate (warp-specialized ones included) regenerates the forward's mask in the backward."""
-    from hf_attn_plugin.kernels import configs
-
-    real = configs.candidates
-    longest = max(len(real(kind, D)) for kind in ("fwd", "bwd_dq", "bwd_dkdv"))
-    for i in range(longest):
-        def one(kind, bd, i=i):
-            opts = real(kind, bd)
-            return (opts[min(i, len(opts) - 1)],)
-
-        monkeypatch.setattr(configs, "candidates", one)
+    for i, _ in each_candidate(monkeypatch, (D,)):
         try:
             run_case(flash_gpu, device="cuda", dtype=torch.bfloat16, D=D, Sq=600, Sk=700, Hq=4, Hkv=2, window=250,
                      dropout_p=0.2)

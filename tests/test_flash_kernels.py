@@ -27,7 +27,7 @@ from hf_attn_plugin import ops, reference
 from hf_attn_plugin.ops import AttentionParams
 from hf_attn_plugin.reference import rows_in_segments
 
-from .helpers import HAS_HOPPER, assert_fa2_rule, needs_hopper
+from .helpers import HAS_HOPPER, KERNEL_KINDS, assert_fa2_rule, each_candidate, needs_hopper
 
 
 # ----------------------------------------------------------------------------------------------
@@ -334,19 +334,13 @@ def test_gpu_other_dtypes(flash_gpu, dtype):
 @pytest.mark.gpu
 def test_gpu_every_tuning_candidate(flash_gpu, monkeypatch):
     """Each candidate config (not just the default) computes the right thing."""
-    from hf_attn_plugin.kernels import configs
-
-    for i in range(max(map(len, configs._GPU.values()))):
-        def one(kind, block_d, i=i):
-            opts = configs._GPU[(kind, configs._dim_bucket(block_d))]
-            return (opts[min(i, len(opts) - 1)],)
-        monkeypatch.setattr(configs, "candidates", one)
+    for i, forced in each_candidate(monkeypatch, (128, 256, 64)):
         for D, kw in ((128, dict(Sq=1100, Sk=1300, Hq=4, Hkv=2, window=400)), (256, dict(Sq=300, Hq=2, Hkv=1)),
                       (64, dict(Sq=700, Hq=4, Hkv=1))):
             try:
                 run_case(flash_gpu, device="cuda", dtype=torch.bfloat16, D=D, **kw)
             except AssertionError as exc:
-                used = {kind: one(kind, D)[0] for kind in ("fwd", "bwd_dq", "bwd_dkdv")}
+                used = {kind: forced(kind, D)[0] for kind in KERNEL_KINDS}
                 pytest.fail(f"candidate #{i} at D={D} {used}: {exc}")
 
 

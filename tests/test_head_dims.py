@@ -17,7 +17,7 @@ if not torch.cuda.is_available():  # must precede the first @triton.jit import
 
 from hf_attn_plugin.ops import AttentionParams  # noqa: E402
 
-from .helpers import needs_kernels  # noqa: E402
+from .helpers import KERNEL_KINDS, each_candidate, needs_kernels  # noqa: E402
 from .test_flash_kernels import CACHE, PACKED, run_case  # noqa: E402
 
 HEAD_DIMS = [16, 32, 48, 64, 72, 80, 96, 112, 128, 160, 192, 256]
@@ -117,22 +117,13 @@ def test_gpu_new_head_dims_other_dtypes(flash_gpu, D, dtype):
 @pytest.mark.parametrize("D", [16, 32, 48, 72, 112, 160, 192])
 def test_gpu_every_tuning_candidate_new_head_dims(flash_gpu, monkeypatch, D):
     """Every candidate config of D's bucket compiles, runs and is right (bf16, every feature)."""
-    from hf_attn_plugin.kernels import configs
-
     block_d = max(1 << (D - 1).bit_length(), 16)
-    longest = max(len(configs.candidates(kind, block_d)) for kind in ("fwd", "bwd_dq", "bwd_dkdv"))
-    real = configs.candidates
-    for i in range(longest):
-        def one(kind, bd, i=i):
-            opts = real(kind, bd)
-            return (opts[min(i, len(opts) - 1)],)
-
-        monkeypatch.setattr(configs, "candidates", one)
+    for i, forced in each_candidate(monkeypatch, (block_d,)):
         try:
             run_case(flash_gpu, device="cuda", dtype=torch.bfloat16, D=D, Sq=500, Sk=650, Hq=4, Hkv=2, window=200,
                      sinks=True, softcap=20.0)
         except AssertionError as exc:
-            used = {kind: one(kind, block_d)[0] for kind in ("fwd", "bwd_dq", "bwd_dkdv")}
+            used = {kind: forced(kind, block_d)[0] for kind in KERNEL_KINDS}
             pytest.fail(f"candidate #{i} at D={D} {used}: {exc}")
 
 

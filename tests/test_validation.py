@@ -180,6 +180,29 @@ def test_max_seqlen_too_small_on_triton_is_refused_not_truncated(monkeypatch):
         ops.attention(q, k, v, segments=segments, max_seqlen_q=16, max_seqlen_k=90)
 
 
+@pytest.mark.gpu
+def test_gpu_value_checks_on_cuda_tensors(monkeypatch):
+    """The CUDA side of the value checks that the tests above run on CPU tensors (the Triton ones only under the
+    interpreter): with HF_ATTN_PLUGIN_CHECKS=full, bad segments, non-finite sinks and a too-small max_seqlen_q on
+    CUDA tensors raise ValueError on the host, before any kernel runs (at the default level they are device-side
+    asserts, which leave the CUDA context unusable); valid ones give the reference's output."""
+    monkeypatch.setenv("HF_ATTN_PLUGIN_CHECKS", "full")
+    q, k, v = _qkv(head_dim=64, device="cuda")
+    for case, (segments, message) in BAD_SEGMENTS.items():
+        with pytest.raises(ValueError, match=message):
+            ops.attention(q, k, v, segments=segments.cuda())
+    for bad in (float("inf"), float("nan")):
+        sinks = torch.randn(4, device="cuda")
+        sinks[1] = bad
+        with pytest.raises(ValueError, match="sinks must be finite or -inf"):
+            ops.attention(q, k, v, sinks=sinks)
+    segments = _seg([0, 0, 9, 0, 11], [1, 2, 9, 0, 9]).cuda()
+    with pytest.raises(ValueError, match="max_seqlen_q=6"):
+        ops.attention(q, k, v, segments=segments, max_seqlen_q=6)
+    want = attention_reference(q.double(), k.double(), v.double(), segments=segments)[0]
+    torch.testing.assert_close(ops.attention(q, k, v, segments=segments).double(), want, atol=2e-5, rtol=1e-4)
+
+
 def test_bad_cu_seq_lens_are_refused():
     ours, _ = make_pair(DECODERS["llama"]())
     ids = torch.randint(1, ours.config.vocab_size, (1, 10))

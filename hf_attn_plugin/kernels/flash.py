@@ -43,7 +43,6 @@ for dV and masks dP. ``delta = rowsum(dO * O)`` with the dropped ``O`` is still 
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
@@ -739,12 +738,7 @@ def flash_attn_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params
         return out.zero_(), lse.zero_()
     sinks_arg = sinks.to(device=q.device, dtype=torch.float32).contiguous() if sinks is not None else q
     _ensure_scratch_allocator()
-    gluon_reason = []  # memo of _gluon_unsupported for this call
-
-    def gluon_unsupported():
-        if not gluon_reason:
-            gluon_reason.append(_gluon_unsupported(q, k, v, params))
-        return gluon_reason[0]
+    gluon_unsupported = _gluon_check(q, k, v, params)
 
     def launch(cfg: configs.Config):
         if cfg.gluon >= 0:  # a Gluon forward variant (kernels/gluon_fwd.py): returns its own (out, lse)
@@ -781,6 +775,18 @@ def flash_attn_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params
     configs.launch_fitting("fwd", L.block_d, key, cfg, launch, triton_only=triton_only)
     out, lse = outputs()
     return out, lse
+
+
+def _gluon_check(q, k, v, params: AttentionParams, backward: bool = False):
+    """:func:`_gluon_unsupported` for one call, computed at most once (the config pick and the launch both ask)."""
+    memo = []
+
+    def reason() -> Optional[str]:
+        if not memo:
+            memo.append(_gluon_unsupported(q, k, v, params, backward))
+        return memo[0]
+
+    return reason
 
 
 def _gluon_unsupported(q, k, v, params: AttentionParams, backward: bool = False) -> Optional[str]:
@@ -861,9 +867,11 @@ def flash_attn_backward(
             **L.flags(),
         )
 
+    gluon_unsupported = _gluon_check(q, k, v, params, backward=True)
+
     def launch_dkdv(cfg: configs.Config):
         if cfg.gluon >= 0:  # the Gluon Hopper dK/dV kernel (kernels/gluon_bwd.py)
-            reason = _gluon_unsupported(q, k, v, params, backward=True)
+            reason = gluon_unsupported()
             if reason is not None:
                 raise configs.Unsupported(reason)
             from . import gluon_bwd
@@ -886,7 +894,7 @@ def flash_attn_backward(
 
     key = L.key(q.dtype)
     cfg = configs.pick("bwd_dkdv", L.block_d, key, launch_dkdv)
-    triton_only = cfg.gluon >= 0 and _gluon_unsupported(q, k, v, params, backward=True) is not None
+    triton_only = cfg.gluon >= 0 and gluon_unsupported() is not None
     if triton_only:  # the key's entry names the Gluon dK/dV kernel, which cannot run this call: best Triton config
         cfg = configs.pick("bwd_dkdv", L.block_d, key, launch_dkdv, triton_only=True)
     configs.launch_fitting("bwd_dkdv", L.block_d, key, cfg, launch_dkdv, triton_only=triton_only)
