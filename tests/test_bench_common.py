@@ -73,8 +73,12 @@ def test_fa2_rule():
     ref = torch.zeros(4, dtype=torch.float64)
     low = torch.tensor([0.0, 1e-3, 0.0, 0.0])  # PyTorch at the kernel's dtype: 1e-3 off
     assert_fa2_rule(torch.tensor([0.0, 0.0, -2e-3, 0.0]), ref, low)  # within 2 * 1e-3 + 1e-5
-    with pytest.raises(AssertionError, match=r"dq: err 2\.1\d*e-03 > 2 \* 1\.000e-03 \+ 1e-5"):
+    with pytest.raises(AssertionError, match=r"dq: err 2\.1\d*e-03 > 2 \* 1\.000e-03 \+ 1e-05"):
         assert_fa2_rule(torch.tensor([0.0, 0.0, 0.0, 2.1e-3]), ref, low, "dq")
+    exact = torch.zeros(4)  # PyTorch exact: only the absolute slack is left
+    assert_fa2_rule(torch.tensor([0.0, 0.0, 2e-4, 0.0]), ref, exact, "dk", atol=3e-4)
+    with pytest.raises(AssertionError, match=r"dk: err 2\.0+e-04 > 2 \* 0\.000e\+00 \+ 1e-05"):
+        assert_fa2_rule(torch.tensor([0.0, 0.0, 2e-4, 0.0]), ref, exact, "dk")
 
 
 def test_kernels_run_on():

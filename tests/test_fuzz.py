@@ -100,6 +100,15 @@ def test_fuzz_gpu_bf16(flash_gpu, case):
     run_case(flash_gpu, dtype=torch.bfloat16, device="cuda", **case)
 
 
+@pytest.mark.gpu
+def test_gpu_single_visible_key_softcap_d256(flash_gpu):
+    """The case the GPU fuzz drew first on the H200: a single key, window 1, softcap, D 256. PyTorch's bf16 dK is exact
+    (P = 1: dS = dP - dP = 0); the kernel's is 2.4e-5, within FA3's softcap slack (helpers.SOFTCAP_GRAD_ATOL), over
+    FA2's 1e-5."""
+    run_case(flash_gpu, dtype=torch.bfloat16, device="cuda", B=1, Sq=591, Sk=1, Hq=4, Hkv=2, D=256, causal=False,
+             window=1, softcap=24.41734697784562, sinks=False, q_transposed=False, kv_transposed=False)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Invalid segments: ValueError, never a crash
 # ---------------------------------------------------------------------------------------------------------
