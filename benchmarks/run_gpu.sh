@@ -2,8 +2,8 @@
 # GPU runs by stage: bash benchmarks/run_gpu.sh STAGE [STAGE ...]; logs and CSVs go to $OUT (default /tmp/out),
 # results to $OUT/results (copy the CSVs to benchmarks/results/ and run `python benchmarks/report.py`).
 # Stages and their wall time on one H200 (cold Triton cache):
-#   tests       pytest -m gpu (xdist, 15 workers)                           ~320 s
-#   quickstart  the README's two GPU commands (demo; the test command on tests/test_readme.py)  ~60 s
+#   tests       pytest -m gpu -v (xdist, 15 workers; a line per test, so a cut run still names its failures) ~360 s
+#   quickstart  the README's two GPU commands (install + demo; install .[test])  ~60 s
 #   models      bench_flash.py --models (the README's main table)           ~150 s
 #   head_dims   bench_head_dims.py (D 32..256, fwd and fwd+bwd)             ~150 s
 #   cold_start  bench_cold_start.py (fresh processes, warm + cold cache)    ~200 s
@@ -19,14 +19,14 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --fo
 for stage in "$@"; do
   start=$(date +%s)
   case $stage in
-    tests) timeout ${TESTS_TIMEOUT:-560} python -m pytest -m gpu -q -n 15 -p no:cacheprovider --timeout 240 \
+    tests) timeout ${TESTS_TIMEOUT:-560} python -m pytest -m gpu -v -rfE -n 15 -p no:cacheprovider --timeout 240 \
              --junitxml="$OUT/gpu_junit.xml" tests > "$OUT/gpu_tests.log" 2>&1 ;;
     # The README's two GPU commands. Offline machines: put setuptools/wheel wheels in .whl/ (pip's build isolation
     # installs them from there instead of the index); the runtime and test dependencies must already be installed.
+    # (the second command's `pytest -m gpu` is the tests stage).
     quickstart) ( [ -d .whl ] && export PIP_FIND_LINKS=$PWD/.whl PIP_NO_INDEX=1
                   python -m pip install -q -e . && hf-attn-plugin-demo &&
-                  python -m pip install -q -e ".[test]" && python -m pytest -q -m gpu -p no:cacheprovider \
-                    tests/test_readme.py ) > "$OUT/quickstart.log" 2>&1 ;;
+                  python -m pip install -q -e ".[test]" ) > "$OUT/quickstart.log" 2>&1 ;;
     models) python benchmarks/bench_flash.py --out "$RES" --models > "$OUT/models.log" 2>&1 ;;
     head_dims) python benchmarks/bench_head_dims.py --out "$RES" > "$OUT/head_dims.log" 2>&1 ;;
     cold_start) python benchmarks/bench_cold_start.py --out "$RES" > "$OUT/cold_start.log" 2>&1 ;;
