@@ -148,8 +148,8 @@ def compile_bwd(head_dim: int, causal: bool, dtype: str = "bf16", warp_spec: int
     desc = _tile_descriptor(dtype, head_dim)
     constexprs = _constexprs(cfg, causal, warp_spec, head_dim)
     sub_n = cfg["BLOCK_N"] // (2 if warp_spec >= 2 else 1)
-    stat_layout = gl.NVMMASharedLayout.get_default_for([cfg["BLOCK_M"]], gl.float32)  # lse / delta rows (1-D)
-    stat_desc = f"tensordesc<fp32[{cfg['BLOCK_M']}],{stat_layout!r}>"
+    stat_layout = gl.NVMMASharedLayout.get_default_for([1, cfg["BLOCK_M"]], gl.float32)  # lse / delta rows (2-D)
+    stat_desc = f"tensordesc<fp32[1, {cfg['BLOCK_M']}],{stat_layout!r}>"
     signature = {
         "q_desc": desc(cfg["BLOCK_M"]), "k_desc": desc(sub_n), "v_desc": desc(sub_n),
         "do_desc": desc(cfg["BLOCK_M"]), "dk_desc": desc(sub_n), "dv_desc": desc(sub_n),

@@ -4,7 +4,10 @@ Error rule (FA2's, tests/helpers.assert_fa2_rule): ``err(kernel vs fp64 referenc
 kernel's dtype vs fp64 reference) + 1e-5`` (max abs) for dk, dv (and dq, out, lse through the whole backward).
 GPU tests need an sm_90 GPU and Triton 3.6 (``pytest -m gpu``); on failure they print where the error sits (per key
 tile of 128 rows and per kv head) so that one GPU run is enough to locate a layout or barrier bug. The CPU tests
-check the module's refusals and the config plumbing.
+check the module's refusals, the config plumbing and the backward's padded lse/delta layout (any Sq: rows
+``round_up(Sq, 4)`` floats apart) through the Triton kernels under the interpreter.
+
+Quick GPU check of any Sq (Sq % 4 in {1, 2, 3}): ``pytest -m gpu -q -n 15 tests/test_gluon_bwd.py -k any_sq``.
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import torch
 from hf_attn_plugin import reference
 from hf_attn_plugin.kernels import configs, gluon_bwd
 from hf_attn_plugin.kernels.params import AttentionParams
-from tests.helpers import max_abs_error, needs_hopper
+from tests.helpers import assert_fa2_rule, needs_hopper
 from tests.test_flash_kernels import GLUON_FALLBACK_CASES, run_case
 
 WS_IDS = ["ws0", "ws1_producer", "ws2_split"]
@@ -39,11 +42,20 @@ def _where(got: torch.Tensor, ref: torch.Tensor, block: int = 128) -> str:
             f"{', '.join(heads)}; worst key rows {worst}; |ref| max {ref.double().abs().max().item():.2e}")
 
 
+def _nan_pad(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (``[B, H, S]`` in the padded stats layout) with NaN in its pad columns: nothing may read them."""
+    if t.stride(1) > t.shape[2]:
+        t.as_strided((t.shape[0], t.shape[1], t.stride(1)), t.stride())[..., t.shape[2]:] = float("nan")
+    return t
+
+
 def _direct(*, B=1, Sq=256, Sk=None, Hq=4, Hkv=4, D=64, causal=True, dtype=torch.bfloat16, warp_spec=0,
-            misaligned_stats=False):
+            stats="contiguous"):
     """The kernel alone: forward by flash_attn_forward (whatever it picks), delta in PyTorch, dk/dv NaN-filled
-    before the launch (every element must be written), checked against the reference backward.
-    ``misaligned_stats``: lse and delta handed over as views 4 bytes into a buffer (the launcher must copy them)."""
+    before the launch (every element must be written), checked against the reference backward. ``stats``: how lse
+    and delta are handed over: "contiguous" (copied into the padded layout when Sq % 4), "padded" (flash.py's stats
+    layout, as flash_attn_backward hands them, NaN in the pad: read in place, the pad never), "misaligned" (views 4
+    bytes into a buffer: copied)."""
     from hf_attn_plugin.kernels import flash
 
     Sk = Sq if Sk is None else Sk
@@ -55,9 +67,14 @@ def _direct(*, B=1, Sq=256, Sk=None, Hq=4, Hkv=4, D=64, causal=True, dtype=torch
     dout = torch.randn_like(out)
     delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
     lse = lse.contiguous()
-    if misaligned_stats:
+    if stats == "misaligned":
         lse, delta = (torch.cat([t.new_zeros(1), t.reshape(-1)])[1:].view(t.shape) for t in (lse, delta))
         assert lse.data_ptr() % 16 and delta.data_ptr() % 16
+    elif stats == "padded":
+        lse, delta = (_nan_pad(flash.stats_buffer(B, Hq, Sq, t.device)).copy_(t) for t in (lse, delta))
+        assert flash.padded_stats(lse) is lse and flash.padded_stats(delta) is delta
+    else:
+        assert stats == "contiguous", stats
     dk = torch.full_like(k, float("nan"))
     dv = torch.full_like(v, float("nan"))
     gluon_bwd.gluon_attn_backward_dkdv(dout, q, k, v, lse, delta, dk, dv, params, warp_spec=warp_spec)
@@ -65,17 +82,19 @@ def _direct(*, B=1, Sq=256, Sk=None, Hq=4, Hkv=4, D=64, causal=True, dtype=torch
     _, ref_dk, ref_dv, _ = reference.attention_reference_backward(dout.double(), q.double(), k.double(), v.double(),
                                                                   params)
     _, low_dk, low_dv, _ = reference.attention_reference_backward(dout, q, k, v, params, compute_dtype=dtype)
-    label = f"B{B} Sq{Sq} Sk{Sk} {Hq}/{Hkv} D{D} causal={causal} {dtype} warp_spec={warp_spec}"
+    label = f"B{B} Sq{Sq} Sk{Sk} {Hq}/{Hkv} D{D} causal={causal} {dtype} warp_spec={warp_spec} stats={stats}"
     for name, got, ref, low in (("dk", dk, ref_dk, low_dk), ("dv", dv, ref_dv, low_dv)):
-        err, base = max_abs_error(got.nan_to_num(float("inf")), ref), max_abs_error(low, ref)
-        assert not got.isnan().any() and err <= 2 * base + 1e-5, (
-            f"{label}: {name} err {err:.3e} > 2 * {base:.3e} + 1e-5 (FA2 rule) or unwritten; {_where(got, ref)}")
+        try:
+            assert not got.isnan().any(), f"{name}: NaN (unwritten, or a NaN read)"
+            assert_fa2_rule(got, ref, low, name)
+        except AssertionError as exc:
+            raise AssertionError(f"{label}: {exc}; {_where(got, ref)}") from None
 
 
 @pytest.mark.gpu
 @needs_hopper
 @pytest.mark.parametrize("warp_spec", [0, 1, 2], ids=WS_IDS)
-@pytest.mark.parametrize("S", [4, 100, 128, 1000, 2048])  # Sq % 4 == 0: the kernel's subset
+@pytest.mark.parametrize("S", [4, 100, 128, 1000, 2048])
 @pytest.mark.parametrize("Hq,Hkv", [(4, 4), (8, 2), (8, 1)], ids=["mha", "gqa4", "gqa8"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "bidir"])
 @pytest.mark.parametrize("D", [64, 128])
@@ -103,11 +122,42 @@ def test_kernel_fp16(D, warp_spec):
     _direct(B=1, Sq=332, Sk=500, Hq=4, Hkv=4, D=D, causal=False, dtype=torch.float16, warp_spec=warp_spec)
 
 
+# Sq % 4 in {1, 2, 3} (on the H200 these were illegal instructions before lse/delta got a padded row stride): Sq
+# below / above Sk, one query tile and several, ragged last tiles, every GQA shape
+ANY_SQ_CASES = {  # (Sq, Sk, causal, Hq, Hkv)
+    "sq1_sk300_causal_gqa4": (1, 300, True, 8, 2),
+    "sq2_sk130_bidir_mha": (2, 130, False, 4, 4),
+    "sq3_sk3_causal_mqa": (3, 3, True, 8, 1),
+    "sq257_sk700_causal_gqa4": (257, 700, True, 8, 2),
+    "sq330_sk100_causal_gqa2": (330, 100, True, 6, 3),  # Sq > Sk: the first rows see no key
+    "sq703_sk257_bidir_gqa4": (703, 257, False, 4, 1),
+}
+
+
 @pytest.mark.gpu
 @needs_hopper
-def test_kernel_misaligned_lse_and_delta():
-    """lse/delta go through 1-D TMA descriptors, which need a 16-byte aligned base: the launcher copies."""
-    _direct(B=1, Sq=300, Hq=4, Hkv=2, D=64, causal=True, misaligned_stats=True)
+@pytest.mark.parametrize("warp_spec", [0, 1, 2], ids=WS_IDS)
+@pytest.mark.parametrize("case", list(ANY_SQ_CASES))
+@pytest.mark.parametrize("D", [64, 128])
+def test_kernel_any_sq(D, case, warp_spec):
+    Sq, Sk, causal, Hq, Hkv = ANY_SQ_CASES[case]
+    for stats in ("contiguous", "padded"):
+        _direct(B=2, Sq=Sq, Sk=Sk, Hq=Hq, Hkv=Hkv, D=D, causal=causal, warp_spec=warp_spec, stats=stats)
+
+
+@pytest.mark.gpu
+@needs_hopper
+@pytest.mark.parametrize("Sq", [300, 301])
+def test_kernel_misaligned_lse_and_delta_any_sq(Sq):
+    """lse/delta go through TMA descriptors, which need a 16-byte aligned base: the launcher copies them."""
+    _direct(B=1, Sq=Sq, Hq=4, Hkv=2, D=64, causal=True, stats="misaligned")
+
+
+def _poison_stats_pad(monkeypatch, flash):
+    """flash.stats_buffer (the backward's lse and delta) with NaN in the pad: a kernel that reads it, or reads the
+    stats with the wrong row stride, gives NaN or wrong gradients."""
+    real = flash.stats_buffer
+    monkeypatch.setattr(flash, "stats_buffer", lambda *args: _nan_pad(real(*args)))
 
 
 @pytest.fixture
@@ -140,6 +190,12 @@ BACKWARD_CASES = {
                                     kv_transposed=True),
     "fp16_q_longer": dict(Sq=500, Sk=300, Hq=6, Hkv=2, dtype=torch.float16),
     "mqa_2k": dict(Sq=2048, Hq=8, Hkv=1),
+    # Sq % 4 != 0 (lse copied into the padded stats layout, delta allocated in it)
+    "any_sq_1": dict(B=2, Sq=1, Sk=300, Hq=4, Hkv=2),
+    "any_sq_257_gqa4": dict(Sq=257, Sk=700, Hq=8, Hkv=2),
+    "any_sq_334_fp16_bidir_transposed": dict(Sq=334, Hq=4, Hkv=4, causal=False, dtype=torch.float16,
+                                             q_transposed=True),
+    "any_sq_703_q_longer": dict(Sq=703, Sk=300, Hq=6, Hkv=2),
 }
 
 
@@ -149,11 +205,12 @@ BACKWARD_CASES = {
 @pytest.mark.parametrize("case", list(BACKWARD_CASES))
 @pytest.mark.parametrize("D", [64, 128])
 def test_every_gluon_candidate_through_the_backward(flash_gpu, monkeypatch, gluon_bwd_ran, D, case, variant):
-    """Each Gluon dK/dV candidate, forced as the dK/dV config, runs in flash_attn_backward (NaN-poisoned outputs)
-    beside the Triton dQ: out, lse, dq, dk, dv within the FA2 rule of the oracles."""
+    """Each Gluon dK/dV candidate, forced as the dK/dV config, runs in flash_attn_backward (NaN-poisoned outputs,
+    NaN in the pad of lse/delta) beside the Triton dQ: out, lse, dq, dk, dv within the FA2 rule of the oracles."""
     kw = dict(dict(dtype=torch.bfloat16, D=D), **BACKWARD_CASES[case])
     cfg = next(c for c in _gluon_bwd_candidates(D) if c.gluon == variant)
     _force_dkdv(monkeypatch, cfg)
+    _poison_stats_pad(monkeypatch, flash_gpu)
     try:
         run_case(flash_gpu, device="cuda", **kw)
     except AssertionError as exc:
@@ -161,14 +218,7 @@ def test_every_gluon_candidate_through_the_backward(flash_gpu, monkeypatch, gluo
     assert gluon_bwd_ran == [cfg.gluon], f"{cfg}: the Gluon dK/dV kernel did not run ({gluon_bwd_ran})"
 
 
-FALLBACK_CASES = {
-    **GLUON_FALLBACK_CASES,  # the Gluon forward's refusals (window, softcap + sinks, segments, dropout, fp32, ...)
-    # Sq % 4 != 0: lse/delta TMA boxes would start unaligned (on the H200 that was an illegal instruction, which
-    # kills the process): these must run the Triton dK/dV kernel
-    "sq_1": dict(D=64, B=2, Sq=1, Sk=300, Hq=4, Hkv=2),
-    "sq_257": dict(D=128, Sq=257, Sk=700, Hq=8, Hkv=2),
-    "sq_333_fp16": dict(D=64, Sq=333, Hq=4, Hkv=4, causal=False, dtype=torch.float16),
-}
+FALLBACK_CASES = GLUON_FALLBACK_CASES  # the Gluon forward's refusals (window, softcap + sinks, segments, dropout, ...)
 
 
 @pytest.mark.gpu
@@ -266,11 +316,94 @@ def test_unsupported_reason_names_the_features(monkeypatch):
     assert "head_dim" in gluon_bwd.unsupported_reason(q96, q96[:, :, :2], q96[:, :, :2])
     assert "bf16/fp16" in gluon_bwd.unsupported_reason(q.float(), k.float(), k.float())
     q_long = torch.randn(1, 336, 4, 64, dtype=torch.bfloat16).as_subclass(FakeCuda)
-    for sq in (1, 2, 3, 5, 257, 333):  # 1-D TMA boxes of lse/delta must start 16-byte aligned
-        reason = gluon_bwd.unsupported_reason(q_long[:, :sq], k, k)
-        assert reason is not None and "Sq % 4" in reason, (sq, reason)
-    assert gluon_bwd.unsupported_reason(q_long[:, :4], k, k) is None
-    assert gluon_bwd.unsupported_reason(q_long[:, :336], k, k) is None
+    for sq in (1, 2, 3, 4, 5, 257, 333, 336):  # any Sq: lse/delta come with a padded row stride
+        assert gluon_bwd.unsupported_reason(q_long[:, :sq], k, k) is None, sq
+
+
+# ---------------------------------------------------------------------- the padded lse/delta layout (CPU)
+def test_stats_layout():
+    """flash.stats_buffer: [B, H, S] views with rows round_up(S, 4) floats apart, 16-byte aligned; padded_stats keeps
+    a tensor in that layout and copies any other (the forward's contiguous lse: only when S % 4 != 0)."""
+    from hf_attn_plugin.kernels import flash
+
+    for seqlen in range(1, 10):
+        padded = -(-seqlen // 4) * 4
+        t = flash.stats_buffer(2, 3, seqlen, "cpu")
+        assert t.shape == (2, 3, seqlen) and t.dtype == torch.float32, (seqlen, t.shape, t.dtype)
+        assert t.stride() == (3 * padded, padded, 1) and t.data_ptr() % 16 == 0, (seqlen, t.stride())
+        assert flash.padded_stats(t) is t
+        src = torch.randn(2, 3, seqlen)
+        got = flash.padded_stats(src)
+        assert torch.equal(got, src) and got.stride() == t.stride() and (got is src) == (seqlen % 4 == 0), seqlen
+        misaligned = torch.zeros(2 * 3 * padded + 1)[1:].as_strided((2, 3, seqlen), t.stride()).copy_(src)
+        for other in (src.transpose(0, 1).contiguous().transpose(0, 1), misaligned):  # another layout; 4 bytes off
+            got = flash.padded_stats(other)
+            assert got is not other and torch.equal(got, src) and got.stride() == t.stride() and not got.data_ptr() % 16
+
+
+def test_stat_descriptor_reads_the_padded_layout():
+    """The Gluon kernel's lse/delta descriptors: 2-D [B * Hq, Sq] over the padded layout (row stride round_up(Sq, 4),
+    which TMA needs 16-byte aligned), read in place when the tensor has the layout, else from a padded copy."""
+    from hf_attn_plugin.kernels import flash
+
+    if gluon_bwd.IMPORT_ERROR is not None:
+        pytest.skip(f"this Triton has no Gluon: {gluon_bwd.IMPORT_ERROR!r}")
+    for seqlen in (1, 2, 3, 4, 257):
+        padded = -(-seqlen // 4) * 4
+        src = torch.randn(2, 3, seqlen)
+        buf = flash.stats_buffer(2, 3, seqlen, "cpu").copy_(src)
+        for t, in_place in ((buf, True), (src, seqlen % 4 == 0)):
+            desc = gluon_bwd._stat_descriptor(t, 64)
+            assert (desc.base is t) == in_place and torch.equal(desc.base, src), seqlen
+            assert (list(desc.shape), list(desc.strides), list(desc.block_shape)) == ([6, seqlen], [padded, 1], [1, 64])
+            assert desc.base.stride(0) == 3 * padded  # row (b, h) of the descriptor = b * Hq + h
+
+
+def _spy_stats_strides(monkeypatch, flash):
+    """{kernel name: [strides of the lse / delta tensors of each launch]} for the backward's Triton kernels."""
+    seen = {}
+    for name, slots in (("_bwd_preprocess", (2,)), ("_attn_bwd_dq", (4, 5)), ("_attn_bwd_dkdv", (4, 5))):
+        kernel = getattr(flash, name)
+
+        class Spy:
+            def __getitem__(self, grid, kernel=kernel, name=name, slots=slots):
+                def launch(*args, **kwargs):
+                    seen.setdefault(name, []).extend(tuple(args[i].stride()) for i in slots)
+                    return kernel[grid](*args, **kwargs)
+
+                return launch
+
+        monkeypatch.setattr(flash, name, Spy())
+    return seen
+
+
+ANY_SQ_CPU_CASES = {  # Sq % 4 in {1, 2, 3}; Sq below and above Sk; GQA; D 64 and 128; segments; sinks
+    "sq5_causal_gqa2": dict(B=2, Sq=5, Sk=37, Hq=4, Hkv=2),
+    "sq38_bidir_gqa3_q_longer": dict(B=2, Sq=38, Sk=20, Hq=3, Hkv=1, causal=False),
+    "sq67_causal_q_longer": dict(Sq=67, Sk=30, Hq=2, Hkv=1),  # the first rows see no key
+    "sq3_d128_fp16": dict(Sq=3, Sk=70, Hq=2, Hkv=1, D=128, dtype=torch.float16),
+    "sq63_segments": dict(B=2, Sq=63, Sk=90, Hq=2, Hkv=1, segments=[[0, 3, 63, 0, 50], [1, 0, 41, 10, 90]]),
+    "sq33_sinks_bidir": dict(Sq=33, Hq=4, Hkv=2, sinks=True, causal=False),
+}
+
+
+@pytest.mark.parametrize("dkdv_ws", [False, True], ids=["dkdv_phases", "dkdv_warp_spec"])
+@pytest.mark.parametrize("case", list(ANY_SQ_CPU_CASES))
+def test_backward_any_sq_padded_stats_through_the_triton_kernels(flash_cpu, monkeypatch, case, dkdv_ws):
+    """Any Sq: the backward hands lse and delta to every Triton kernel in the padded layout (rows round_up(Sq, 4)
+    apart; NaN in the pad here), and the kernels read them by their strides: forward + backward within the FA2 rule,
+    finite. (A kernel reading the stats with a row stride of Sq, or the pad, fails this.) ``dkdv_ws``: the Triton
+    dK/dV kernel's warp-specialized form (its own lse/delta addressing) instead of the three-phase one."""
+    if dkdv_ws:
+        monkeypatch.setitem(configs._INTERPRET, "bwd_dkdv", configs.Config(16, 32, 4, 1, warp_spec=True))
+    kw = ANY_SQ_CPU_CASES[case]
+    padded = -(-kw["Sq"] // 4) * 4
+    _poison_stats_pad(monkeypatch, flash_cpu)
+    seen = _spy_stats_strides(monkeypatch, flash_cpu)
+    run_case(flash_cpu, **kw)
+    layout = (kw["Hq"] * padded, padded, 1)
+    assert set(seen) == {"_bwd_preprocess", "_attn_bwd_dq", "_attn_bwd_dkdv"}, seen
+    assert all(strides == [layout] * len(strides) for strides in seen.values()), (layout, seen)
 
 
 TIMING_SHAPES = [  # (B, S, Hq, Hkv, D, causal): issue 16's D64 row, D128 GQA, and non-causal

@@ -662,6 +662,30 @@ def _alloc(shape, like: torch.Tensor, dtype, zero: bool) -> torch.Tensor:
     return torch.empty(shape, dtype=dtype, device=like.device)
 
 
+# The backward's lse and delta: [B, Hq, Sq] views of [B, Hq, round_up(Sq, 4)] float32 buffers. The Gluon dK/dV kernel
+# reads them through TMA descriptors, whose row strides must be multiples of 16 bytes; the Triton kernels take the
+# strides from the tensors. No kernel reads the pad (uninitialised; the tests fill it with NaN). Padding here rather
+# than in the forward keeps the lse users see (and ops' fake kernel declares) contiguous; it costs one small copy of
+# lse when Sq % 4 != 0 (8 bytes per query row and head, against the backward's O(Sq * Sk * D) work).
+STATS_ROW_MULTIPLE = 4
+
+
+def stats_buffer(batch: int, heads: int, seqlen: int, device) -> torch.Tensor:
+    """An uninitialised float32 ``[batch, heads, seqlen]`` tensor in the backward's stats layout."""
+    padded = cdiv(seqlen, STATS_ROW_MULTIPLE) * STATS_ROW_MULTIPLE
+    return torch.empty((batch, heads, padded), dtype=torch.float32, device=device)[..., :seqlen]
+
+
+def padded_stats(t: torch.Tensor) -> torch.Tensor:
+    """``t`` (float32 ``[B, H, S]``: lse, delta) if it has the stats layout (:func:`stats_buffer`, 16-byte aligned),
+    else a copy that has: a copy exactly when ``S % 4 != 0`` for the forward's contiguous lse."""
+    batch, heads, seqlen = t.shape
+    padded = cdiv(seqlen, STATS_ROW_MULTIPLE) * STATS_ROW_MULTIPLE
+    if t.stride() == (heads * padded, padded, 1) and t.data_ptr() % 16 == 0:
+        return t
+    return stats_buffer(batch, heads, seqlen, t.device).copy_(t)
+
+
 class _Launch:
     """Everything both directions derive from the shapes and the params (grid extents, flags, scales)."""
 
@@ -824,7 +848,7 @@ def flash_attn_backward(
     q, k, v, out = tma_ready(q), tma_ready(k), tma_ready(v), _unit_last(out)
     dout = tma_ready(dout.contiguous())  # a grad of sum() has stride 0
     _ensure_scratch_allocator()  # autograd runs the backward in its own thread (Triton's allocator is per thread)
-    lse = lse.contiguous()
+    lse = padded_stats(lse)  # (lse and delta share the stats layout: the Triton kernels read both with lse's strides)
     L = _Launch(q, k, params)
     sinks = params.sinks
     # dq for rows outside every segment and dk/dv for keys outside every segment are never written. Contiguous,
@@ -838,7 +862,7 @@ def flash_attn_backward(
         return dq, dk, dv, dsinks
 
     # delta = rowsum(dO * O); rows outside every segment have O = 0, hence delta = 0.
-    delta = torch.empty((L.batch, L.heads_q, L.seqlen_q), dtype=torch.float32, device=q.device)
+    delta = stats_buffer(L.batch, L.heads_q, L.seqlen_q, q.device)
     pre = configs.candidates("bwd_pre", L.block_d)[0]
     _bwd_preprocess[(cdiv(L.seqlen_q, pre.block_m), L.batch * L.heads_q)](
         out, dout, delta,

@@ -17,9 +17,8 @@ Kernel structure (one CTA = ``BLOCK_N`` = 128 keys of one (batch, kv head); dete
 * The CTA loops over the query heads of its GQA group and, per head, over the query tiles that see the key tile
   (causal: tiles whose rows all precede the key tile are skipped; only diagonal tiles are masked). Q and dO tiles
   (``BLOCK_M`` rows) and their lse and delta rows come through a ``NUM_STAGES`` TMA ring with one "ready"
-  mbarrier per stage (lse/delta by 1-D descriptors over the flat ``[B * Hq * Sq]`` tensors; a box starts at element
-  ``(b * Hq + h) * Sq + m0``, which TMA needs 16-byte aligned: ``Sq % 4 == 0``, else the Triton kernel runs; rows past
-  ``Sq`` hold another head's finite values and are masked).
+  mbarrier per stage (lse/delta by 2-D descriptors ``[B * Hq, Sq]`` whose row stride is flash.py's padded
+  ``round_up(Sq, 4)``: TMA needs 16-byte aligned row strides; rows past ``Sq`` load as zeros and are masked).
 * Transposed formulation (no transposes of P or dS): ``S^T = K Q^T``, ``P^T = exp2(S^T * scale * log2 e - lse *
   log2 e)``, ``dV += P^T dO``, ``dP^T = V dO^T``, ``dS^T = P^T * (dP^T - delta)``, ``dK += dS^T Q``; P^T and dS^T
   stay in registers as the A operand of their wgmma. The dP^T accumulator starts at ``-delta`` (one register
@@ -31,7 +30,7 @@ Kernel structure (one CTA = ``BLOCK_N`` = 128 keys of one (batch, kv head); dete
   buffers, dK/dV stores and barrier; "empty" counts both), so they drift apart and one's elementwise work runs
   under the other's wgmma instead of meeting at a CTA-wide barrier every tile.
 * Masks only where needed: causal diagonal tiles and the ragged last query tile of each head (its rows past ``Sq``
-  have q = dO = 0 but another head's lse/delta, so P^T is zeroed there). Rows that see no key (causal, Sq > Sk)
+  have q = dO = lse = delta = 0, so P^T = 1 there and is zeroed). Rows that see no key (causal, Sq > Sk)
   have lse = 0 and are masked.
 """
 
@@ -65,11 +64,10 @@ if gluon is not None:
 
     @gluon.jit
     def _load_tile(q_desc, do_desc, lse_desc, delta_desc, q_bufs, do_bufs, lse_bufs, delta_bufs, ready, b, head0,
-                   heads_q, seqlen_q, it, t_lo, n_tiles, total, stage, BLOCK_M: gl.constexpr):
+                   heads_q, it, t_lo, n_tiles, total, stage, BLOCK_M: gl.constexpr):
         """TMA the Q, dO, lse and delta rows of work item ``it`` (query head ``head0 + it // n_tiles``, query tile
-        ``t_lo + it % n_tiles``) into ``stage``; nothing if ``it >= total``. lse/delta come through 1-D
-        descriptors over the flat ``[B * Hq * Sq]`` tensors: rows past ``Sq`` read the next head's values (finite;
-        the consumer masks them) or zeros past the end."""
+        ``t_lo + it % n_tiles``) into ``stage``; nothing if ``it >= total``. lse/delta come through 2-D
+        descriptors ``[B * Hq, Sq]`` (box ``[1, BLOCK_M]``): rows past ``Sq`` load as zeros, never the pad."""
         pred = it < total
         g = it // n_tiles
         m0 = (t_lo + it - g * n_tiles) * BLOCK_M
@@ -78,20 +76,22 @@ if gluon is not None:
                         + delta_desc.block_type.nbytes, pred=pred)
         tma.async_copy_global_to_shared(q_desc, [b, m0, head0 + g, 0], bar, q_bufs.index(stage), pred=pred)
         tma.async_copy_global_to_shared(do_desc, [b, m0, head0 + g, 0], bar, do_bufs.index(stage), pred=pred)
-        row = (b * heads_q + head0 + g) * seqlen_q + m0
-        tma.async_copy_global_to_shared(lse_desc, [row], bar, lse_bufs.index(stage), pred=pred)
-        tma.async_copy_global_to_shared(delta_desc, [row], bar, delta_bufs.index(stage), pred=pred)
+        row = b * heads_q + head0 + g
+        tma.async_copy_global_to_shared(lse_desc, [row, m0], bar, lse_bufs.index(stage).reshape([1, BLOCK_M]),
+                                        pred=pred)
+        tma.async_copy_global_to_shared(delta_desc, [row, m0], bar, delta_bufs.index(stage).reshape([1, BLOCK_M]),
+                                        pred=pred)
 
     @gluon.jit
     def _producer(q_desc, do_desc, lse_desc, delta_desc, q_bufs, do_bufs, lse_bufs, delta_bufs, ready, empty, b,
-                  head0, heads_q, seqlen_q, t_lo, n_tiles, total, BLOCK_M: gl.constexpr, NUM_STAGES: gl.constexpr):
+                  head0, heads_q, t_lo, n_tiles, total, BLOCK_M: gl.constexpr, NUM_STAGES: gl.constexpr):
         """WARP_SPEC >= 1 worker (1 warp): keep the ring full; stage s is reused once every math partition has
         arrived on ``empty[s]``."""
         for it in range(total):
             stage = it % NUM_STAGES
             mbarrier.wait(empty.index(stage), ((it // NUM_STAGES) & 1) ^ 1, pred=it >= NUM_STAGES)
             _load_tile(q_desc, do_desc, lse_desc, delta_desc, q_bufs, do_bufs, lse_bufs, delta_bufs, ready, b, head0,
-                       heads_q, seqlen_q, it, t_lo, n_tiles, total, stage, BLOCK_M)
+                       heads_q, it, t_lo, n_tiles, total, stage, BLOCK_M)
 
     @gluon.jit
     def _consumer(q_desc, do_desc, lse_desc, delta_desc, dk_desc, dv_desc, k_smem, v_smem, q_bufs, do_bufs, lse_bufs,
@@ -136,8 +136,8 @@ if gluon is not None:
             lse2 = lse_bufs.index(stage).load(col_layout) * 1.4426950408889634
             s = warpgroup_mma_wait(1, deps=[s_tok])  # groups retire in order: S^T done, dP^T may still run
             p = gl.exp2(s * qk_scale - gl.expand_dims(lse2, 0))
-            if (t < t_full) | (m0 + BLOCK_M > seqlen_q):  # causal diagonal tile, or rows past Sq (their lse and
-                # delta are another head's): one compare per element, key j <= limit(row i), where the limit is
+            if (t < t_full) | (m0 + BLOCK_M > seqlen_q):  # causal diagonal tile, or rows past Sq (q, dO, lse and
+                # delta load as 0, so P^T = 1): one compare per element, key j <= limit(row i), where the limit is
                 # i + off (causal; +inf without) for rows before Sq, and below every key for rows past it
                 rows = m0 + gl.arange(0, BLOCK_M, layout=col_layout)
                 limit = rows + off if CAUSAL else gl.full_like(rows, 2147483647)
@@ -159,7 +159,7 @@ if gluon is not None:
                 mbarrier.arrive(empty.index(stage))
             else:
                 _load_tile(q_desc, do_desc, lse_desc, delta_desc, q_bufs, do_bufs, lse_bufs, delta_bufs, ready, b,
-                           head0, heads_q, seqlen_q, it + NUM_STAGES, t_lo, n_tiles, total, stage, BLOCK_M)
+                           head0, heads_q, it + NUM_STAGES, t_lo, n_tiles, total, stage, BLOCK_M)
 
         # Epilogue: each warpgroup overwrites only the 64 key rows of K/V it read itself (its wgmmas are done).
         k_tile.store((dk * sm_scale).to(dtype))
@@ -203,9 +203,11 @@ if gluon is not None:
         v_bufs = gl.allocate_shared_memory(dtype, [CONSUMERS] + v_desc.block_type.shape, v_desc.layout)
         q_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES] + q_desc.block_type.shape, q_desc.layout)
         do_bufs = gl.allocate_shared_memory(dtype, [NUM_STAGES] + do_desc.block_type.shape, do_desc.layout)
-        lse_bufs = gl.allocate_shared_memory(gl.float32, [NUM_STAGES] + lse_desc.block_type.shape, lse_desc.layout)
-        delta_bufs = gl.allocate_shared_memory(gl.float32, [NUM_STAGES] + delta_desc.block_type.shape,
-                                               delta_desc.layout)
+        # lse/delta: [stages, BLOCK_M], rank 1 per stage, unswizzled; the TMA writes a [1, BLOCK_M] view of a stage
+        # (allocated in the descriptor's block shape [stages, 1, BLOCK_M], they cost ws2 16 B more shared memory)
+        stat_layout: gl.constexpr = gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1)
+        lse_bufs = gl.allocate_shared_memory(gl.float32, [NUM_STAGES, BLOCK_M], stat_layout)
+        delta_bufs = gl.allocate_shared_memory(gl.float32, [NUM_STAGES, BLOCK_M], stat_layout)
         kv_bars = gl.allocate_shared_memory(gl.int64, [CONSUMERS, 1], mbarrier.MBarrierLayout())
         ready = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [NUM_STAGES, 1], mbarrier.MBarrierLayout())
@@ -235,8 +237,8 @@ if gluon is not None:
                                              t_lo, t_full, n_tiles, total, seqlen_q, seqlen_k, qk_scale, sm_scale,
                                              CAUSAL, WARP_SPEC, BLOCK_M, SUB_N, HEAD_DIM, NUM_STAGES, num_warps)),
                                 (_producer, (q_desc, do_desc, lse_desc, delta_desc, q_bufs, do_bufs, lse_bufs,
-                                             delta_bufs, ready, empty, b, head0, heads_q, seqlen_q, t_lo, n_tiles,
-                                             total, BLOCK_M, NUM_STAGES))],
+                                             delta_bufs, ready, empty, b, head0, heads_q, t_lo, n_tiles, total,
+                                             BLOCK_M, NUM_STAGES))],
                                [num_warps, 1], [240, 24])
         elif WARP_SPEC == 1:  # a 1-warp TMA producer (24 registers) beside the 8 math warps (240)
             gl.warp_specialize([(_consumer, (q_desc, do_desc, lse_desc, delta_desc, dk_desc, dv_desc, k_bufs.index(0),
@@ -245,13 +247,13 @@ if gluon is not None:
                                              t_full, n_tiles, total, seqlen_q, seqlen_k, qk_scale, sm_scale, CAUSAL,
                                              WARP_SPEC, BLOCK_M, BLOCK_N, HEAD_DIM, NUM_STAGES, num_warps)),
                                 (_producer, (q_desc, do_desc, lse_desc, delta_desc, q_bufs, do_bufs, lse_bufs,
-                                             delta_bufs, ready, empty, b, head0, heads_q, seqlen_q, t_lo, n_tiles,
-                                             total, BLOCK_M, NUM_STAGES))],
+                                             delta_bufs, ready, empty, b, head0, heads_q, t_lo, n_tiles, total,
+                                             BLOCK_M, NUM_STAGES))],
                                [1], [24])
         else:  # the math warps fill the ring themselves
             for i in gl.static_range(NUM_STAGES):
                 _load_tile(q_desc, do_desc, lse_desc, delta_desc, q_bufs, do_bufs, lse_bufs, delta_bufs, ready, b,
-                           head0, heads_q, seqlen_q, i, t_lo, n_tiles, total, i, BLOCK_M)
+                           head0, heads_q, i, t_lo, n_tiles, total, i, BLOCK_M)
             _consumer(q_desc, do_desc, lse_desc, delta_desc, dk_desc, dv_desc, k_bufs.index(0), v_bufs.index(0),
                       q_bufs, do_bufs, lse_bufs, delta_bufs, kv_bars.index(0), ready, empty, b, kv_head, head0,
                       heads_q, n0, t_lo, t_full, n_tiles, total, seqlen_q, seqlen_k, qk_scale, sm_scale, CAUSAL,
@@ -272,12 +274,7 @@ def unsupported_reason(q, k, v, params: Optional[AttentionParams] = None) -> Opt
     reason = gluon_fwd.unsupported_reason(q, k, v, params)
     if reason is not None:
         return f"the Gluon dK/dV kernel has the Gluon forward's limits: {reason}"
-    if q.shape[1] % 4:
-        # lse/delta rows come by 1-D TMA at element (b * Hq + h) * Sq + m0: a box start that is not 16-byte aligned
-        # (Sq % 4 != 0) is an illegal instruction on the H200 (every Sq % 4 != 0 case crashed, every other passed:
-        # benchmarks/NOTES_gluon.md). Fix to make: stats padded to a row stride that is a multiple of 4.
-        return f"the Gluon dK/dV kernel needs Sq % 4 == 0 (its 1-D TMA loads of lse/delta), got Sq={q.shape[1]}"
-    return None
+    return None  # (any Sq: lse/delta come in flash.py's padded stats layout, :func:`_stat_descriptor`)
 
 
 def _descriptor(t: torch.Tensor, rows: int) -> "TensorDescriptor":
@@ -287,21 +284,24 @@ def _descriptor(t: torch.Tensor, rows: int) -> "TensorDescriptor":
 
 
 def _stat_descriptor(t: torch.Tensor, rows: int) -> "TensorDescriptor":
-    """1-D descriptor over a float32 ``[B, Hq, Sq]`` tensor (lse, delta; copied first unless contiguous and 16-byte
-    aligned), blocks of ``rows``. A box must start 16-byte aligned, so rows start at multiples of 4 elements: the
-    kernel needs ``Sq % 4 == 0`` (:func:`unsupported_reason`)."""
-    if not t.is_contiguous() or t.data_ptr() % 16:
-        t = t.clone(memory_format=torch.contiguous_format)  # a fresh allocation (aligned)
-    flat = t.view(-1)
-    layout = gl.NVMMASharedLayout.get_default_for([rows], gl.float32)
-    return TensorDescriptor(flat, [flat.numel()], [1], [rows], layout)
+    """2-D descriptor ``[B * Hq, Sq]``, boxes ``[1, rows]``, over a float32 ``[B, Hq, Sq]`` tensor (lse, delta) in
+    flash.py's stats layout (copied into it unless it has it: 16-byte aligned, row stride ``round_up(Sq, 4)``, which
+    TMA needs as a multiple of 16 bytes). Columns past ``Sq`` (the pad, whatever it holds) load as zeros."""
+    from .flash import padded_stats
+
+    t = padded_stats(t)
+    batch, heads, seqlen = t.shape
+    layout = gl.NVMMASharedLayout.get_default_for([1, rows], gl.float32)
+    return TensorDescriptor(t, [batch * heads, seqlen], [t.stride(1), 1], [1, rows], layout)
 
 
 def gluon_attn_backward_dkdv(dout, q, k, v, lse, delta, dk, dv, params: AttentionParams, *, warp_spec: int = 0):
     """Write dK and dV (``[B, Sk, Hkv, D]``, q's dtype, TMA-addressable, e.g. contiguous) for the backward of
     attention with ``params`` (scale, causal; no optional features), given ``lse`` (the forward's, ``[B, Hq, Sq]``
     float32, natural log) and ``delta = rowsum(dout * out)`` (``[B, Hq, Sq]`` float32;
-    flash_attn_backward computes it with ``_bwd_preprocess``). ``warp_spec``: the variant (0, 1, 2; module doc).
+    flash_attn_backward computes it with ``_bwd_preprocess``); both are copied into the padded stats layout unless
+    they have it (flash.stats_buffer: what flash_attn_backward hands over). ``warp_spec``: the variant (0, 1, 2;
+    module doc).
 
     Raises ``NotImplementedError`` (with the reason) for calls outside the subset (:func:`unsupported_reason`)."""
     cfg = _config(q.shape[-1], warp_spec)
