@@ -6,13 +6,20 @@ Two tables (issue 15 item 4, issue 17 items 1 and 5):
    bf16) for B in ``--batch`` and contexts in ``--ctx``, K/V in transformers' layout (``[B, Hkv, S, D]`` memory):
 
    ``plugin``        hf_attn_plugin.decode_ops (the route "plugin" takes: GQA-packed, split-K, cache read in place)
+   ``plugin_old_grid``  ``plugin`` with the split-K grid of the rule before session 7 forced (``ctx / 1024``
+                     splits, pieces of >= 1024 keys): ``plugin`` vs this is the split rule's gain
    ``plugin_flash``  the flash op (the path "plugin" took before the route; ``HF_ATTN_PLUGIN_DECODE=0``)
    ``sdpa_cudnn`` / ``sdpa_flash`` / ``sdpa_efficient``  torch SDPA with one backend forced (``enable_gqa``)
    ``eager``         transformers' eager attention: repeat_kv, matmul, fp32 softmax, matmul
    ``flex``          torch.compile(flex_attention) (``enable_gqa``; its decoding kernel for short queries)
 
-   ``device_us``: ``triton.testing.do_bench`` median (device time); ``loop_us``: back-to-back calls, one sync at the
-   end, per call (includes host time: what a decode step sees); ``gbps``: K+V bytes / device time;
+   ``device_us``: ``triton.testing.do_bench`` median of eager calls. Only device time when the device is the
+   bottleneck: a call of several launches whose host time exceeds its GPU time also counts the gaps between them
+   (session 6's plugin rows at B=1: attention + split-K combine, ~50-100 us of host time between them on the
+   H200). ``graph_us``: the calls replayed from a CUDA graph (``do_bench_cudagraph``): the device time proper,
+   what the compiled static-cache route sees. ``splits``: the plugin's split-K grid (``kernels/paged.py``
+   ``default_num_splits``). ``loop_us``: back-to-back calls, one sync at the end, per call (includes host time:
+   what an eager decode step sees); ``gbps``: K+V bytes / ``graph_us`` (``device_us`` where a graph failed);
    ``copy_frac``: that over the device's copy bandwidth (``torch`` copy of a 1 GiB buffer, read + write).
 
 2. ``decode_generate.csv``: ``model.generate()`` tokens/s at ``--gen-batch`` (default B=1) on a ~1B Llama-style
@@ -24,6 +31,8 @@ Two tables (issue 15 item 4, issue 17 items 1 and 5):
 
     python benchmarks/bench_decode.py --out DIR                       # both tables (~5-10 min on an H200)
     python benchmarks/bench_decode.py --out DIR --skip-generate --batch 1 8 64 --ctx 4096 32768 131072
+    python benchmarks/bench_decode.py --out DIR --skip-generate --batch 1 16 64 --ctx 576 4096 32768 \
+        --impls plugin plugin_old_grid sdpa_cudnn sdpa_flash          # the split rule (~1 min)
     python benchmarks/bench_decode.py --out DIR --skip-kernels --long
 """
 
@@ -100,8 +109,10 @@ def implementations(q4, k4, v4, scale):
             return lambda: fn(q4, k4, v4, block_mask=block_mask, scale=scale, enable_gqa=True)
         return lambda: fn(q4, k4, v4, scale=scale, enable_gqa=True)
 
+    old_grid = max(1, min(k.shape[1] // 1024, 64))  # decode's grid before session 7: capacity / 1024 splits
     return {
         "plugin": lambda: decode_ops.attention(q, k, v, scale=scale, causal=True),
+        "plugin_old_grid": lambda: decode_ops.attention(q, k, v, scale=scale, causal=True, num_splits=old_grid),
         "plugin_flash": lambda: ops.attention_trusted(q, k, v, scale=scale, causal=True),
         "sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
         "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION),
@@ -109,6 +120,13 @@ def implementations(q4, k4, v4, scale):
         "eager": lambda: eager_attention(q4, k4, v4, scale),
         "flex": flex,  # a factory: compiles on first use
     }
+
+
+def plugin_splits(q, k) -> int:
+    """The plugin's split-K grid for this call (the route's plan), q/k in the flash layout."""
+    rows = decode_ops._virtual_pool_rows(k, k)
+    index = decode_ops._index_tensors(q.shape[0], q.shape[1], k.shape[1], rows, None, q.device)
+    return decode_ops._new_plan(q, k, rows, index, 0).launch(True, False, False, False).num_splits
 
 
 def loop_us(fn, calls=50) -> float:
@@ -150,16 +168,27 @@ def bench_kernels(args, writer, stamp):
                             err = (out.float() - want).abs().max().item()
                             device_ms = bench_ms(fn)
                             loop = loop_us(fn)
-                        gbps = kv_bytes / (device_ms * 1e-3) / 1e9
-                        row.update(device_us=round(1e3 * device_ms, 2), loop_us=round(loop, 2), gbps=round(gbps, 1),
-                                   copy_frac=round(gbps / copy_gbps, 3), max_err_vs_plugin=f"{err:.3g}", error="")
+                            try:  # short: the graph unrolls rep / (one call's time) calls
+                                graph_ms = bench_ms(fn, cuda_graph=True, rep=20)
+                            except Exception as exc:  # recorded; the eager numbers stand
+                                graph_ms = None
+                                print(f"    {name}: no CUDA-graph timing ({type(exc).__name__}: {exc})", flush=True)
+                        gbps = kv_bytes / ((graph_ms or device_ms) * 1e-3) / 1e9
+                        row.update(device_us=round(1e3 * device_ms, 2),
+                                   graph_us=round(1e3 * graph_ms, 2) if graph_ms else "", loop_us=round(loop, 2),
+                                   gbps=round(gbps, 1), copy_frac=round(gbps / copy_gbps, 3),
+                                   max_err_vs_plugin=f"{err:.3g}", error="")
+                        if name == "plugin":
+                            row.update(splits=plugin_splits(q4.transpose(1, 2), k4.transpose(1, 2)))
                     except Exception as exc:  # a backend that does not take this case: recorded, not fatal
-                        row.update(device_us="", loop_us="", gbps="", copy_frac="", max_err_vs_plugin="",
+                        row.update(device_us="", graph_us="", loop_us="", gbps="", copy_frac="", max_err_vs_plugin="",
                                    error=f"{type(exc).__name__}: {str(exc).splitlines()[0][:120]}")
                     writer(row)
+                    splits = f"  {row['splits']} splits" if "splits" in row else ""
                     print(f"  q_len={q_len} B={batch:3d} ctx={ctx:7d} {name:15s} "
-                          f"{row['device_us'] or '-':>9} us  loop {row['loop_us'] or '-':>9} us  "
-                          f"{row['gbps'] or '-':>7} GB/s  {row['error']}", flush=True)
+                          f"{row['device_us'] or '-':>9} us  graph {row['graph_us'] or '-':>9} us  "
+                          f"loop {row['loop_us'] or '-':>9} us  {row['gbps'] or '-':>7} GB/s{splits}  {row['error']}",
+                          flush=True)
                 del q4, k4, v4, impls, want
                 torch.cuda.empty_cache()
 
@@ -232,7 +261,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", required=True)
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16, 64])
-    parser.add_argument("--ctx", type=int, nargs="+", default=[4096, 32768, 131072])
+    parser.add_argument("--ctx", type=int, nargs="+", default=[576, 4096, 32768, 131072])
     parser.add_argument("--q-len", type=int, nargs="+", default=[1])
     parser.add_argument("--max-tokens", type=int, default=64 * 32768, help="skip cases with B * ctx above this")
     parser.add_argument("--impls", nargs="+", default=["plugin", "plugin_flash", "sdpa_cudnn", "sdpa_flash",

@@ -19,7 +19,7 @@ a Llama-style decode step (query ``[B, Hq, q_len, D]`` as the transposed view ro
       scratch_alloc     _ensure_scratch_allocator
       launch_flash      the Triton launch of the flash forward (JITFunction.run)
       decode_route      hf_attn_plugin.decode_ops (the GQA-packed split-K route), when present and enabled
-      launch_paged / launch_combine   its Triton launches
+      launch_paged      its Triton launch (one: split-K is merged in the same kernel)
     derived: dispatcher = custom_op - flash_body; glue = call - describe_call - ops.attention - decode_route
 
 ``--mock-launch`` replaces every Triton launch by a no-op, so that the host cost of everything around the launches
@@ -127,14 +127,13 @@ def wrap_pieces(timers: Timers, copies: dict) -> None:
 
         timers.wrap(decode_ops, "attention", "decode_route")
         timers.wrap(paged._paged_attention_kernel, "run", "launch_paged")
-        timers.wrap(paged._combine_kernel, "run", "launch_combine")
 
 
 def mock_launches() -> None:
     """Every attention kernel's launch returns at once (for measuring the host work around it off a GPU)."""
     from hf_attn_plugin.kernels import flash, paged
 
-    for kernel in (flash._attn_fwd, paged._paged_attention_kernel, paged._combine_kernel):
+    for kernel in (flash._attn_fwd, paged._paged_attention_kernel):
         kernel.run = lambda *args, **kwargs: None
 
 

@@ -32,6 +32,9 @@ Two ways in, one launch (:func:`_launch`):
   a CUDA-graph warm-up would live in the graph's memory pool), so the step is CUDA-graph capturable. The op
   declares ``needs_exact_strides``: inductor hands it K/V with the traced strides, which the block table was
   built for (checked again at run time).
+
+One launch per call either way: split-K pieces are merged inside the attention kernel, and the split rule
+(:func:`hf_attn_plugin.kernels.paged.default_num_splits`) cuts a small batch's cache until it fills the GPU.
 """
 
 from __future__ import annotations

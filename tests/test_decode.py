@@ -75,6 +75,20 @@ def test_left_padding_matches_reference(triton_backend, seqlen_q, num_splits):
 
 
 @needs_kernels
+@pytest.mark.parametrize("seqlen_q", [1, 4])
+def test_many_splits_match_reference(triton_backend, seqlen_q):
+    """Split-K pieces merged inside the kernel (interpreter config: 10 tiles of 32 keys per row, cut into 3 pieces by
+    the kernel's rule in a grid of 8), with left padding and sinks; the step's plan and its counters serve two
+    layers."""
+    batch, seqlen_k = 2, 300
+    segments = _left_padding_segments(batch, seqlen_q, seqlen_k)
+    sinks = torch.randn(8, device=DEV)
+    for _layer in range(2):
+        q, k, v = _cache_tensors(batch, seqlen_q, seqlen_k, 8, 2, 16, torch.float32)
+        _check(q, k, v, segments=segments, sinks=sinks, num_splits=8)
+
+
+@needs_kernels
 def test_static_cache_tail_and_short_rows(triton_backend):
     """A static cache's empty tail (k_end < Sk) and a row with fewer real keys than queries (zero rows)."""
     batch, seqlen_q, seqlen_k = 3, 4, 40
@@ -387,7 +401,7 @@ def test_gpu_decode_step_copies_no_cache():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("seqlen_k", [600, 5000], ids=["one_split", "split_k"])
+@pytest.mark.parametrize("seqlen_k", [600, 5000], ids=["short", "long"])
 def test_gpu_decode_op_never_syncs_and_replays_in_a_cuda_graph(seqlen_k):
     """The traced path (index tensors built from shapes and segments, then the op) never synchronises the host and
     is captured by a CUDA graph; a replay after the cache and the lengths changed gives the eager route's output."""

@@ -356,6 +356,89 @@ def test_decode_skewed_lengths(num_splits, feat):
         assert 1 < pieces[0] <= pieces[2] <= num_splits
 
 
+H200_SMS = 132  # default_num_splits' fill: 4 programs per SM = 528
+
+
+def test_default_decode_split_rule(monkeypatch):
+    """The decode grid on an H200 (132 SMs mocked, 32/8 heads, the GPU decode config): small batches get room to
+    fill the GPU with pieces of >= 128 keys; batches that fill it keep the 1024-key room for skew only."""
+    from hf_attn_plugin.kernels import configs, paged as kernels
+
+    assert {c.min_split_keys for d in (64, 128, 256) for c in configs._GPU[("paged_decode", d)]} == {128}
+    monkeypatch.setattr(kernels, "_num_sms", lambda index: H200_SMS)
+
+    def splits(batch, capacity):
+        return kernels.default_num_splits(batch * 8, capacity, torch.device("cuda", 0), 1, 128)
+
+    assert splits(1, 576) == 576 // 128 == 4  # B=1 x 576: 8 programs unsplit; pieces of >= 128 keys
+    assert splits(1, 4096) == 32 and 8 * splits(1, 4096) >= H200_SMS  # >= one program per SM
+    assert splits(1, 32768) == kernels.MAX_SPLITS  # 512 programs (the kernel cuts 64 pieces of 512 keys)
+    assert splits(1, 255) == 1  # less than two pieces
+    assert splits(16, 4096) == 5  # 528 programs / 128
+    assert splits(64, 4096) == 4 and splits(64, 32768) == 32  # 512 programs fill the GPU: capacity / 1024
+    # prefill (several query tiles) and the CPU: unchanged
+    assert kernels.default_num_splits(8 * 4, 4096, torch.device("cuda", 0), 4, 1024) == 4
+    assert kernels.default_num_splits(8 * 40, 4096, torch.device("cuda", 0), 40, 1024) == 1
+    assert kernels.default_num_splits(8, 4096, torch.device("cpu"), 1, 128) == 1
+
+
+@needs_kernels
+@pytest.mark.parametrize("length,num_splits,pieces", [(144, 4, 3), (1024, 32, 32), (8192, 64, 64)],
+                         ids=["576_keys", "4k", "32k"])
+def test_small_batch_pieces_with_h200_numbers(length, num_splits, pieces):
+    """B=1 with the H200's numbers scaled to the interpreter (16-key tiles for 64, lengths / 4; one KV head whose
+    share of the GPU is 66 programs, as 528 / 8 KV heads): the grid default_num_splits gives is used in full
+    (576 keys: 9 tiles in 4 room -> pieces of 3 tiles, the 4th empty), and the result matches the reference."""
+    from hf_attn_plugin.kernels.configs import Config
+
+    config = Config(16, 16, 4, 1, min_split_keys=32, split_programs=66)
+    assert _pieces_per_row([length], num_splits, hq=4, hkv=1, d=16, config=config) == [pieces]
+
+
+@needs_kernels
+@pytest.mark.parametrize("prefill", [False, True])
+def test_split_k_merge_leaves_its_counters_at_zero(prefill):
+    """The last piece of each (sequence, KV head, query tile) merges the pieces in the same launch and puts the
+    counter back to 0: the layers of a step (and CUDA-graph replays) share one plan's counters. Without the reset
+    the second layer would find no last piece and leave its output unwritten."""
+    from hf_attn_plugin.kernels import paged as kernels
+
+    lens, new, hq, hkv, d = [90, 200, 3], [1, 1, 1], 4, 2, 16
+    if prefill:
+        new = [20, 9, 3]
+    k_pool, v_pool, bt, seq_lens, _ = _random_paged(lens, hkv, d, 16, torch.float32)
+    cu = torch.tensor([0] + list(torch.tensor(new).cumsum(0)), dtype=torch.int32, device=DEV) if prefill else None
+    plan = kernels.Plan((sum(new), hq, d), torch.float32, k_pool.device, k_pool.shape, bt, seq_lens, cu, max(new),
+                        None, 4)
+    params = AttentionParams(scale=d**-0.5, causal=True, window=0, softcap=0.0, sinks=None)
+    for _layer in range(3):
+        q = torch.randn(sum(new), hq, d, device=DEV)
+        out = plan.run(q, k_pool, v_pool, params)
+        ref = paged_attention_reference(q.double(), k_pool.double(), v_pool.double(), bt, seq_lens, cu, None, None,
+                                        d**-0.5, True, 0, 0.0)
+        torch.testing.assert_close(out.double(), ref, atol=2e-5, rtol=2e-5)
+        (launch,) = plan.launches.values()
+        num_q_tiles = launch.grid[2] // launch.num_splits
+        assert launch.num_splits == 4 and launch.done.shape == (len(lens) * hkv * num_q_tiles,)
+        assert not launch.done.any()
+
+
+@needs_kernels
+@pytest.mark.parametrize("feat", [{}, {"sinks": True, "k_starts": [0, 3, 2]}, {"window": 500, "softcap": 5.0}])
+def test_decode_max_splits_matches_reference(feat):
+    """The largest grid (MAX_SPLITS) with one-tile pieces: 64 partials merged per row, vs the reference."""
+    from hf_attn_plugin.kernels import paged as kernels
+    from hf_attn_plugin.kernels.configs import Config
+
+    config = Config(16, 16, 4, 1, min_split_keys=16, split_programs=10**6)
+    pieces = _pieces_per_row([1024, 7, 700], kernels.MAX_SPLITS, hq=2, hkv=1, config=config, **feat)
+    assert pieces[1] == 1
+    if "window" in feat:  # 500 visible keys: 32 tiles (33 when not aligned)
+        assert 32 <= pieces[0] <= 33 and 32 <= pieces[2] <= 33
+    else:  # 64 and 44 tiles of 16 keys: one tile each
+        assert pieces == [kernels.MAX_SPLITS, 1, 44]
+
+
 @needs_kernels
 @pytest.mark.parametrize("num_splits", [1, 4])
 def test_prefill_skewed_lengths(num_splits):
@@ -550,6 +633,51 @@ def test_gpu_default_split_skewed_vs_uniform():
     pieces = _pieces_per_row(skewed, 0, hq=32, hkv=8, d=128)
     assert pieces[0] > pieces[1] > 1 and max(pieces[2:]) == 1
     assert _pieces_per_row([2048] * 64, 0, hq=32, hkv=8, d=128) == [1] * 64
+
+
+@pytest.mark.gpu
+def test_gpu_default_split_fills_the_gpu_at_small_batch():
+    """Llama-1B heads (32/8, D=64), default grid: B=1 cuts its cache into 128-key pieces or more
+    (576 keys: 9 tiles -> 3 pieces of 3), enough for one program per SM at 4k; B=64 x 4k stays whole."""
+    sms = torch.cuda.get_device_properties(DEV).multi_processor_count
+    assert _pieces_per_row([576], 0, hq=32, hkv=8, d=64) == [3]
+    pieces_4k = _pieces_per_row([4096], 0, hq=32, hkv=8, d=64)[0]
+    assert pieces_4k == 32 and 8 * pieces_4k >= sms
+    assert _pieces_per_row([4096] * 64, 0, hq=32, hkv=8, d=64) == [1] * 64
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("lens,num_splits", [([32768], 0), ([5000, 70, 3000, 1], 64)], ids=["b1_32k", "skewed"])
+def test_gpu_split_k_merge_is_deterministic(lens, num_splits):
+    """Whichever piece finishes last merges all of them in split order: 30 calls (eager and replayed from a CUDA
+    graph) give the same bits, and the result matches the reference."""
+    k_pool, v_pool, bt, seq_lens, _ = _random_paged(lens, 8, 64, 16, torch.bfloat16)
+    q = torch.randn(len(lens), 32, 64, device=DEV, dtype=torch.bfloat16)
+    sinks = _sinks(32)
+
+    def step():
+        return paged_attention(q, k_pool, v_pool, bt, seq_lens, sinks=sinks, num_splits=num_splits or None)
+
+    first = step()
+    assert max(_pieces_per_row(lens, num_splits, hq=32, hkv=8, d=64)) > 16
+    for _ in range(10):
+        assert torch.equal(step(), first)
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step()
+    for _ in range(20):
+        out.fill_(math.nan)
+        graph.replay()
+        torch.cuda.synchronize()
+        assert torch.equal(out, first)
+    ref = paged_attention_reference(q.double(), k_pool.double(), v_pool.double(), bt, seq_lens, None, None,
+                                    sinks.double(), 64**-0.5, True, 0, 0.0)
+    assert (first.double() - ref).abs().max().item() < 2e-2
 
 
 @pytest.mark.gpu

@@ -280,9 +280,10 @@ _GPU: Dict[Tuple[str, int], Sequence[Config]] = {
     # 2 stages were best or within 1% everywhere (8 warps and 32-key tiles lost 10-25%; 128-key tiles equal at 2
     # stages). Prefill packs ~64 query rows (tokens x group heads) per program (32 at D=256); 128 rows, 128-key
     # tiles, 8 warps were 5% faster on 4 x 4096 new tokens after 4096 cached (306 vs 292 TFLOP/s).
-    ("paged_decode", 64): (Config(16, 64, 4, 2), Config(16, 128, 4, 2)),
-    ("paged_decode", 128): (Config(16, 64, 4, 2), Config(16, 128, 4, 2)),
-    ("paged_decode", 256): (Config(16, 64, 4, 2), Config(16, 128, 4, 2)),
+    # Decode pieces as short as 128 keys (kernels/paged.py default_num_splits: B=1 fills the GPU).
+    ("paged_decode", 64): (Config(16, 64, 4, 2, min_split_keys=128), Config(16, 128, 4, 2, min_split_keys=128)),
+    ("paged_decode", 128): (Config(16, 64, 4, 2, min_split_keys=128), Config(16, 128, 4, 2, min_split_keys=128)),
+    ("paged_decode", 256): (Config(16, 64, 4, 2, min_split_keys=128), Config(16, 128, 4, 2, min_split_keys=128)),
     ("paged_prefill", 64): (Config(64, 64, 4, 3), Config(128, 128, 8, 3), Config(64, 128, 4, 3)),
     ("paged_prefill", 128): (Config(64, 64, 4, 3), Config(128, 128, 8, 3), Config(64, 128, 4, 3)),
     ("paged_prefill", 256): (Config(32, 64, 4, 3), Config(64, 64, 4, 3)),

@@ -1,4 +1,4 @@
-"""Triton kernels for the paged KV cache: K/V write, paged attention (decode and prefill), split-K reduce.
+"""Triton kernels for the paged KV cache: K/V write, paged attention (decode and prefill, split-K merged in-kernel).
 
 Pools are ``[num_pages, page_size, H_kv, D]`` (see :mod:`hf_attn_plugin.paged.allocator`); the last
 dimension must be contiguous. Semantics are :func:`hf_attn_plugin.reference.attention_reference` on
@@ -14,8 +14,11 @@ span several pages or part of one. With ``num_splits > 1`` (split-K) the grid ha
 contiguous pieces per query tile; how many a sequence actually uses is decided in the kernel from
 the lengths in ``seq_lens`` (see :func:`_piece_tiles`): long sequences of a skewed batch are cut
 finely, sequences of a uniform batch that already fills the GPU stay whole. Each piece writes a
-normalised partial output and its log-sum-exp, and :func:`_combine_kernel` merges them (and the
-sinks); unused pieces exit at once, and a sequence left whole writes its output directly. The grid
+normalised partial output and its log-sum-exp and counts itself done on a per-(sequence, KV head,
+query tile) counter; the last piece to finish merges all of them (and the sinks) in split order
+(:func:`_merge_pieces`: the result does not depend on which piece is last) and puts the counter
+back to 0, so one launch does the whole call and every launch or CUDA-graph replay starts from
+zeros. Unused splits exit at once, and a sequence left whole writes its output directly. The grid
 depends only on shapes and ``num_splits``, never on sequence lengths, and nothing is read back to
 the host, so a decode step can be captured in a CUDA graph.
 
@@ -126,7 +129,7 @@ def _piece_tiles(seq_lens_ptr, num_seqs, target_pieces, min_split_tiles, BLOCK_N
 
 @triton.jit
 def _paged_attention_kernel(
-    q_ptr, k_pool_ptr, v_pool_ptr, out_ptr, part_out_ptr, part_lse_ptr,
+    q_ptr, k_pool_ptr, v_pool_ptr, out_ptr, part_out_ptr, part_lse_ptr, done_ptr,
     block_tables_ptr, seq_lens_ptr, k_starts_ptr, cu_seqlens_q_ptr, sinks_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
@@ -135,7 +138,7 @@ def _paged_attention_kernel(
     GROUP: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr, SPLIT_K: tl.constexpr,
     VARLEN: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
-    SINKS: tl.constexpr, HAS_K_STARTS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    SINKS: tl.constexpr, HAS_K_STARTS: tl.constexpr, DOT_PRECISION: tl.constexpr, MERGE_S: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = BLOCK_Q * HEAD_PAD
     seq = tl.program_id(0)
@@ -190,12 +193,13 @@ def _paged_attention_kernel(
     else:
         pieces = 1
     tiles_per_split = tl.cdiv(num_tiles, pieces)
+    pieces = tl.cdiv(num_tiles, tl.maximum(tiles_per_split, 1))  # those with keys (9 tiles in 4: 3 of 3)
     start = (tile_lo + split * tiles_per_split) * BLOCK_N
     end = tl.minimum(start + tiles_per_split * BLOCK_N, hi)
-    whole = pieces == 1  # one piece: its program writes the final output itself, as without split-K
+    whole = pieces <= 1  # one piece: its program writes the final output itself, as without split-K
     if SPLIT_K:  # partials [T, Hq, num_splits, (D)]: normalised output and base-2 log-sum-exp
         part = (token * (GROUP * tl.num_programs(1)) + head) * num_splits + split
-        if (split > 0) & (whole | (start >= end)):  # nothing to read: the combine skips an lse of -inf
+        if (split > 0) & (whole | (split >= pieces)):  # no piece: lse -inf marks it (tests count the pieces)
             tl.store(part_lse_ptr + part, tl.full([BLOCK_M], float("-inf"), tl.float32), mask=row_ok)
             return
 
@@ -223,54 +227,77 @@ def _paged_attention_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    out_ptrs = out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :]
-    out_mask = row_ok[:, None] & d_ok[None, :]
     if not SPLIT_K:
         out = _normalize(acc, m_i, l_i, sinks_ptr, head, row_ok, SINKS)
-        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
-    elif whole:  # final output; lse = +inf in split 0 tells the combine to skip the row
+        _store_out(out_ptr, out, token, head, d, row_ok, d_ok, stride_ot, stride_oh)
+    elif whole:  # final output (lse = +inf in split 0 marks a row left whole)
         out = _normalize(acc, m_i, l_i, sinks_ptr, head, row_ok, SINKS)
-        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=out_mask)
+        _store_out(out_ptr, out, token, head, d, row_ok, d_ok, stride_ot, stride_oh)
         tl.store(part_lse_ptr + part, tl.full([BLOCK_M], float("inf"), tl.float32), mask=row_ok)
     else:
         out, lse = finish_softmax(acc, m_i, l_i)
         tl.store(part_lse_ptr + part, lse, mask=row_ok)
-        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :], out, mask=out_mask)
+        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
+        # The last of the pieces to finish merges them. The barrier orders every thread's partials before the
+        # counter's release (one thread's acq_rel atomic); its result reaches all threads through shared memory
+        # after that thread's acquire, so the merge reads every piece's partials (from L2: .cg).
+        tl.debug_barrier()
+        slot = (seq * tl.num_programs(1) + kv_head) * (tl.num_programs(2) // num_splits) + q_tile
+        if tl.atomic_add(done_ptr + slot, 1, sem="acq_rel", scope="gpu") == pieces - 1:
+            tl.atomic_xchg(done_ptr + slot, 0, sem="relaxed", scope="gpu")  # zero for the next launch / replay
+            _merge_pieces(part_out_ptr, part_lse_ptr, out_ptr, sinks_ptr, (q_first + q_tile * BLOCK_Q).to(tl.int64),
+                          tl.minimum(BLOCK_Q, num_q - q_tile * BLOCK_Q), kv_head * GROUP, GROUP * tl.num_programs(1),
+                          num_splits, pieces, stride_ot, stride_oh, GROUP, HEAD_DIM, BLOCK_D, MERGE_S, SINKS)
 
 
 @triton.jit
-def _combine_kernel(
-    part_out_ptr, part_lse_ptr, out_ptr, sinks_ptr, stride_ot, stride_oh, num_splits,
-    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
-    SINKS: tl.constexpr,
-):
-    """Merge the splits of one (token, query head): out = sum_s 2^(lse_s - lse) * out_s.
+def _store_out(out_ptr, out, token, head, d, row_ok, d_ok, stride_ot, stride_oh):
+    """The final output rows. The pointers are formed here, at the store: a [rows, D] tile of 64-bit pointers kept
+    live across the split-K barrier and atomic cost prefill tiles 35-55 registers (ptxas, sm_90)."""
+    tl.store(out_ptr + token[:, None] * stride_ot + head[:, None] * stride_oh + d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
-    An lse of +inf (split 0) marks a row whose attention program wrote the final output: skipped.
+
+@triton.jit
+def _merge_pieces(part_out_ptr, part_lse_ptr, out_ptr, sinks_ptr, first_token, num_tokens, first_head, heads_q,
+                  num_splits, pieces, stride_ot, stride_oh, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+                  BLOCK_D: tl.constexpr, MERGE_S: tl.constexpr, SINKS: tl.constexpr):
+    """Merge splits ``0 .. pieces-1`` of the tile's query rows (``num_tokens`` tokens x ``GROUP`` heads) into ``out``.
+
+    One row at a time, ``MERGE_S`` splits per step loaded at once (``[MERGE_S, D]``: one round trip to L2 per
+    step, few registers), folded in split order with the online-softmax rescale: the result does not depend on
+    which program runs it. Per split: ``2^lse * out`` is that piece's unnormalised sum, so ``acc = sum_s
+    2^(lse_s - m) * out_s`` and ``l = sum_s 2^(lse_s - m)`` are the whole row's, scaled by ``2^-m``.
     """
-    token = tl.program_id(0).to(tl.int64)
-    head = tl.program_id(1)
-    s = tl.arange(0, BLOCK_S)
+    s = tl.arange(0, MERGE_S)
     d = tl.arange(0, BLOCK_D)
-    s_ok = s < num_splits
-    part = (token * NUM_HEADS + head) * num_splits + s
-    lse = tl.load(part_lse_ptr + part, mask=s_ok, other=float("-inf"))
-    if tl.max(lse, 0) == float("inf"):
-        return
-    live = s_ok & (lse > float("-inf"))  # empty splits wrote no output
-    parts = tl.load(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :], mask=live[:, None] & (d < HEAD_DIM)[None, :],
-                    other=0.0)
-    m = tl.max(lse, 0)
-    m_safe = tl.where(m == float("-inf"), 0.0, m)
-    w = tl.exp2(lse - m_safe)
-    # Shape the merged row as a 1-row tile so _normalize serves both kernels.
+    d_ok = d < HEAD_DIM
     one = tl.zeros([1], tl.float32)
-    acc = tl.sum(w[:, None] * parts, 0)[None, :]
-    l = one + tl.sum(w, 0)
-    heads = tl.zeros([1], tl.int32) + head
-    out = _normalize(acc, one + m_safe, l, sinks_ptr, heads, heads >= 0, SINKS)
-    tl.store(out_ptr + token * stride_ot + head * stride_oh + d[None, :], out.to(out_ptr.dtype.element_ty),
-             mask=(d < HEAD_DIM)[None, :])
+    for t in range(0, num_tokens):
+        for g in range(0, GROUP):
+            token = first_token + t
+            head = first_head + g
+            part0 = (token * heads_q + head) * num_splits
+            m = tl.full([], float("-inf"), tl.float32)
+            l = tl.full([], 0.0, tl.float32)
+            acc = tl.zeros([BLOCK_D], tl.float32)
+            for s0 in range(0, pieces, MERGE_S):
+                s_ok = s0 + s < pieces
+                lse = tl.load(part_lse_ptr + part0 + s0 + s, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
+                o = tl.load(part_out_ptr + (part0 + s0 + s)[:, None] * HEAD_DIM + d[None, :],
+                            mask=s_ok[:, None] & d_ok[None, :], other=0.0, cache_modifier=".cg")
+                m_new = tl.maximum(m, tl.max(lse, 0))
+                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no key: lse -inf, out 0
+                alpha = tl.exp2(m - m_safe)
+                w = tl.exp2(lse - m_safe)
+                acc = acc * alpha + tl.sum(w[:, None] * o, 0)
+                l = l * alpha + tl.sum(w, 0)
+                m = m_new
+            m = tl.where(m == float("-inf"), 0.0, m)
+            heads = tl.zeros([1], tl.int32) + head  # a 1-row tile, so that _normalize serves both uses
+            out = _normalize(acc[None, :], one + m, one + l, sinks_ptr, heads, heads >= 0, SINKS)
+            tl.store(out_ptr + token * stride_ot + head * stride_oh + d[None, :], out.to(out_ptr.dtype.element_ty),
+                     mask=d_ok[None, :])
 
 
 def _head_pad(group: int, decode: bool) -> int:
@@ -279,6 +306,7 @@ def _head_pad(group: int, decode: bool) -> int:
 
 
 MAX_SPLITS = 64
+LONG_PIECE_KEYS = 1024  # piece length of the room a batch that fills the GPU keeps for its long sequences
 
 
 @functools.lru_cache(maxsize=None)
@@ -294,23 +322,46 @@ def _fill_programs(device: torch.device) -> int:
 
 
 def default_num_splits(num_programs: int, max_context: int, device: torch.device, num_q_tiles: int = 1,
-                       min_split_keys: int = 1024) -> int:
+                       min_split_keys: int = LONG_PIECE_KEYS) -> int:
     """Split-K grid size from shapes only, so a decode step keeps one grid (CUDA graphs).
 
     ``num_programs`` = sequences x KV heads x query tiles; ``max_context`` is the block table's
-    capacity, not a length. One query tile per sequence (decode): room for the longest possible
-    sequence in pieces of ``min_split_keys`` (at most ``MAX_SPLITS``); the kernel picks each
-    sequence's piece count from the actual lengths, and unused splits exit at once. Several query
-    tiles (prefill): no split once the programs fill every SM twice, else about four programs per
-    SM (partials are per query token: prefill cannot afford room for every case).
+    capacity, not a length. The grid is only room: the kernel picks each sequence's piece count from
+    the actual lengths (:func:`_piece_tiles`: about ``fill`` programs in all, pieces of at least
+    ``min_split_keys``), splits past a sequence's last piece exit at once, and the pieces are merged
+    in the same launch.
+
+    One query tile per sequence (decode): room for
+
+    * ``fill / num_programs`` pieces per sequence (``fill`` = 4 programs per SM, 528 on an H200): what a
+      uniform batch too small to fill the GPU needs. B=1 with 8 KV heads is 8 programs without a split,
+      on 132 SMs, each walking the whole cache one 64-key tile after another: latency-bound (4 TB/s
+      would stream B=1 x 4k keys, 8.4 MB at D=64 bf16, in 2 us);
+    * pieces of :data:`LONG_PIECE_KEYS` over the capacity: the long sequences of a skewed batch that
+      fills the GPU (the kernel cuts them to the batch's typical length; NOTES_paged.md);
+    * never a piece shorter than ``min_split_keys`` (GPU decode configs: 128 keys, two 64-key tiles, so
+      the two-stage pipeline still overlaps one tile's loads with the other's math), at most
+      :data:`MAX_SPLITS`.
+
+    H200, 32/8 heads: B=1 x 576 keys: 4 (the kernel uses 3 pieces of 192 keys: 24 programs); B=1 x 4k:
+    32 (256 programs of 128 keys); B=1 x 32k: 64 (512 programs of 512 keys); B=16 x 4k: 5 (the kernel
+    uses 4 of 1024 keys: 512 programs); B=64 x 4k: 4 (512 programs fill the GPU: the kernel keeps every
+    sequence whole). Before session 7 the room was ``capacity / 1024`` alone: 1, 4 and 32 splits at B=1.
+    Cost of a split: partials ``T x Hq x splits x (D + 1)`` fp32 written and read once (B=1 x 32k, 64
+    splits, D=64: 0.53 MB, 0.8% of the 67 MB of K/V; B=1 x 576: 33 KB), the last piece's merge (a
+    few us at most, one program per (sequence, KV head)), and no extra launch: the same rule serves
+    eager calls, whose launches cost host time, and CUDA-graph replays.
+
+    Several query tiles (prefill): no split once the programs fill every SM twice, else about four
+    programs per SM (partials are per query token: prefill cannot afford room for every case).
     """
     if device.type != "cuda":
         return 1
     room = max(1, min(max_context // min_split_keys, MAX_SPLITS))
-    if num_q_tiles == 1:
-        return room
     fill = _fill_programs(device)
-    return 1 if 2 * num_programs >= fill else min(room, -(-fill // max(num_programs, 1)))
+    if num_q_tiles == 1:
+        return max(1, min(room, max(max_context // LONG_PIECE_KEYS, cdiv(fill, max(num_programs, 1)))))
+    return 1 if 2 * num_programs >= fill else min(room, cdiv(fill, max(num_programs, 1)))
 
 
 class Plan:
@@ -361,7 +412,8 @@ class Plan:
 class _Launch:
     """Config, query tile, split-K grid and partial buffers of a :class:`Plan` for one set of features."""
 
-    __slots__ = ("cfg", "block_q", "num_splits", "grid", "min_split_tiles", "target_pieces", "part_out", "part_lse")
+    __slots__ = ("cfg", "block_q", "num_splits", "grid", "min_split_tiles", "target_pieces", "part_out", "part_lse",
+                 "done")
 
     def __init__(self, plan: Plan, causal: bool, window: bool, softcap: bool, sinks: bool):
         num_tokens, heads_q, head_dim = plan.q_shape
@@ -382,11 +434,13 @@ class _Launch:
         fill = cfg.split_programs or _fill_programs(plan.device)
         self.min_split_tiles = max(1, cfg.min_split_keys // cfg.block_n)
         self.target_pieces = max(1, -(-fill // (plan.heads_kv * num_q_tiles)))
-        self.part_out = self.part_lse = None
+        self.part_out = self.part_lse = self.done = None
         if num_splits > 1 and num_tokens and num_seqs:
             self.part_out = torch.empty(num_tokens, heads_q, num_splits, head_dim, device=plan.device,
                                         dtype=torch.float32)
             self.part_lse = torch.empty(num_tokens, heads_q, num_splits, device=plan.device, dtype=torch.float32)
+            # finished pieces per (sequence, KV head, query tile); the merging program puts its count back to 0
+            self.done = torch.zeros(num_seqs * plan.heads_kv * num_q_tiles, device=plan.device, dtype=torch.int32)
 
 
 def run(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, plan: Plan, params) -> torch.Tensor:
@@ -400,25 +454,15 @@ def run(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, plan: Plan,
 
 
 def _run(q, k_pool, v_pool, plan: Plan, scale: float, causal: bool, window: int, softcap: float, sinks):
-    out, launch = _split(q, k_pool, v_pool, plan, scale, causal, window, softcap, sinks)
-    if launch is not None and launch.part_out is not None:
-        num_tokens, heads_q, head_dim = plan.q_shape
-        _combine_kernel[(num_tokens, heads_q)](
-            launch.part_out, launch.part_lse, out, sinks if sinks is not None else plan.seq_lens,
-            *out.stride()[:2], launch.num_splits,
-            NUM_HEADS=heads_q, HEAD_DIM=head_dim, BLOCK_D=next_power_of_2(head_dim),
-            BLOCK_S=next_power_of_2(launch.num_splits), SINKS=sinks is not None,
-            num_warps=4,
-        )
-    return out
+    return _split(q, k_pool, v_pool, plan, scale, causal, window, softcap, sinks)[0]
 
 
 def _split(q, k_pool, v_pool, plan: Plan, scale: float, causal: bool, window: int, softcap: float, sinks):
-    """The attention kernel alone: ``(out, launch)``; ``launch`` is ``None`` when nothing ran (no tokens).
+    """The attention kernel's one launch: ``(out, launch)``; ``launch`` is ``None`` when nothing ran (no tokens).
 
-    With ``launch.part_out`` set (split-K), ``out`` still has to be combined from the partials
-    ``[T, Hq, S, D]`` / ``launch.part_lse`` ``[T, Hq, S]``; rows whose ``part_lse[..., 0]`` is ``+inf`` were one
-    piece and are final in ``out`` already. (Tests read the piece counts here.)
+    ``out`` is final. With ``launch.part_out`` set (split-K), the partials ``[T, Hq, S, D]`` / ``launch.part_lse``
+    ``[T, Hq, S]`` the kernel merged are left for inspection: rows whose ``part_lse[..., 0]`` is ``+inf`` were one
+    piece, an lse of ``-inf`` in every row of a split marks a split without a piece. (Tests count the pieces here.)
     """
     out = torch.empty_like(q)
     num_seqs = plan.seq_lens.shape[0]
@@ -427,10 +471,10 @@ def _split(q, k_pool, v_pool, plan: Plan, scale: float, causal: bool, window: in
     launch = plan.launch(causal, window > 0, softcap > 0, sinks is not None)
     cfg, head_dim = launch.cfg, plan.q_shape[2]
     split_k = launch.part_out is not None
-    part_out, part_lse = (launch.part_out, launch.part_lse) if split_k else (out, out)  # unused without split-K
     dummy = plan.seq_lens
+    part_out, part_lse, done = (launch.part_out, launch.part_lse, launch.done) if split_k else (out, out, dummy)
     _paged_attention_kernel[launch.grid](
-        q, k_pool, v_pool, out, part_out, part_lse,
+        q, k_pool, v_pool, out, part_out, part_lse, done,
         plan.block_tables, plan.seq_lens,
         plan.k_starts if plan.k_starts is not None else dummy,
         plan.cu_seqlens_q if plan.cu_seqlens_q is not None else dummy,
@@ -443,6 +487,7 @@ def _split(q, k_pool, v_pool, plan: Plan, scale: float, causal: bool, window: in
         VARLEN=not plan.decode, CAUSAL=causal, WINDOW=window > 0, SOFTCAP=softcap > 0,
         SINKS=sinks is not None, HAS_K_STARTS=plan.k_starts is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        MERGE_S=min(MAX_SPLITS, max(1, 2048 // next_power_of_2(head_dim))),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, launch
@@ -479,12 +524,12 @@ def paged_attention(
     ``max_seqlen_q`` bounds their count (it sizes the grid). ``window``/``softcap`` <= 0 mean off.
     ``num_splits`` >= 1 is the split-K grid size (0: :func:`default_num_splits`).
 
-    ``return_partials`` (tests, benchmarks): the attention kernel alone, ``(out, partials)``: ``partials`` is
-    ``None`` without split-K (``out`` is final), else ``(part_out [T, Hq, S, D], part_lse [T, Hq, S])`` still to
-    be combined into ``out``.
+    ``return_partials`` (tests, benchmarks): ``(out, partials)``, ``out`` final; ``partials`` is ``None`` without
+    split-K, else ``(part_out [T, Hq, S, D], part_lse [T, Hq, S])`` as the kernel left them (see :func:`_split`:
+    the piece counts can be read from ``part_lse``).
     """
     plan = _one_plan(q, k_pool, block_tables, seq_lens, cu_seqlens_q, max_seqlen_q, k_starts, num_splits, config)
-    if not return_partials:
-        return _run(q, k_pool, v_pool, plan, scale, causal, window, softcap, sinks)
     out, launch = _split(q, k_pool, v_pool, plan, scale, causal, window, softcap, sinks)
+    if not return_partials:
+        return out
     return out, ((launch.part_out, launch.part_lse) if launch is not None and launch.part_out is not None else None)
