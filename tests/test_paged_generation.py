@@ -3,7 +3,9 @@ token-identical to eager generation (tiny random configs, CPU reference backend;
 
 from __future__ import annotations
 
+import collections
 import copy
+import functools
 
 import pytest
 import torch
@@ -194,21 +196,33 @@ def no_gather(monkeypatch):
             FullAttentionCacheAllocator,
         )
         monkeypatch.setattr(FullAttentionCacheAllocator, "update", gather)
-    except ImportError:  # 5.17-5.18: the cache's update
+    except ImportError:  # 5.17-5.18: the cache's update (for sliding layers we still call it: their window)
         from transformers.generation.continuous_batching import PagedAttentionCache
-        monkeypatch.setattr(PagedAttentionCache, "update", gather)
+
+        real = PagedAttentionCache.update
+
+        def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+            if self.sliding_windows[layer_idx] == 1:
+                gather()
+            return real(self, key_states, value_states, layer_idx, *args, **kwargs)
+
+        monkeypatch.setattr(PagedAttentionCache, "update", update)
 
 
 def _expected(eager, prompts, new_tokens):
-    outputs = (eager.generate(torch.tensor([p]), max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    outputs = (eager.generate(torch.tensor([p], device=eager.device), max_new_tokens=new_tokens, do_sample=False,
+                              pad_token_id=0, eos_token_id=None)  # as generate_batch's eos_token_id=-1: no stop
                for p in prompts)
     return [out[0, len(p):].tolist() for out, p in zip(outputs, prompts)]
 
 
-def _cb_pair(family):
-    if family == "qwen2":  # full attention only: transformers' sliding-window CB layout is refused
+def _cb_pair(family, sliding_window: int | None = None):
+    if family == "qwen2" and sliding_window is None:  # full attention only
         return make_pair(transformers.Qwen2Config(**COMMON, num_attention_heads=4, num_key_value_heads=2))
-    return make_pair(DECODERS[family]())
+    config = DECODERS[family]()
+    if sliding_window is not None:
+        config.sliding_window = sliding_window
+    return make_pair(config)
 
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
@@ -233,21 +247,6 @@ def test_continuous_batching_context_manager(no_gather):
         results = model.generate_batch(prompts, config)
     assert [r.generated_tokens for r in results.values()] == _expected(eager, prompts, 6)
     assert "init_continuous_batching" not in vars(ours)  # the shadowing attribute is gone
-
-
-def test_continuous_batching_refuses_sliding_window():
-    ours, _ = make_pair(DECODERS["mistral"]())
-    config = transformers.GenerationConfig(max_new_tokens=4, do_sample=False, eos_token_id=-1, pad_token_id=0)
-    with pytest.raises(NotImplementedError, match="PagedCache"):
-        if CACHE_KWARG == "cache":  # 5.19+: refused when our manager builds its cache
-            with hf_attn_plugin.continuous_batching_context(ours) as model:
-                manager = model.init_continuous_batching(config)
-                manager._create_batch_processor()
-        else:  # 5.17: refused by the first sliding layer's attention call
-            hf_attn_plugin.integration.continuous_batching.paged_plugin_attention(
-                _FakeModule(0), *([torch.zeros(1, 2, 1, 16)] * 3), None,
-                cache=_FakeLegacyCache(), write_index=[], read_index=[],
-            )
 
 
 def test_continuous_batching_needs_plugin_model():
@@ -289,6 +288,166 @@ def test_generate_batch_never_switches_to_flash(no_gather, monkeypatch):
     results = hf_attn_plugin.generate_batch(ours, prompts, config)
     assert [r.generated_tokens for r in results.values()] == _expected(eager, prompts, 5)
     assert ours.config._attn_implementation == "plugin"
+
+
+# --------------------------------------------------------------------------- (b2) shared prompt prefixes
+SHARED_PAGES = 3  # complete pages of the shared prefix (plus one token of the next page)
+
+
+def _shared_prefix_prompts(page_size: int):
+    """One prefix of several pages + distinct suffixes of different lengths (a system prompt + questions)."""
+    gen = torch.Generator().manual_seed(3)
+    prefix = torch.randint(3, 128, (SHARED_PAGES * page_size + 1,), generator=gen).tolist()
+    return [prefix + torch.randint(3, 128, (n,), generator=gen).tolist() for n in (1, 4, 6, 2, 9)]
+
+
+class _BatchRecorder:
+    """What ``generate_batch`` ran on our path: tokens through the model (prefill + decode) and, over every step, the
+    most requests that read one KV page (a shared page has several readers)."""
+
+    def __init__(self, model, monkeypatch):
+        from hf_attn_plugin.integration import continuous_batching as cb
+
+        self.model_tokens, self.max_readers = 0, 0
+        model.model.embed_tokens.register_forward_hook(self._count_tokens)  # the model is the test's own
+        for name in ("_step_from_indices", "_step_from_block_table"):  # every step is built by one of them
+            monkeypatch.setattr(cb, name, functools.partial(self._record_step, getattr(cb, name)))
+
+    def _count_tokens(self, module, args, output):
+        self.model_tokens += args[0].numel()
+
+    def _record_step(self, build, page_size, *args):
+        step = build(page_size, *args)
+        if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+            return step  # a CUDA graph being captured: no host reads (replayed steps are not seen either)
+        pages = (-(-step.seq_lens // page_size)).tolist()
+        readers = collections.Counter(p for b, n in enumerate(pages) for p in step.block_tables[b, :n].tolist())
+        self.max_readers = max(self.max_readers, *readers.values(), 0)
+        return step
+
+    def run(self, model, prompts, new_tokens, page_size, **fields) -> list[list[int]]:
+        from hf_attn_plugin.integration import compat
+
+        self.model_tokens, self.max_readers = 0, 0
+        config = transformers.GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1,
+                                               pad_token_id=0)
+        cb_config = compat.continuous_batching_config(page_size=page_size, **fields)
+        results = hf_attn_plugin.generate_batch(model, prompts, config, continuous_batching_config=cb_config)
+        assert [r.error for r in results.values()] == [None] * len(prompts)
+        return [r.generated_tokens for r in results.values()]
+
+
+SHARING_VARIANTS = {  # ContinuousBatchingConfig fields; the first request alone in the first step unless said
+    "prefill_skipped": {},
+    "chunked_prefill": {"max_batch_tokens": 8},
+    "one_first_step": {"max_batch_tokens": 256},  # every prompt in the first step: deduplicated after it
+    "block_table_decode": {"max_blocks_per_request": 8},
+}
+
+
+def _check_prefix_sharing(model, eager, variant, fields, page_size, monkeypatch):
+    prompts = _shared_prefix_prompts(page_size)
+    fields = dict(fields)
+    # transformers schedules prompts sharing prefixes in descending order: the first one fills the first step
+    fields.setdefault("max_batch_tokens", len(max(prompts)))
+    recorder = _BatchRecorder(model, monkeypatch)
+    unshared = recorder.run(model, prompts, 6, page_size, allow_block_sharing=False, **fields)
+    unshared_tokens, unshared_readers = recorder.model_tokens, recorder.max_readers
+    shared = recorder.run(model, prompts, 6, page_size, allow_block_sharing=True, **fields)
+
+    assert shared == unshared == _expected(eager, prompts, 6)
+    if fields.get("use_cuda_graph"):
+        return  # replayed steps run no Python: nothing counted
+    assert unshared_readers == 1 and unshared_tokens == sum(map(len, prompts)) + 5 * len(prompts)
+    assert recorder.max_readers == len(prompts)  # the prefix's pages: read by every request
+    if variant in ("prefill_skipped", "block_table_decode"):  # each later request skipped the complete pages
+        assert unshared_tokens - recorder.model_tokens == (len(prompts) - 1) * SHARED_PAGES * page_size
+    elif variant == "one_first_step":  # all computed in one step, the duplicates' pages dropped after it
+        assert recorder.model_tokens == unshared_tokens
+
+
+@pytest.mark.parametrize("variant", list(SHARING_VARIANTS))
+def test_generate_batch_shares_prompt_prefixes(variant, no_gather, monkeypatch):
+    """transformers' prefix sharing (complete pages hashed; later requests with the same prefix reference them and
+    skip their prefill; identical pages computed in one step are deduplicated after it) runs on our in-place path:
+    greedy tokens with sharing == without == eager per request, and sharing did happen (several requests read one
+    page in one step; fewer tokens prefilled where a request found the prefix already cached)."""
+    ours, eager = _cb_pair("llama")
+    _check_prefix_sharing(ours, eager, variant, SHARING_VARIANTS[variant], 4, monkeypatch)
+
+
+def test_generate_batch_identical_whole_page_prompts(no_gather, monkeypatch):
+    """Identical prompts of whole pages: every page of a later prompt is cached. transformers still runs at least
+    its last token (5.24 recomputes the last page; 5.17 rewrites the last token into the last shared page, the same
+    values): eager's tokens, fewer tokens run than without sharing."""
+    ours, eager = _cb_pair("llama")
+    prompt = torch.randint(3, 128, (4 * 4,), generator=torch.Generator().manual_seed(4)).tolist()
+    prompts = [prompt] * 3 + [prompt[:10]]
+    recorder = _BatchRecorder(ours, monkeypatch)
+    shared = recorder.run(ours, prompts, 5, 4, max_batch_tokens=len(prompt))
+    assert shared == _expected(eager, prompts, 5)
+    assert recorder.model_tokens <= sum(map(len, prompts)) + 4 * len(prompts) - 2 * 3 * 4  # 3 pages skipped twice
+    assert recorder.max_readers == 4
+
+
+# --------------------------------------------------------------------------- (b3) sliding-window models
+WINDOW_LAYOUTS = {  # (sliding_window, page_size): how transformers' ring buffer of a window lies in pages
+    "ring_of_two_pages": (8, 4),  # decode steps read in place (window a whole number of pages)
+    "ring_of_one_page": (4, 4),
+    "window_inside_a_page": (4, 16),  # every step through transformers' read of the window
+}
+WINDOW_PROMPT_LENGTHS = (5, 17, 9, 33, 3, 1, 12)  # shorter than, equal to, and past the windows; one-token prompt
+
+
+@pytest.mark.parametrize(("family", "layout", "max_batch_tokens"), [
+    ("qwen2", "ring_of_two_pages", None), ("qwen2", "ring_of_two_pages", 16), ("qwen2", "ring_of_one_page", None),
+    ("qwen2", "window_inside_a_page", 16), ("mistral", "ring_of_two_pages", 16), ("gemma2", "ring_of_two_pages", None),
+    ("gemma3", "ring_of_two_pages", 16), ("gpt_oss", "ring_of_two_pages", None),
+])
+def test_generate_batch_sliding_window_models(family, layout, max_batch_tokens, no_gather, monkeypatch):
+    """Models with sliding-window layers (Qwen2 / Gemma2 / Gemma3 / GPT-OSS alternate windowed and global layers,
+    Mistral windows every layer; softcap, sinks) under generate_batch: eager's greedy tokens per request.
+    transformers keeps each window in a ring of pages (KV memory bounded by the window); decode steps read it in
+    place when the window is a whole number of pages, over at most window / page + 1 pages per sequence and layer;
+    other steps (prefill, chunked prefill) read the window through transformers and run our varlen kernel."""
+    _check_sliding_window(family, *WINDOW_LAYOUTS[layout], max_batch_tokens, WINDOW_PROMPT_LENGTHS, 14, monkeypatch)
+
+
+def test_generate_batch_sliding_window_on_the_triton_kernels(triton_backend, no_gather, monkeypatch):
+    """The window ring read in place by the Triton paged kernels (interpreter on CPU), a wrapped window included."""
+    _check_sliding_window("qwen2", 8, 4, None, (9, 3), 6, monkeypatch)
+
+
+def _check_sliding_window(family, window, page, max_batch_tokens, lengths, new_tokens, monkeypatch, device="cpu",
+                          **fields):
+    from hf_attn_plugin.integration import compat, continuous_batching as cb
+
+    ours, eager = (m.to(device) for m in _cb_pair(family, sliding_window=window))
+    in_place = []
+    real = cb._step_from_window
+
+    def record(page_size, *args):
+        step = real(page_size, *args)
+        pages = (-(-step.seq_lens // page_size)).tolist()
+        in_place.append(max(pages))
+        assert all(n <= window // page_size + 1 for n in pages)  # only the window's pages
+        return step
+
+    monkeypatch.setattr(cb, "_step_from_window", record)
+    gen = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in lengths]
+    config = transformers.GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1,
+                                           pad_token_id=0)
+    cb_config = compat.continuous_batching_config(page_size=page, max_batch_tokens=max_batch_tokens, **fields)
+    results = hf_attn_plugin.generate_batch(ours, prompts, config, continuous_batching_config=cb_config)
+    assert [r.error for r in results.values()] == [None] * len(prompts)
+    assert [r.generated_tokens for r in results.values()] == _expected(eager, prompts, new_tokens)
+    if fields.get("use_cuda_graph"):
+        return  # captured steps read the window through transformers; replays run no Python
+    if window % page:
+        assert in_place == []
+    else:  # every decode step of the window layers, once per step; windows that wrap read one page twice
+        assert len(in_place) >= new_tokens - 1 and max(in_place) == window // page + 1
 
 
 # --------------------------------------------------------------------------- (c) transformers versions: compat.py
@@ -363,17 +522,6 @@ def test_step_memo_rebuilds_when_index_buffers_are_refilled_in_place():
     assert again[1].block_tables.tolist() == [[2, 3]] and again[1].slots.tolist() == [12, 13]
 
 
-class _FakeModule(torch.nn.Module):
-    def __init__(self, layer_idx):
-        super().__init__()
-        self.layer_idx, self.is_causal = layer_idx, True
-
-
-class _FakeLegacyCache:
-    layer_index_to_group_indices = {0: (0, 0)}
-    sliding_windows = {0: 4}
-
-
 # --------------------------------------------------------------------------- GPU (Triton paged kernels)
 @pytest.mark.gpu
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])
@@ -406,3 +554,30 @@ def test_generate_batch_gpu(variant):
     results = hf_attn_plugin.generate_batch(ours, prompts, config, continuous_batching_config=cb_config)
     assert [r.error for r in results.values()] == [None] * len(prompts)
     assert [r.generated_tokens for r in results.values()] == _expected(eager, prompts, 10)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("variant", ["prefill_skipped", "block_table_decode", "graphs"])
+def test_generate_batch_shared_prefix_gpu(variant, no_gather, monkeypatch):
+    """Prefix sharing on the Triton paged kernels (pages of 16): eager's tokens with and without sharing, and
+    pages read by several requests."""
+    ours, eager = (m.cuda() for m in _cb_pair("llama"))
+    fields = {**SHARING_VARIANTS, "graphs": {"use_cuda_graph": True, "num_blocks": 64}}[variant]
+    _check_prefix_sharing(ours, eager, variant, fields, 16, monkeypatch)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(("family", "window", "page"), [("qwen2", 32, 16), ("gemma2", 32, 16), ("gpt_oss", 48, 16),
+                                                         ("mistral", 40, 16)])
+def test_generate_batch_sliding_window_gpu(family, window, page, no_gather, monkeypatch):
+    """Sliding-window models on the Triton kernels: in-place ring reads on decode steps (windows of whole pages),
+    transformers' window read + our varlen kernel elsewhere (mistral: 40 is not a multiple of 16)."""
+    _check_sliding_window(family, window, page, 64, (20, 70, 33, 150, 5), 40, monkeypatch, device="cuda")
+
+
+@pytest.mark.gpu
+def test_generate_batch_sliding_window_graphs_gpu(no_gather, monkeypatch):
+    """transformers' CUDA graphs over a model with sliding layers: captured steps take the window read through
+    transformers (one graph may serve decode-only and mixed steps), eager steps the in-place ring."""
+    _check_sliding_window("qwen2", 32, 16, 64, (20, 70, 33, 5), 24, monkeypatch, device="cuda",
+                          use_cuda_graph=True, num_blocks=64)

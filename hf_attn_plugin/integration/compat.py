@@ -8,7 +8,9 @@ transformers; they use the public interfaces (``AttentionInterface`` / ``Attenti
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import itertools
 
 import torch
 import transformers
@@ -128,3 +130,44 @@ def manager_class(attn_name: str, in_place_update):
             return processor
 
     return PluginContinuousBatchingManager
+
+
+# --------------------------------------------------------------------------- continuous batching: the paged cache
+def continuous_batching_config(page_size: int | None = None, **fields):
+    """``transformers.ContinuousBatchingConfig(**fields)`` with ``page_size`` tokens per KV page: the field is named
+    ``page_size`` on 5.24 and ``block_size`` on 5.17 (found by field name, not by release)."""
+    from transformers import ContinuousBatchingConfig
+
+    if page_size is not None:
+        names = {f.name for f in dataclasses.fields(ContinuousBatchingConfig)}
+        fields["page_size" if "page_size" in names else "block_size"] = page_size
+    return ContinuousBatchingConfig(**fields)
+
+
+def kv_in_use(cache) -> tuple[int, int]:
+    """``(blocks, bytes)`` of KV cache that the requests of a transformers ``PagedAttentionCache`` reference now, over
+    every layer group (a block: one page of ``page_size`` tokens for each layer of its group); a block shared by
+    several requests (prefix sharing) counts once, blocks kept only for later prefix matches (finished requests'
+    hashed blocks) not at all. Private attributes: the per-request ``block_table`` dicts of
+    ``cache.cache_allocators`` (5.24; ``bytes_per_block`` each) or ``cache.group_cache_managers`` (5.17: every
+    group's blocks span ``len(cache.key_cache)`` layers)."""
+    def distinct(group) -> int:
+        return len(set(itertools.chain.from_iterable(group.block_table.values())))
+
+    allocators = getattr(cache, "cache_allocators", None)
+    if allocators is not None:
+        counts = [(distinct(a), a.bytes_per_block) for a in allocators.values()]
+    else:
+        k = cache.key_cache[0]
+        block_bytes = 2 * len(cache.key_cache) * cache.block_size * k[0].numel() * k.element_size()
+        counts = [(distinct(g), block_bytes) for g in cache.group_cache_managers]
+    return sum(n for n, _ in counts), sum(n * size for n, size in counts)
+
+
+def window_page_views(allocator, layer_idx: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """A sliding-window layer's K and V page views ``[pages, page_size, H_kv, D]`` in transformers' cache, or
+    ``None`` where this release does not keep them (the caller then reads the window through transformers). The
+    sliding allocator shares the full-attention allocator's layout but refuses its public
+    ``get_cache_for_block_table``. Private attribute: ``_kv_page_views`` (5.24)."""
+    views = getattr(allocator, "_kv_page_views", None)
+    return None if views is None else views.get(layer_idx)

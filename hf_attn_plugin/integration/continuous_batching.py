@@ -35,8 +35,17 @@ Every input is derived with device operations of static shape, so transformers' 
 Neither is on by default: transformers' defaults for a non-flash attention are kept (measured on an
 H200, docs/paged.md: for a 128-request batch the index path without graphs was the fastest; graphs pay
 for transformers' warm-up of the largest mixed step, which attends over the whole cache).
-Sliding-window layers use a rolling buffer whose slots are not in position order: refused with a
-``NotImplementedError`` that names the alternative (``PagedCache`` + ``generate``).
+Sliding-window layers (their own layer group) live in transformers' ring buffer: each request holds at most
+``ceil(window / page_size)`` pages, position ``p`` in slot ``p % window`` (KV memory bounded by the window).
+Decode-only steps of a window that is a whole number of pages read the ring in place (:func:`_step_from_window`:
+block tables in position order, at most ``window / page_size + 1`` pages per sequence); other steps use
+transformers' own read of the window (at most ``window - 1`` cached tokens per sequence, copied, read before the
+new tokens are written) and our varlen kernel through :func:`~hf_attn_plugin.integration.attention.plugin_attention`.
+
+Shared prompt prefixes: transformers' prefix sharing (``ContinuousBatchingConfig(allow_block_sharing=True)``, its
+default; full-attention models only) runs unchanged here. It shares complete pages only, and a request writes
+after its shared pages (5.17 rewrites a whole-page prompt's last token into its last shared page, the same
+values), so our block tables simply list a shared page for several sequences: no copy-on-write is needed.
 
 transformers 5.17-5.18 switch a ``"plugin"`` model to ``"paged|plugin"`` and hand that attention
 function the new K/V plus ``cache=``; :func:`paged_plugin_attention`, registered under that name on
@@ -61,7 +70,7 @@ import torch
 from .. import paged_ops
 from ..paged_ops import write_kv_trusted
 from . import compat
-from .attention import describe_paged_call
+from .attention import describe_paged_call, plugin_attention
 from .paged_cache import tag_pool
 from .registration import ATTN_IMPLEMENTATION
 
@@ -90,19 +99,33 @@ class InPlacePagedUpdate:
     object, the :class:`~hf_attn_plugin.integration.paged_cache.PagedReader` of the layer being run."""
 
     def __init__(self, cache):
-        if set(cache.cache_allocators) != {"full_attention"}:
-            raise NotImplementedError(_sliding_refusal())
         self.cache = cache
-        self._memo: tuple = (None, None, -1)  # (step key, _Step, layer that built or last reused it)
+        self._memos: dict = {}  # layer group -> (step key, _Step, layer that built or last reused it)
         self._current: tuple | None = None  # (k_pages, v_pages, _Step) of the layer being run
 
     def __call__(self, key_states, value_states, layer_idx: int, kwargs: dict):
         allocator = self.cache.layer_to_allocator[layer_idx]
+        group = allocator.index
         kwargs["cu_seq_lens_k"], max_q, max_k = compat.batch_lengths(kwargs, allocator.layer_type)
-        k_pages, v_pages = allocator.get_cache_for_block_table(layer_idx)
-        self._memo = _memoised_step(self._memo, allocator.index, k_pages.shape[1], layer_idx, kwargs, max_q, max_k)
-        step = self._memo[1]
         as_tokens = lambda t: t[0].transpose(0, 1)  # noqa: E731  [1, H_kv, T, D] -> [T, H_kv, D]
+        sentinel = None
+        if allocator.layer_type != "full_attention":  # sliding window: transformers' ring buffer (module doc)
+            pages = None
+            if _window_in_place(allocator.sliding_window, allocator.tokens_per_page, max_q):
+                pages = compat.window_page_views(allocator, layer_idx)
+            if pages is None:
+                _use_key_lengths(kwargs, kwargs["cu_seq_lens_k"], max_k)
+                k, v = allocator.update(as_tokens(key_states), as_tokens(value_states), layer_idx,
+                                        kwargs["read_index"][group], kwargs["write_index"][group])
+                return k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
+            sentinel = allocator.sentinel_index
+            k_pages, v_pages = pages
+        else:
+            k_pages, v_pages = allocator.get_cache_for_block_table(layer_idx)
+        memo = _memoised_step(self._memos.get(group, (None, None, -1)), group, k_pages.shape[1], layer_idx, kwargs,
+                              max_q, max_k, sentinel)
+        self._memos[group] = memo
+        step = memo[1]
         write_kv_trusted(k_pages, v_pages, as_tokens(key_states), as_tokens(value_states), step.slots)
         self._current = (k_pages, v_pages, step)
         tag_pool(k_pages, self)
@@ -128,8 +151,9 @@ def _attend(params, query: torch.Tensor, k_pages: torch.Tensor, v_pages: torch.T
 
 
 def _memoised_step(memo: tuple, group: int, page_size: int, layer_idx: int, kwargs: dict, max_q: int,
-                   max_k: int) -> tuple:
+                   max_k: int, sentinel: int | None = None) -> tuple:
     """``(key, _Step, layer_idx)`` for this step and layer group: later layers of one forward reuse the first's.
+    ``sentinel``: the group is a sliding window's ring buffer read in place (:func:`_step_from_window`).
 
     Reuse needs the same index tensors (identity) *and* a later layer than the one that last used the memo: a
     forward runs its layers in increasing order, so a layer index that does not increase means a new step, even
@@ -141,6 +165,9 @@ def _memoised_step(memo: tuple, group: int, page_size: int, layer_idx: int, kwar
         return memo[0], memo[1], layer_idx
     if block_table is not None:
         step = _step_from_block_table(page_size, kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"], block_table[group])
+    elif sentinel is not None:
+        step = _step_from_window(page_size, kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"],
+                                 kwargs["read_index"][group], kwargs["write_index"][group], int(max_k), sentinel)
     else:
         step = _step_from_indices(page_size, kwargs["cu_seq_lens_q"], kwargs["cu_seq_lens_k"],
                                   kwargs["read_index"][group], kwargs["write_index"][group], int(max_q), int(max_k))
@@ -179,7 +206,45 @@ def _step_from_block_table(page_size, cu_q, cu_k, tables) -> _Step:
     return _Step(slots, tables.to(torch.int32), seq_lens, cu_q.to(torch.int32), 1)
 
 
-_LEGACY_MEMO = weakref.WeakKeyDictionary()  # 5.17 PagedAttentionCache -> (step key, _Step, layer_idx)
+def _window_in_place(window: int, page_size: int, max_q: int) -> bool:
+    """Whether a sliding-window group's step is read in place from transformers' ring buffer: decode-only steps
+    (writing a token overwrites only the one that just left its window) of a window that is a whole number of
+    pages (the ring then wraps at a page boundary), outside CUDA-graph capture (where one graph may serve steps of
+    both kinds). Other steps take transformers' own read of the window (at most ``window - 1`` cached tokens per
+    sequence, copied) and our varlen kernel."""
+    if max_q != 1 or window % page_size:
+        return False
+    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+
+
+def _step_from_window(page_size, cu_q, cu_k, read_index, write_index, max_k: int, sentinel: int) -> _Step:
+    """A decode-only step of a sliding-window group, read in place from transformers' ring buffer.
+
+    transformers keeps position ``p`` of a request in slot ``p % window`` of its ``window / page_size`` pages.
+    ``read_index`` lists each sequence's cached window in position order, then ``sentinel`` for the new token,
+    whose slot is in ``write_index``; with it put in, ``by_position`` is the window in position order. Its first
+    token sits at offset ``o`` of its page: the sequence is read as ``o`` leading slots + the window, over the
+    ring's pages in position order (the first page read again last when ``o > 0``, for its first ``o`` slots):
+    every ``page_size`` run of that layout lies in one page because the ring wraps at a page boundary. The
+    leading slots need no mask: ``o > 0`` only once the window is full, and then the layer's window (the new
+    token's last ``window`` keys) ends right after them.
+    """
+    cu_k = cu_k.to(torch.int32)
+    seq_lens = cu_k[1:] - cu_k[:-1]
+    if read_index.numel():
+        by_position = read_index.masked_scatter(read_index == sentinel, write_index)
+    else:  # nothing cached yet (one-token prompts): the new tokens' slots
+        by_position = write_index
+    last = max(by_position.numel() - 1, 0)
+    offset = torch.where(seq_lens > 0, by_position[cu_k[:-1].long().clamp(max=last)] % page_size, 0).to(torch.int32)
+    max_pages = -(-(max_k + page_size - 1) // page_size)
+    token = page_size * torch.arange(max_pages, device=cu_k.device, dtype=torch.int32) - offset[:, None]
+    rows = (cu_k[:-1, None] + token.clamp(min=0)).clamp(max=last).long()
+    tables = torch.where(token < seq_lens[:, None], by_position[rows] // page_size, 0).to(torch.int32)
+    return _Step(write_index.long(), tables, seq_lens + offset, cu_q.to(torch.int32), 1)
+
+
+_LEGACY_MEMO = weakref.WeakKeyDictionary()  # 5.17 PagedAttentionCache -> {layer group: (step key, _Step, layer_idx)}
 
 
 def paged_plugin_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, cache=None, **kwargs):
@@ -196,12 +261,21 @@ def paged_plugin_attention(module, query, key, value, attention_mask, dropout=0.
         )
     layer = module.layer_idx
     group, index = cache.layer_index_to_group_indices[layer]
-    if cache.sliding_windows[layer] != 1:
-        raise NotImplementedError(_sliding_refusal())
-    kwargs["cu_seq_lens_k"], max_q, max_k = compat.batch_lengths(kwargs, "full_attention")
-    memo = _memoised_step(_LEGACY_MEMO.get(cache, (None, None, -1)), group, cache.block_size, layer, kwargs, max_q,
-                          max_k)
-    _LEGACY_MEMO[cache] = memo
+    window = cache.sliding_windows[layer]  # 1: full attention
+    layer_type = "full_attention" if window == 1 else "sliding_attention"
+    kwargs["cu_seq_lens_k"], max_q, max_k = compat.batch_lengths(kwargs, layer_type)
+    sentinel = None
+    if window != 1:  # sliding window: transformers' ring buffer (module doc)
+        if not _window_in_place(window, cache.block_size, max_q):
+            _use_key_lengths(kwargs, kwargs["cu_seq_lens_k"], max_k)
+            k, v = cache.update(key, value, layer, kwargs["read_index"], kwargs["write_index"])  # [T, H_kv, D]
+            k, v = k.transpose(0, 1).unsqueeze(0), v.transpose(0, 1).unsqueeze(0)
+            return plugin_attention(module, query, k, v, attention_mask, dropout, scaling, **kwargs)
+        sentinel = cache.sentinel_index
+    memos = _LEGACY_MEMO.setdefault(cache, {})
+    memo = _memoised_step(memos.get(group, (None, None, -1)), group, cache.block_size, layer, kwargs, max_q, max_k,
+                          sentinel)
+    memos[group] = memo
     shape = (-1, cache.block_size, *cache.key_cache[index].shape[1:])
     k_pages, v_pages = cache.key_cache[index].view(shape), cache.value_cache[index].view(shape)
     as_tokens = lambda t: t[0].transpose(0, 1)  # noqa: E731  [1, H_kv, T, D] -> [T, H_kv, D]
@@ -210,13 +284,12 @@ def paged_plugin_attention(module, query, key, value, attention_mask, dropout=0.
     return _attend(call, query, k_pages, v_pages, memo[1]), None
 
 
-def _sliding_refusal() -> str:
-    return (
-        "continuous batching through attn_implementation='plugin' supports full-attention layers; transformers "
-        f"{compat.TRANSFORMERS_VERSION} stores sliding-window layers in a rolling buffer out of position order. Use "
-        "model.generate(..., past_key_values=hf_attn_plugin.PagedCache(...)) (sliding windows supported), or "
-        "attn_implementation='sdpa' for generate_batch."
-    )
+def _use_key_lengths(kwargs: dict, cu_k: torch.Tensor, max_k: int) -> None:
+    """Give a sliding layer's attention call its own key lengths (transformers passes one per layer type)."""
+    kwargs["cu_seq_lens_k"] = cu_k
+    for name in ("max_length_k", "max_seqlen_k"):  # 5.24 / 5.17
+        if name in kwargs:
+            kwargs[name] = max_k
 
 
 def init_continuous_batching(model, generation_config=None, continuous_batching_config=None, workload_hints=None):
