@@ -300,15 +300,33 @@ def init_continuous_batching(model, generation_config=None, continuous_batching_
     cached = compat.cached_manager(model)
     if isinstance(cached, manager_cls):
         return cached
+    config = continuous_batching_config or ContinuousBatchingConfig()
+    if getattr(config, "use_cuda_graph", None) and _has_sliding_layers(model):
+        raise NotImplementedError(
+            f"{type(model).__name__}: transformers' CUDA graphs (ContinuousBatchingConfig(use_cuda_graph=True)) with "
+            "sliding-window layers are not supported by hf_attn_plugin.generate_batch: on the H200 (transformers "
+            "5.17) that combination did not give eager's tokens. Leave use_cuda_graph off (transformers' default for "
+            "a non-flash attention): sliding-window models run without graphs."
+        )
     gen_config = generation_config if generation_config is not None else model.generation_config
     if gen_config.eos_token_id is None:
         gen_config.eos_token_id = -1  # as transformers does: no EOS, generation stops at max_new_tokens
     return manager_cls(
         model=model,
         generation_config=gen_config,
-        continuous_batching_config=continuous_batching_config or ContinuousBatchingConfig(),
+        continuous_batching_config=config,
         workload_hints=workload_hints,
     )
+
+
+def _has_sliding_layers(model) -> bool:
+    """Whether transformers' paged cache gives ``model`` a sliding-window group (its rule: ``layer_types`` when the
+    config has them, else every layer once ``sliding_window`` is set)."""
+    config = model.config.get_text_config()
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types:
+        return any(t == "sliding_attention" for t in layer_types)
+    return getattr(config, "sliding_window", None) is not None
 
 
 @contextlib.contextmanager
