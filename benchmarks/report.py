@@ -98,24 +98,35 @@ def models_section() -> str:
 
 
 def decode_section() -> str:
-    """decode_kernels.csv (bench_decode.py): one decode step's attention over a contiguous cache."""
+    """decode_kernels.csv (bench_decode.py): one decode step's attention over a contiguous cache. Device time from a
+    CUDA-graph replay (``graph_us``) where the run has it, else from eager calls (``device_us``, which counts the host
+    gaps between a call's launches)."""
     rows = [r for r in read("decode_kernels.csv") if not r.get("error")]
     if not rows:
         return ""
+    graphs = all(r.get("graph_us") for r in rows)
     by = defaultdict(dict)
     for r in rows:
-        by[(int(r["batch"]), int(r["ctx"]))][r["impl"]] = (float(r["device_us"]), float(r["gbps"]))
+        us = float(r["graph_us"] if graphs else r["device_us"])  # gbps: K/V bytes over that same time
+        by[(int(r["batch"]), int(r["ctx"]))][r["impl"]] = (us, float(r["gbps"]) / 1000, r.get("splits") or "")
+    names = [n for n in ("plugin", "plugin_old_grid", "plugin_flash", "sdpa_cudnn", "sdpa_flash")
+             if any(n in impls for impls in by.values())]
     body = []
     for (batch, ctx), impls in sorted(by.items()):
         def cell(name):
-            return f"{impls[name][0]:.0f} us, {impls[name][1] / 1000:.2f} TB/s" if name in impls else "-"
+            if name not in impls:
+                return "-"
+            us, tbs, splits = impls[name]
+            return f"{us:.1f} us, {tbs:.2f} TB/s" + (f" ({splits} splits)" if splits else "")
         ratio = (f"{impls['sdpa_cudnn'][0] / impls['plugin'][0]:.2f}x" if "plugin" in impls and "sdpa_cudnn" in impls
                  else "-")
-        body.append([batch, ctx, cell("plugin"), cell("plugin_flash"), cell("sdpa_cudnn"), cell("sdpa_flash"), ratio])
+        body.append([batch, ctx, *map(cell, names), ratio])
     meta = rows[0]
-    header = ["B", "context", "plugin (decode route)", "plugin (flash path)", "SDPA cuDNN", "SDPA flash",
-              "plugin speed vs cuDNN"]
-    return (f"**Decode step, contiguous cache** (device time, bytes of K/V read per second; Hq/Hkv "
+    labels = dict(plugin="plugin (decode route)", plugin_old_grid="plugin, previous split rule",
+                  plugin_flash="plugin (flash path)", sdpa_cudnn="SDPA cuDNN", sdpa_flash="SDPA flash")
+    header = ["B", "context", *(labels[n] for n in names), "plugin speed vs cuDNN"]
+    timing = "CUDA-graph replay" if graphs else "eager calls"
+    return (f"**Decode step, contiguous cache** (device time from {timing}, bytes of K/V read per second; Hq/Hkv "
             f"{meta['heads_q']}/{meta['heads_kv']}, D={meta['head_dim']}, {meta['dtype']}; {meta['device']}, "
             f"{meta['stamp']})\n\n" + table(header, body))
 
