@@ -590,3 +590,15 @@ def test_generate_batch_refuses_cuda_graphs_with_sliding_layers():
     from hf_attn_plugin.integration import continuous_batching as cb
 
     assert cb._has_sliding_layers(ours) and not cb._has_sliding_layers(full)
+
+
+def test_sliding_layers_refuse_cuda_graph_capture(monkeypatch):
+    """transformers' own manager (5.17-5.18's plain model.generate_batch) reaches the sliding branch without our
+    init check: a capture in progress is refused there too."""
+    from hf_attn_plugin.integration import continuous_batching as cb
+
+    cb._refuse_sliding_capture(torch.nn.Module())  # not capturing: nothing happens
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    with pytest.raises(NotImplementedError, match="use_cuda_graph off"):
+        cb._refuse_sliding_capture(torch.nn.Module())

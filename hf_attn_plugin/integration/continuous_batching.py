@@ -41,6 +41,7 @@ Decode-only steps of a window that is a whole number of pages read the ring in p
 block tables in position order, at most ``window / page_size + 1`` pages per sequence); other steps use
 transformers' own read of the window (at most ``window - 1`` cached tokens per sequence, copied, read before the
 new tokens are written) and our varlen kernel through :func:`~hf_attn_plugin.integration.attention.plugin_attention`.
+transformers' CUDA graphs over sliding layers are refused (they failed their GPU test; :func:`_sliding_graphs_refusal`).
 
 Shared prompt prefixes: transformers' prefix sharing (``ContinuousBatchingConfig(allow_block_sharing=True)``, its
 default; full-attention models only) runs unchanged here. It shares complete pages only, and a request writes
@@ -110,6 +111,7 @@ class InPlacePagedUpdate:
         as_tokens = lambda t: t[0].transpose(0, 1)  # noqa: E731  [1, H_kv, T, D] -> [T, H_kv, D]
         sentinel = None
         if allocator.layer_type != "full_attention":  # sliding window: transformers' ring buffer (module doc)
+            _refuse_sliding_capture(self.cache)
             pages = None
             if _window_in_place(allocator.sliding_window, allocator.tokens_per_page, max_q):
                 pages = compat.window_page_views(allocator, layer_idx)
@@ -209,12 +211,10 @@ def _step_from_block_table(page_size, cu_q, cu_k, tables) -> _Step:
 def _window_in_place(window: int, page_size: int, max_q: int) -> bool:
     """Whether a sliding-window group's step is read in place from transformers' ring buffer: decode-only steps
     (writing a token overwrites only the one that just left its window) of a window that is a whole number of
-    pages (the ring then wraps at a page boundary), outside CUDA-graph capture (where one graph may serve steps of
-    both kinds). Other steps take transformers' own read of the window (at most ``window - 1`` cached tokens per
-    sequence, copied) and our varlen kernel."""
-    if max_q != 1 or window % page_size:
-        return False
-    return not (torch.cuda.is_available() and torch.cuda.is_current_stream_capturing())
+    pages (the ring then wraps at a page boundary). Other steps take transformers' own read of the window (at most
+    ``window - 1`` cached tokens per sequence, copied) and our varlen kernel. (CUDA-graph capture of sliding layers
+    is refused: :func:`_refuse_sliding_capture`.)"""
+    return max_q == 1 and window % page_size == 0
 
 
 def _step_from_window(page_size, cu_q, cu_k, read_index, write_index, max_k: int, sentinel: int) -> _Step:
@@ -266,6 +266,7 @@ def paged_plugin_attention(module, query, key, value, attention_mask, dropout=0.
     kwargs["cu_seq_lens_k"], max_q, max_k = compat.batch_lengths(kwargs, layer_type)
     sentinel = None
     if window != 1:  # sliding window: transformers' ring buffer (module doc)
+        _refuse_sliding_capture(module)
         if not _window_in_place(window, cache.block_size, max_q):
             _use_key_lengths(kwargs, kwargs["cu_seq_lens_k"], max_k)
             k, v = cache.update(key, value, layer, kwargs["read_index"], kwargs["write_index"])  # [T, H_kv, D]
@@ -302,12 +303,7 @@ def init_continuous_batching(model, generation_config=None, continuous_batching_
         return cached
     config = continuous_batching_config or ContinuousBatchingConfig()
     if getattr(config, "use_cuda_graph", None) and _has_sliding_layers(model):
-        raise NotImplementedError(
-            f"{type(model).__name__}: transformers' CUDA graphs (ContinuousBatchingConfig(use_cuda_graph=True)) with "
-            "sliding-window layers are not supported by hf_attn_plugin.generate_batch: on the H200 (transformers "
-            "5.17) that combination did not give eager's tokens. Leave use_cuda_graph off (transformers' default for "
-            "a non-flash attention): sliding-window models run without graphs."
-        )
+        raise NotImplementedError(_sliding_graphs_refusal(type(model).__name__))
     gen_config = generation_config if generation_config is not None else model.generation_config
     if gen_config.eos_token_id is None:
         gen_config.eos_token_id = -1  # as transformers does: no EOS, generation stops at max_new_tokens
@@ -317,6 +313,22 @@ def init_continuous_batching(model, generation_config=None, continuous_batching_
         continuous_batching_config=config,
         workload_hints=workload_hints,
     )
+
+
+def _sliding_graphs_refusal(model: str) -> str:
+    return (
+        f"{model}: transformers' CUDA graphs (ContinuousBatchingConfig(use_cuda_graph=True)) with sliding-window "
+        "layers are not supported by attn_implementation='plugin' in continuous batching: that combination failed "
+        "its GPU test on the H200 (transformers 5.17; not yet diagnosed). Leave use_cuda_graph off (transformers' "
+        "default for a non-flash attention): sliding-window models run without graphs."
+    )
+
+
+def _refuse_sliding_capture(module) -> None:
+    """Sliding layers under CUDA-graph capture (transformers' own manager on 5.17-5.18 reaches us without
+    :func:`init_continuous_batching`): refused, see :func:`_sliding_graphs_refusal`."""
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+        raise NotImplementedError(_sliding_graphs_refusal(type(module).__name__))
 
 
 def _has_sliding_layers(model) -> bool:
