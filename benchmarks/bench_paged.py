@@ -70,8 +70,10 @@ class DecodeCase:
         return self.q.unsqueeze(2), k, v
 
     def default_splits(self) -> int:
-        return kernels.default_num_splits(len(self.lens) * HKV, self.block_tables.shape[1] * PAGE,
-                                          self.q.device)
+        """The split-K grid the kernels launch for this case (its plan: the decode config's minimum piece)."""
+        plan = kernels.Plan(self.q.shape, self.q.dtype, self.q.device, self.k_pool.shape, self.block_tables,
+                            self.seq_lens, None, 1, None)
+        return plan.launch(True, False, False, False).num_splits
 
     def old_default_splits(self) -> int:
         """The grid of the fixed-piece rule: no split once (sequence, head) programs fill every SM twice,

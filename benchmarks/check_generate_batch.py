@@ -11,7 +11,7 @@ On the ~1B Llama-style model of ``bench_generate_batch.py`` (random bf16 weights
     * ``hf_attn_plugin.generate_batch`` tokens vs sdpa's: first step where they diverge.
     Reported: max / mean |logit diff|, top-1 agreement; ``eager`` vs ``sdpa`` is bf16's noise floor.
 (b) ``profile``: ``torch.profiler`` (CUDA activity) over one ``hf_attn_plugin.generate_batch`` run of the
-    full workload; GPU kernel time split into paged attention, split-K combine, K/V write, matmuls,
+    full workload; GPU kernel time split into paged attention (split-K merged in the same kernel), K/V write, matmuls,
     other kernels; wall time, GPU busy time (union of kernel intervals) and the idle fraction.
 (c) ``waste``: allocated-but-unused KV slots for the same workload: our ``PagePool`` (page 16) holding
     every request's final length, and averaged over the decode steps; transformers' own cache as seen
@@ -48,7 +48,6 @@ PAGE = 16
 # Kernel name -> category of the step-time breakdown (first match wins; names from kernels/paged.py).
 CATEGORIES = (
     ("paged attention", ("_paged_attention_kernel",)),
-    ("split-K combine", ("_combine_kernel",)),
     ("K/V write", ("_write_kv_kernel",)),
     ("matmul", ("gemm", "cutlass", "nvjet", "xmma", "cublas")),
 )
