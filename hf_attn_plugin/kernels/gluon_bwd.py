@@ -43,8 +43,8 @@ import torch
 from .host import cdiv, tma_ready
 from .params import AttentionParams
 
-from .gluon_api import (IMPORT_ERROR, LOG2E, TensorDescriptor, fence_async_shared, gl, gluon, mbarrier, tma,
-                        warpgroup_mma, warpgroup_mma_wait)
+from .gluon_api import (IMPORT_ERROR, LOG2E, TensorDescriptor, fence_async_shared, gl, gluon, mbarrier,  # noqa: F401
+                        tma, warpgroup_mma, warpgroup_mma_wait)  # (IMPORT_ERROR: read as gluon_bwd.IMPORT_ERROR)
 SUPPORTED_HEAD_DIMS = (64, 128)
 WARP_SPEC_VARIANTS = (0, 1, 2)
 
