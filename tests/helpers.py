@@ -35,7 +35,7 @@ def max_abs_error(got: torch.Tensor, ref: torch.Tensor) -> float:
 # Gradients take FlashAttention-3's absolute slack (hopper/test_flash_attn.py: 3e-5, and 3e-4 with a softcap) instead
 # of FA2's 1e-5. Needed where PyTorch's error is exactly 0 by a structural cancellation: a row with a single visible
 # key has P = 1, and PyTorch's softmax backward then gives dS = dP - dP = 0 exactly, while a flash kernel subtracts two
-# float32 sums of D products taken in different orders (dP by the matrix unit, delta = rowsum(dO * O)), ~1e-8 per row
+# float32 sums of D products taken in different orders (dP by the matrix unit, delta = rowsum(dO * O)): rounding per row
 # that dK sums over the rows. Seen: Sq 614, Sk 1, D 128 (dK 1.6e-5, fp16, interpreter); Sq 591, Sk 1, D 256, softcap
 # (dK 2.4e-5, bf16, H200).
 GRAD_ATOL = 3e-5
