@@ -10,6 +10,9 @@
 #   generate    bench_generate.py, B=1, dynamic and compiled static routes  ~150 s
 #   decode      bench_decode.py (decode kernels beside SDPA)                ~120 s
 #   tune        tune_tables.py for D 64/128/256 (writes $OUT/tune/sm90.json) ~200 s
+#   probe_b1    probe_b1_host.py (B=1 generate(): eager/plugin/sdpa interleaved in one process) ~60 s
+#   prefix      bench_generate_batch.py --shared-prefix 1024 (128 requests, KV pages with/without sharing) ~90 s
+#   sliding     bench_generate_batch.py --sliding-window 256 (windowed/global layers: KV memory, tok/s) ~90 s
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-$PWD}
 OUT=${OUT:-/tmp/out}
@@ -33,6 +36,11 @@ for stage in "$@"; do
     generate) python benchmarks/bench_generate.py --out "$RES" --routes dynamic static > "$OUT/generate.log" 2>&1 ;;
     decode) python benchmarks/bench_decode.py --out "$RES" > "$OUT/decode.log" 2>&1 ;;
     tune) python benchmarks/tune_tables.py --out "$OUT/tune" --dims 64,128,256 --budget-s 200 > "$OUT/tune.log" 2>&1 ;;
+    probe_b1) python benchmarks/probe_b1_host.py > "$OUT/probe_b1.log" 2>&1 ;;
+    prefix) python benchmarks/bench_generate_batch.py --out "$RES" --shared-prefix 1024 --new-tokens 32 \
+              > "$OUT/prefix.log" 2>&1 ;;
+    sliding) python benchmarks/bench_generate_batch.py --out "$RES" --sliding-window 256 --new-tokens 64 \
+               > "$OUT/sliding.log" 2>&1 ;;
     *) echo "unknown stage $stage (see the header of $0)"; exit 2 ;;
   esac
   echo "$stage: exit $? in $(( $(date +%s) - start )) s" | tee -a "$OUT/stages.txt"
