@@ -477,6 +477,7 @@ def guide_section() -> str:
             rival = f"{IMPL_NAMES.get(base, base)} on a {cache}"
             rows.append([f"Decode, paged KV cache, {case}", f"{_x(ratio)} vs {rival}",
                          "**plugin**" if ratio >= 1 else f"**{rival}**", "paged_decode.csv"])
+    rows += _generate_guide()
     gen = read("generate_batch.csv")
     ours = [float(r["new_tokens_per_s"]) for r in gen if r["impl"] == "plugin"]
     sdpa = [float(r["new_tokens_per_s"]) for r in gen if r["impl"] == "sdpa"]
@@ -493,6 +494,38 @@ def guide_section() -> str:
             "masks need `eager`/`sdpa`; on CPU the plugin runs a pure-PyTorch reference meant "
             "for testing, not for speed: use `sdpa` there.\n\n"
             + table(["workload", "plugin speed", "faster here", "CSV"], rows) + _dims_note())
+
+
+def _generate_guide() -> list:
+    """Single-stream generate() (the latest run in generate_single_stream.csv, per route) and the decode step
+    (decode_kernels.csv, per batch): plugin against the fastest other implementation."""
+    rows = []
+    single = read("generate_single_stream.csv")
+    latest = single[-1]["code"] if single else None
+    for route in dict.fromkeys(r["route"] for r in single if r["code"] == latest):
+        here = {r["impl"]: float(r["tok_s"]) for r in single if r["code"] == latest and r["route"] == route}
+        others = {k: v for k, v in here.items() if k != "plugin"}
+        if "plugin" in here and others:
+            best = max(others, key=others.get)
+            ratio = here["plugin"] / others[best]
+            rows.append([f"Single stream, B=1, ~1B Llama: {route}", f"{_x(ratio)} vs {best}",
+                         "**plugin**" if ratio >= 1 else f"**{best}**", "generate_single_stream.csv"])
+    decode = defaultdict(dict)
+    for r in read("decode_kernels.csv"):
+        if not r.get("error"):
+            decode[int(r["batch"])][(int(r["ctx"]), r["impl"])] = float(r.get("graph_us") or r["device_us"])
+    for batch, times in sorted(decode.items()):
+        ratios, contexts = [], sorted({c for c, _ in times})  # per context: the fastest SDPA backend's time over ours
+        for ctx in contexts:
+            sdpa = [us for (c, impl), us in times.items() if c == ctx and impl.startswith("sdpa")]
+            if (ctx, "plugin") in times and sdpa:
+                ratios.append(min(sdpa) / times[(ctx, "plugin")])
+        if ratios:
+            rows.append([f"Decode step, contiguous cache, B={batch}, context {contexts[0]}–{contexts[-1]}",
+                         f"{_span(ratios)} vs SDPA",
+                         "**plugin**" if min(ratios) >= 1 else "**SDPA**" if max(ratios) < 1 else "mixed",
+                         "decode_kernels.csv"])
+    return rows
 
 
 def _dims_note() -> str:
