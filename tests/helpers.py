@@ -96,6 +96,29 @@ def each_candidate(monkeypatch, block_ds):
         yield i, forced
 
 
+def pick_gluon_without_gluon(monkeypatch, kind: str, config) -> list:
+    """Block importing the Gluon modules (any import raises ImportError) and make ``configs.pick`` answer ``config``
+    (a Gluon config) for ``kind`` unless asked for a Triton-only config. Returns the list of ``(kind, triton_only)``
+    the picks were asked for, in order: how the fallback tests see that the Triton config was asked next."""
+    from hf_attn_plugin import kernels
+    from hf_attn_plugin.kernels import configs
+
+    for module in ("gluon_fwd", "gluon_bwd"):
+        monkeypatch.delattr(kernels, module, raising=False)
+        monkeypatch.setitem(sys.modules, f"hf_attn_plugin.kernels.{module}", None)
+    asked = []
+    real = configs.pick
+
+    def pick(kind_, block_d, key, launch=None, *, triton_only=False):
+        asked.append((kind_, triton_only))
+        if kind_ == kind and not triton_only:
+            return config
+        return real(kind_, block_d, key, launch, triton_only=triton_only)
+
+    monkeypatch.setattr(configs, "pick", pick)
+    return asked
+
+
 def load_file(path: str | Path, name: str | None = None) -> ModuleType:
     """The Python file ``path`` (absolute, or relative to the repository root) imported as module ``name`` (default:
     the file's stem) and registered in ``sys.modules``: how tests use examples/*.py and benchmarks/*.py, which are

@@ -28,7 +28,7 @@ from hf_attn_plugin.ops import AttentionParams
 from hf_attn_plugin.reference import rows_in_segments
 
 from .helpers import (GRAD_ATOL, HAS_HOPPER, KERNEL_KINDS, SOFTCAP_GRAD_ATOL, assert_fa2_rule, each_candidate,
-                      needs_hopper)
+                      needs_hopper, pick_gluon_without_gluon)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,23 +218,9 @@ def test_warp_specialized_configs_refuse_deep_pipelines():
 def test_gluon_config_falls_back_to_triton_without_importing_gluon(flash_cpu, monkeypatch):
     """A Gluon forward config (Config.gluon >= 0) picked under the interpreter (or for CPU tensors): the forward
     runs the key's Triton config instead and never imports Gluon (kernels/gluon_fwd.py is blocked here)."""
-    import sys
-
-    from hf_attn_plugin import kernels
     from hf_attn_plugin.kernels import configs
 
-    monkeypatch.delattr(kernels, "gluon_fwd", raising=False)
-    monkeypatch.setitem(sys.modules, "hf_attn_plugin.kernels.gluon_fwd", None)  # any import raises ImportError
-    asked = []
-    real = configs.pick
-
-    def pick(kind, block_d, key, launch=None, *, triton_only=False):
-        asked.append((kind, triton_only))
-        if kind == "fwd" and not triton_only:
-            return configs.Config(128, 128, 4, 2, gluon=3)
-        return real(kind, block_d, key, launch, triton_only=triton_only)
-
-    monkeypatch.setattr(configs, "pick", pick)
+    asked = pick_gluon_without_gluon(monkeypatch, "fwd", configs.Config(128, 128, 4, 2, gluon=3))
     run_case(flash_cpu, Sq=70, Hq=4, Hkv=2, D=64)
     assert asked[:2] == [("fwd", False), ("fwd", True)]
 

@@ -12,7 +12,6 @@ Quick GPU check of any Sq (Sq % 4 in {1, 2, 3}): ``pytest -m gpu -q -n 15 tests/
 
 from __future__ import annotations
 
-import sys
 
 import pytest
 import torch
@@ -20,7 +19,7 @@ import torch
 from hf_attn_plugin import reference
 from hf_attn_plugin.kernels import configs, gluon_bwd
 from hf_attn_plugin.kernels.params import AttentionParams
-from tests.helpers import assert_fa2_rule, needs_hopper
+from tests.helpers import assert_fa2_rule, needs_hopper, pick_gluon_without_gluon
 from tests.test_flash_kernels import GLUON_FALLBACK_CASES, run_case
 
 WS_IDS = ["ws0", "ws1_producer", "ws2_split"]
@@ -271,21 +270,7 @@ def test_dkdv_candidates_describe_the_kernel(monkeypatch):
 def test_gluon_bwd_config_falls_back_to_triton_without_importing_gluon(flash_cpu, monkeypatch):
     """A Gluon dK/dV config picked under the interpreter (or for CPU tensors): the backward asks again for the key's
     Triton config and runs it, never importing the Gluon modules (blocked here); results within the FA2 rule."""
-    from hf_attn_plugin import kernels
-
-    for name in ("gluon_fwd", "gluon_bwd"):
-        monkeypatch.delattr(kernels, name, raising=False)
-        monkeypatch.setitem(sys.modules, f"hf_attn_plugin.kernels.{name}", None)  # any import raises ImportError
-    asked = []
-    real = configs.pick
-
-    def pick(kind, block_d, key, launch=None, *, triton_only=False):
-        asked.append((kind, triton_only))
-        if kind == "bwd_dkdv" and not triton_only:
-            return configs.Config(64, 128, 8, 3, gluon=0)
-        return real(kind, block_d, key, launch, triton_only=triton_only)
-
-    monkeypatch.setattr(configs, "pick", pick)
+    asked = pick_gluon_without_gluon(monkeypatch, "bwd_dkdv", configs.Config(64, 128, 8, 3, gluon=0))
     run_case(flash_cpu, Sq=70, Hq=4, Hkv=2, D=64)
     assert ("bwd_dkdv", False) in asked and ("bwd_dkdv", True) in asked
     assert asked.index(("bwd_dkdv", True)) == asked.index(("bwd_dkdv", False)) + 1

@@ -597,8 +597,8 @@ def test_sliding_layers_refuse_cuda_graph_capture(monkeypatch):
     init check: a capture in progress is refused there too."""
     from hf_attn_plugin.integration import continuous_batching as cb
 
-    cb._refuse_sliding_capture(torch.nn.Module())  # not capturing: nothing happens
+    cb._refuse_sliding_capture("layer 0")  # not capturing: nothing happens
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
-    with pytest.raises(NotImplementedError, match="use_cuda_graph off"):
-        cb._refuse_sliding_capture(torch.nn.Module())
+    with pytest.raises(NotImplementedError, match="layer 0: .*use_cuda_graph off"):
+        cb._refuse_sliding_capture("layer 0")

@@ -111,7 +111,7 @@ class InPlacePagedUpdate:
         as_tokens = lambda t: t[0].transpose(0, 1)  # noqa: E731  [1, H_kv, T, D] -> [T, H_kv, D]
         sentinel = None
         if allocator.layer_type != "full_attention":  # sliding window: transformers' ring buffer (module doc)
-            _refuse_sliding_capture(self.cache)
+            _refuse_sliding_capture(f"layer {layer_idx}")
             pages = None
             if _window_in_place(allocator.sliding_window, allocator.tokens_per_page, max_q):
                 pages = compat.window_page_views(allocator, layer_idx)
@@ -266,7 +266,7 @@ def paged_plugin_attention(module, query, key, value, attention_mask, dropout=0.
     kwargs["cu_seq_lens_k"], max_q, max_k = compat.batch_lengths(kwargs, layer_type)
     sentinel = None
     if window != 1:  # sliding window: transformers' ring buffer (module doc)
-        _refuse_sliding_capture(module)
+        _refuse_sliding_capture(f"{type(module).__name__} (layer {layer})")
         if not _window_in_place(window, cache.block_size, max_q):
             _use_key_lengths(kwargs, kwargs["cu_seq_lens_k"], max_k)
             k, v = cache.update(key, value, layer, kwargs["read_index"], kwargs["write_index"])  # [T, H_kv, D]
@@ -324,11 +324,11 @@ def _sliding_graphs_refusal(model: str) -> str:
     )
 
 
-def _refuse_sliding_capture(module) -> None:
+def _refuse_sliding_capture(owner: str) -> None:
     """Sliding layers under CUDA-graph capture (transformers' own manager on 5.17-5.18 reaches us without
-    :func:`init_continuous_batching`): refused, see :func:`_sliding_graphs_refusal`."""
+    :func:`init_continuous_batching`): refused, see :func:`_sliding_graphs_refusal` (``owner`` names the layer)."""
     if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        raise NotImplementedError(_sliding_graphs_refusal(type(module).__name__))
+        raise NotImplementedError(_sliding_graphs_refusal(owner))
 
 
 def _has_sliding_layers(model) -> bool:
