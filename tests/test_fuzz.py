@@ -14,6 +14,7 @@ sets the number of examples of either run).
 from __future__ import annotations
 
 import os
+import sys
 
 import pytest
 import torch
@@ -97,7 +98,11 @@ def test_fuzz_interpreter_fp32(flash_cpu, case):
 @settings(max_examples=int(os.environ.get("HF_ATTN_PLUGIN_FUZZ_EXAMPLES", 100)), **COMMON)
 @given(case=cases(max_seqlen=2048, max_bh=32, head_dims=HEAD_DIMS + (96, 256)))
 def test_fuzz_gpu_bf16(flash_gpu, case):
-    run_case(flash_gpu, dtype=torch.bfloat16, device="cuda", **case)
+    try:
+        run_case(flash_gpu, dtype=torch.bfloat16, device="cuda", **case)
+    except AssertionError:  # named at once (with -s): hypothesis names it only when the whole test ends
+        print(f"\nfuzz case failed: {case}", file=sys.stderr, flush=True)
+        raise
 
 
 @pytest.mark.gpu

@@ -257,7 +257,8 @@ _GPU: Dict[Tuple[str, int], Sequence[Config]] = {
                      Config(128, 64, 8, 3), Config(128, 128, 8, 3)),
     ("bwd_dq", 128): (Config(128, 64, 8, 2), Config(64, 64, 4, 3), Config(64, 128, 8, 2), Config(128, 64, 8, 3),
                       Config(128, 32, 8, 3)),
-    ("bwd_dq", 256): (Config(64, 64, 4, 1), Config(64, 32, 4, 2), Config(128, 32, 8, 1), Config(32, 32, 4, 1)),
+    ("bwd_dq", 256): (Config(64, 64, 4, 1), Config(64, 32, 4, 2), Config(128, 32, 8, 1), Config(32, 32, 4, 1),
+                      Config(32, 64, 4, 2), Config(64, 64, 8, 2)),
     ("bwd_dkdv", 64): (Config(64, 128, 8, 2), Config(32, 128, 4, 2), Config(64, 64, 4, 3), Config(64, 128, 4, 2, True),
                        Config(64, 128, 8, 3), Config(32, 64, 4, 3), Config(128, 128, 8, 2), Config(64, 64, 8, 3),
                        *_gluon_bwd_candidates(64)),
@@ -272,7 +273,9 @@ _GPU: Dict[Tuple[str, int], Sequence[Config]] = {
     # ^ warp-specialized 64x128 (two 64-row consumers): ~2% faster where picked (session 4); WS 32x128 and 64x64
     #   were 10-50% slower at every shape and are not listed (benchmarks/results/flash_ws_bwd_variants_log.txt).
     #   Gluon dK/dV (kernels/gluon_bwd.py, D 64/128 buckets): last, never the default; not timed on a GPU yet.
-    ("bwd_dkdv", 256): (Config(64, 64, 8, 1), Config(32, 64, 8, 2), Config(64, 32, 8, 2), Config(32, 32, 4, 1)),
+    # (the untuned default ran D 256 at 0.25x cuDNN, B 8 S 2k: session 8 tunes the bucket with two more tile shapes)
+    ("bwd_dkdv", 256): (Config(64, 64, 8, 1), Config(32, 64, 8, 2), Config(64, 32, 8, 2), Config(32, 32, 4, 1),
+                        Config(32, 32, 8, 2), Config(16, 64, 4, 2)),
     ("bwd_pre", 64): (Config(128, 0, 4, 1),),
     ("bwd_pre", 128): (Config(128, 0, 4, 1),),
     ("bwd_pre", 256): (Config(64, 0, 4, 1),),

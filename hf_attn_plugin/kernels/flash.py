@@ -320,10 +320,25 @@ def _attn_fwd(
 
 
 @triton.jit
+def _aligned(a, b, c, ALIGN: tl.constexpr):
+    """Three strides, unchanged, with their divisibility by ``ALIGN`` (16 bytes in elements) visible to the compiler.
+
+    Triton marks an integer argument divisible only by 16: at head dims that are not multiples of 16 (72, 40, ...) a
+    head stride of ``D`` elements is unmarked, so pointer loads of a row fall back to one element each (5x slower
+    backward at D 72 on the H200). The host guarantees the divisibility (:func:`~hf_attn_plugin.kernels.host.tma_ready`
+    inputs, our own contiguous allocations, ``D % 8 == 0``); ``(x // ALIGN) * ALIGN`` says it in a form the
+    compiler's alignment analysis reads (``tl.multiple_of`` on a scalar argument does not reach it).
+    """
+    return (a // ALIGN) * ALIGN, (b // ALIGN) * ALIGN, (c // ALIGN) * ALIGN
+
+
+@triton.jit
 def _bwd_preprocess(Out, DO, Delta, stride_ob, stride_os, stride_oh, stride_db, stride_ds, stride_dh,
                     stride_eb, stride_eh, seqlen_q, heads_q,
-                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, ALIGN: tl.constexpr):
     """``Delta[b, h, i] = sum_d dO[b, i, h, d] * O[b, i, h, d]`` (float32)."""
+    stride_ob, stride_os, stride_oh = _aligned(stride_ob, stride_os, stride_oh, ALIGN)
+    stride_db, stride_ds, stride_dh = _aligned(stride_db, stride_ds, stride_dh, ALIGN)
     m0 = tl.program_id(0) * BLOCK_M
     pid_bh = tl.program_id(1)
     batch = (pid_bh // heads_q).to(tl.int64)
@@ -382,8 +397,13 @@ def _attn_bwd_dq(
     sm_scale, sm_scale2, cap_scale, cap2, drop_p, drop_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, SEGMENTS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr, ALIGN: tl.constexpr,
 ):
+    stride_qb, stride_qs, stride_qh = _aligned(stride_qb, stride_qs, stride_qh, ALIGN)
+    stride_kb, stride_ks, stride_kh = _aligned(stride_kb, stride_ks, stride_kh, ALIGN)
+    stride_vb, stride_vs, stride_vh = _aligned(stride_vb, stride_vs, stride_vh, ALIGN)
+    stride_db, stride_ds, stride_dh = _aligned(stride_db, stride_ds, stride_dh, ALIGN)
+    stride_gb, stride_gs, stride_gh = _aligned(stride_gb, stride_gs, stride_gh, ALIGN)
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     batch, head, q_start, k_start, len_q, len_k = _segment(Segments, pid_bh, heads_q, seqlen_q, seqlen_k, SEGMENTS)
@@ -557,8 +577,14 @@ def _attn_bwd_dkdv(
     sm_scale, sm_scale2, cap_scale, cap2, drop_p, drop_scale,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, SEGMENTS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, WARP_SPEC: tl.constexpr, DROPOUT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, WARP_SPEC: tl.constexpr, DROPOUT: tl.constexpr, ALIGN: tl.constexpr,
 ):
+    stride_qb, stride_qs, stride_qh = _aligned(stride_qb, stride_qs, stride_qh, ALIGN)
+    stride_kb, stride_ks, stride_kh = _aligned(stride_kb, stride_ks, stride_kh, ALIGN)
+    stride_vb, stride_vs, stride_vh = _aligned(stride_vb, stride_vs, stride_vh, ALIGN)
+    stride_db, stride_ds, stride_dh = _aligned(stride_db, stride_ds, stride_dh, ALIGN)
+    stride_gkb, stride_gks, stride_gkh = _aligned(stride_gkb, stride_gks, stride_gkh, ALIGN)
+    stride_gvb, stride_gvs, stride_gvh = _aligned(stride_gvb, stride_gvs, stride_gvh, ALIGN)
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     batch, kv_head, q_start, k_start, len_q, len_k = _segment(Segments, pid_bh, heads_kv, seqlen_q, seqlen_k,
@@ -845,8 +871,10 @@ def flash_attn_backward(
     dK/dV: the launch config's kernel: Triton, or with ``gluon`` >= 0 the Gluon Hopper kernel (``gluon_bwd.py``)
     where it supports the call, else the key's best Triton config (as the forward). dQ: always Triton."""
     _check(q)
-    q, k, v, out = tma_ready(q), tma_ready(k), tma_ready(v), _unit_last(out)
+    # every tensor the kernels read or write has 16-byte aligned strides (their ALIGN hint; TMA needs it too)
+    q, k, v, out = tma_ready(q), tma_ready(k), tma_ready(v), tma_ready(out)
     dout = tma_ready(dout.contiguous())  # a grad of sum() has stride 0
+    align = 16 // q.element_size()
     _ensure_scratch_allocator()  # autograd runs the backward in its own thread (Triton's allocator is per thread)
     lse = padded_stats(lse)  # (lse and delta share the stats layout: the Triton kernels read both with lse's strides)
     L = _Launch(q, k, params)
@@ -869,7 +897,7 @@ def flash_attn_backward(
         *out.stride()[:3],
         *dout.stride()[:3],
         *delta.stride()[:2], L.seqlen_q, L.heads_q,
-        HEAD_DIM=L.head_dim, BLOCK_D=L.block_d, BLOCK_M=pre.block_m, num_warps=pre.num_warps,
+        HEAD_DIM=L.head_dim, BLOCK_D=L.block_d, BLOCK_M=pre.block_m, ALIGN=align, num_warps=pre.num_warps,
     )
     # scalar arguments of both kernels, by keyword (each launch adds its own head count)
     common = dict(seqlen_q=L.seqlen_q, seqlen_k=L.seqlen_k, group=L.group, window=L.window, sm_scale=L.scale,
@@ -888,7 +916,7 @@ def flash_attn_backward(
             *lse.stride()[:2],
             heads_q=L.heads_q, **common,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            **L.flags(),
+            ALIGN=align, **L.flags(),
         )
 
     gluon_unsupported = _gluon_check(q, k, v, params, backward=True)
@@ -913,7 +941,7 @@ def flash_attn_backward(
             *lse.stride()[:2],
             heads_kv=L.heads_kv, **common,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, WARP_SPEC=cfg.warp_spec, num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages, **L.flags(),
+            num_stages=cfg.num_stages, ALIGN=align, **L.flags(),
         )
 
     key = L.key(q.dtype)
