@@ -3,10 +3,11 @@
 One process, a ~1B Llama-style GQA model (hidden 2048, 16 layers, 32/8 heads, head_dim 64, bf16, random weights):
 
 * ``dynamic``: plain ``generate()`` with the default dynamic cache (B=1, 512-token prompt + 256 new): new tokens
-  per second (best of two; all rows of the batch: ``batch * new / time``) and the time of the process's first
-  ``generate()`` call (compiles, no tuning);
+  per second (all rows of the batch: ``batch * new / time``; after a warm-up, the impls timed three times in
+  alternating orders, best of three each) and the time of each impl's first ``generate()`` call of the process
+  (compiles, no tuning; the first impl also pays the process's CUDA start-up);
 * ``static``: ``cache_implementation="static"``, which transformers compiles itself (``CompileConfig(fullgraph=True)``:
-  inductor with CUDA graphs): tokens per second after the compiling call, the compile call's time, and whether
+  inductor with CUDA graphs): tokens per second after the compiling call (best of three), the compile call's time, and whether
   the tokens equal the same implementation's uncompiled run (bf16: near-ties may differ; ``agree`` is the fraction
   of equal tokens).
 
@@ -57,24 +58,40 @@ def main() -> None:
     rows = []
     for batch in args.batch:
         prompt = torch.randint(0, 32000, (batch, args.prompt), device="cuda")
+        if "dynamic" in args.routes:
+            kw = dict(max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False)
+            first = {}
+            for impl in args.impls:
+                model.set_attn_implementation(impl)
+                first[impl], _ = timed(lambda: model.generate(prompt, max_new_tokens=8, min_new_tokens=8,
+                                                              do_sample=False))
+            # The H200's clocks (and this host's) take tens of seconds to ramp up: the first impl timed in a cold
+            # process ran 1.6x slower than the same impl later (session 8's probe_b1_host.py). Warm up, then time
+            # the impls in alternating orders and keep each one's best.
+            model.set_attn_implementation(args.impls[0])
+            for _ in range(3):
+                model.generate(prompt, **kw)
+            best = dict.fromkeys(args.impls, float("inf"))
+            for order in (args.impls, args.impls[::-1], args.impls):
+                for impl in order:
+                    model.set_attn_implementation(impl)
+                    best[impl] = min(best[impl], timed(lambda: model.generate(prompt, **kw))[0])
+            for impl in args.impls:
+                tok_s = batch * args.new / best[impl]
+                rows.append(dict(meta, route="generate(), dynamic cache", batch=batch, prompt=args.prompt,
+                                 new=args.new, impl=impl, first_call_s=f"{first[impl]:.2f}", compile_s="",
+                                 tok_s=f"{tok_s:.1f}"))
+                print(f"dynamic B={batch} {impl}: first {first[impl]:.2f}s  tok/s {tok_s:.1f}", flush=True)
         for impl in args.impls:
             model.set_attn_implementation(impl)
-            if "dynamic" in args.routes:
-                kw = dict(max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False)
-                first, _ = timed(lambda: model.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False))
-                best = min(timed(lambda: model.generate(prompt, **kw))[0] for _ in range(2))
-                tok_s = batch * args.new / best
-                rows.append(dict(meta, route="generate(), dynamic cache", batch=batch, prompt=args.prompt,
-                                 new=args.new, impl=impl, first_call_s=f"{first:.2f}", compile_s="",
-                                 tok_s=f"{tok_s:.1f}"))
-                print(f"dynamic B={batch} {impl}: first {first:.2f}s  tok/s {tok_s:.1f}", flush=True)
             if "static" in args.routes:
                 torch._dynamo.reset()
                 kw = dict(max_new_tokens=args.new_static, min_new_tokens=args.new_static, do_sample=False,
                           cache_implementation="static")
                 config = CompileConfig(fullgraph=True)
                 compile_s, _ = timed(lambda: model.generate(prompt, **kw, compile_config=config))
-                best, out = timed(lambda: model.generate(prompt, **kw, compile_config=config))
+                best, out = min((timed(lambda: model.generate(prompt, **kw, compile_config=config))
+                                 for _ in range(3)), key=lambda r: r[0])
                 plain = model.generate(prompt, **kw, disable_compile=True)
                 agree = (out == plain).float().mean().item()
                 tok_s = batch * args.new_static / best
