@@ -15,7 +15,8 @@ switches to a config that would need a new compile. :func:`pick` answers, in thi
    class, causality and features, else the nearest plain entry (features map to the plain entries); "nearest"
    sums the log2 distances of the query-length, key-length and GQA buckets (ties: the shorter lengths, then the
    smaller group); short calls only borrow from short-call entries;
-4. the candidate list's default (its first entry, a heuristic that fits every dtype).
+4. the candidate list's default (:func:`default_for`: its first entry; float32 at the 256 bucket, whose tiles need
+   four-byte elements, a small single-stage tile).
 
 A table names each config by value (``{"block_m": 128, "block_n": 128, "num_warps": 8, "num_stages": 3}``) with
 the measurement behind it; ``benchmarks/tune_tables.py`` writes one on a GPU (the shipped ``sm90.json`` says in its
@@ -248,9 +249,9 @@ _GPU: Dict[Tuple[str, int], Sequence[Config]] = {
     # ^ Gluon forwards (sm_90, Triton 3.6; last, never the default): H200, one process, bf16
     #   (/work/.device/3/gluon_bench.log): ws3/ws2 +6..17% over ours at D=128 (S 2k-16k) and D=64 S=4k 32/8;
     #   -24..-33% at D=64 S=2k 9/3. Unsupported calls (features, fp32, D not 64/128, not sm_90) run Triton.
-    # The last entries of the D=256 lists are small single-stage tiles for float32 inputs at head dims padded to 256
-    # (160, 192, 256): the H200 refused the default forward for them (294944 > 232448 bytes of shared memory);
-    # launch_fitting walks the list to the first config that fits.
+    # Small single-stage tiles for float32 inputs at head dims padded to 256 (160, 192, 256) are in the D=256 lists:
+    # the H200 refused the default forward for them (294944 > 232448 bytes of shared memory). float32 keys start
+    # from them (_FP32_DEFAULTS); launch_fitting walks the list to the first config that fits where one does not.
     ("fwd", 256): (Config(128, 32, 8, 3), Config(64, 32, 4, 3), Config(64, 64, 4, 3), Config(128, 64, 8, 1),
                    Config(128, 64, 4, 1, True), Config(128, 64, 4, 2, True), Config(64, 32, 4, 1)),
     ("bwd_dq", 64): (Config(128, 64, 8, 2), Config(64, 64, 4, 3), Config(128, 128, 8, 2), Config(64, 128, 4, 2),
@@ -602,7 +603,21 @@ def lookup(key: Key, options: Sequence[Config], arch: Optional[str] = None,
     found = shipped_table(arch).lookup(key, triton_only)
     if found is not None:
         return found
-    return options[0], "default"
+    return default_for(key, options), "default"
+
+
+# float32 at head dims padded to 256 (160, 192, 256): the first candidate that fits an H100/H200's shared memory. The
+# lists' defaults are sized for 16-bit inputs; launch_fitting would compile and reject the float32 tiles one by one
+# (the D 256 forward list: 6 of 7), a stall of minutes at the first call of each key.
+_FP32_DEFAULTS = {("fwd", 256): Config(64, 32, 4, 1), ("bwd_dq", 256): Config(32, 32, 4, 1),
+                  ("bwd_dkdv", 256): Config(32, 32, 4, 1)}
+
+
+def default_for(key: Key, options: Sequence[Config]) -> Config:
+    """The config used where no table entry applies: the candidate list's first entry, or for float32 at the 256
+    bucket its small single-stage tile (:data:`_FP32_DEFAULTS`)."""
+    fp32 = _FP32_DEFAULTS.get((key.kind, key.dim)) if key.dtype == "fp32" else None
+    return fp32 if fp32 in options else options[0]
 
 
 class Unsupported(Exception):
