@@ -13,7 +13,9 @@ One process, a ~1B Llama-style GQA model (hidden 2048, 16 layers, 32/8 heads, he
 
     python benchmarks/bench_generate.py --out DIR [--impls eager sdpa plugin] [--routes dynamic static] [--batch 1 16]
 
-``--batch``: batch sizes (rows of random prompts of one length, no padding; default 1). "plugin" runs its decode steps
+``--batch``: batch sizes (rows of random prompts of one length, no padding; default 1). ``plugin_paged`` (dynamic route
+only): "plugin" over ``hf_attn_plugin.PagedCache`` (pages read in place by the paged kernels). Long context:
+``--prompt 32768 --impls sdpa plugin plugin_paged --routes dynamic``. "plugin" runs its decode steps
 through ``hf_attn_plugin.decode_ops`` on both routes (the custom op ``hf_attn_plugin::decode_attention`` inside the
 compiled graph).
 
@@ -33,6 +35,21 @@ import hf_attn_plugin  # noqa: F401  (registers "plugin")
 
 FIELDS = ["gpu", "torch", "triton", "transformers", "date", "code", "route", "batch", "prompt", "new", "impl",
           "first_call_s", "compile_s", "tok_s"]
+
+
+def attn_name(impl: str) -> str:
+    """``plugin_paged`` is "plugin" over our paged cache (``hf_attn_plugin.PagedCache``) instead of the dynamic one."""
+    return "plugin" if impl == "plugin_paged" else impl
+
+
+def cache_kwargs(model, impl: str, batch: int) -> dict:
+    """``past_key_values`` for ``plugin_paged`` (a fresh cache per call, sized for the longest run), else nothing."""
+    if impl != "plugin_paged":
+        return {}
+    return dict(past_key_values=hf_attn_plugin.PagedCache(model, batch, memory_gib=_PAGED_GIB))
+
+
+_PAGED_GIB = 4.0  # all layers' K and V: 16 layers x 8 heads x 64 x 2 x 2 bytes = 32 KiB a token, ~130k tokens
 
 
 def build_model() -> torch.nn.Module:
@@ -55,6 +72,7 @@ def main() -> None:
     print_device()
     meta = dict(run_meta("gpu", "torch", "triton", "transformers", "date"), code=args.code)
     model = build_model()
+    path = os.path.join(args.out, "generate_single_stream.csv")
     rows = []
     for batch in args.batch:
         prompt = torch.randint(0, 32000, (batch, args.prompt), device="cuda")
@@ -62,29 +80,32 @@ def main() -> None:
             kw = dict(max_new_tokens=args.new, min_new_tokens=args.new, do_sample=False)
             first = {}
             for impl in args.impls:
-                model.set_attn_implementation(impl)
+                model.set_attn_implementation(attn_name(impl))
                 first[impl], _ = timed(lambda: model.generate(prompt, max_new_tokens=8, min_new_tokens=8,
-                                                              do_sample=False))
+                                                              do_sample=False, **cache_kwargs(model, impl, batch)))
             # The H200's clocks (and this host's) take tens of seconds to ramp up: the first impl timed in a cold
             # process ran 1.6x slower than the same impl later (session 8's probe_b1_host.py). Warm up, then time
             # the impls in alternating orders and keep each one's best.
-            model.set_attn_implementation(args.impls[0])
+            model.set_attn_implementation(attn_name(args.impls[0]))
             for _ in range(3):
-                model.generate(prompt, **kw)
+                model.generate(prompt, **kw, **cache_kwargs(model, args.impls[0], batch))
             best = dict.fromkeys(args.impls, float("inf"))
             for order in (args.impls, args.impls[::-1], args.impls):
                 for impl in order:
-                    model.set_attn_implementation(impl)
-                    best[impl] = min(best[impl], timed(lambda: model.generate(prompt, **kw))[0])
+                    model.set_attn_implementation(attn_name(impl))
+                    extra = cache_kwargs(model, impl, batch)
+                    best[impl] = min(best[impl], timed(lambda: model.generate(prompt, **kw, **extra))[0])
             for impl in args.impls:
                 tok_s = batch * args.new / best[impl]
-                rows.append(dict(meta, route="generate(), dynamic cache", batch=batch, prompt=args.prompt,
+                route = "generate(), PagedCache" if impl == "plugin_paged" else "generate(), dynamic cache"
+                rows.append(dict(meta, route=route, batch=batch, prompt=args.prompt,
                                  new=args.new, impl=impl, first_call_s=f"{first[impl]:.2f}", compile_s="",
                                  tok_s=f"{tok_s:.1f}"))
+                append_rows(path, rows[-1:], FIELDS)  # as we go: a run cut short keeps what it measured
                 print(f"dynamic B={batch} {impl}: first {first[impl]:.2f}s  tok/s {tok_s:.1f}", flush=True)
         for impl in args.impls:
-            model.set_attn_implementation(impl)
-            if "static" in args.routes:
+            if "static" in args.routes and impl != "plugin_paged":
+                model.set_attn_implementation(impl)
                 torch._dynamo.reset()
                 kw = dict(max_new_tokens=args.new_static, min_new_tokens=args.new_static, do_sample=False,
                           cache_implementation="static")
@@ -98,10 +119,9 @@ def main() -> None:
                 rows.append(dict(meta, route="generate(), static cache compiled (CUDA graphs)", batch=batch,
                                  prompt=args.prompt, new=args.new_static, impl=impl, first_call_s="",
                                  compile_s=f"{compile_s:.1f}", tok_s=f"{tok_s:.1f}"))
+                append_rows(path, rows[-1:], FIELDS)
                 print(f"static-compiled B={batch} {impl}: compile {compile_s:.1f}s tok/s {tok_s:.1f} "
                       f"same-as-uncompiled {torch.equal(out, plain)} agree {agree:.3f}", flush=True)
-    path = os.path.join(args.out, "generate_single_stream.csv")
-    append_rows(path, rows, FIELDS)
     print(f"wrote {path}")
 
 
