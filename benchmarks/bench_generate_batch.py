@@ -1,9 +1,14 @@
 """End-to-end continuous batching: ``generate_batch`` new tokens/s, our paged kernels vs transformers' sdpa path.
 
 A ~1B Llama-style GQA model (hidden 2048, 16 layers, 32/8 heads, bf16, random weights), 128 requests with
-prompts of 64-1023 tokens and 128 new greedy tokens each. Both paths run in one process on the same weights:
+prompts of 64-1023 tokens and 128 new greedy tokens each. All paths run in one process on the same weights:
 
-* ``plugin``: :func:`hf_attn_plugin.generate_batch` (transformers' scheduler, our in-place paged attention);
+* ``plugin``: :func:`hf_attn_plugin.generate_batch` with ``engine="transformers"`` (transformers' scheduler, our
+  in-place paged attention);
+* ``engine``: :func:`hf_attn_plugin.generate_batch` with ``engine="plugin"`` (our engine: our page allocator, varlen
+  prefill, the decode step of the whole model in CUDA graphs; ``hf_attn_plugin/integration/engine.py``), its default
+  ``EngineConfig`` (``+eager``: ``cuda_graphs=False``). Its rows add the decode steps' GPU busy fraction (graph time
+  / wall time of the decode steps, host work included) and the mean wall time of a decode step;
 * ``sdpa``: ``model.generate_batch`` with ``attn_implementation="sdpa"`` (transformers' own paged path).
 
 An implementation name may carry ``ContinuousBatchingConfig`` options, e.g. ``plugin+blocktable+decodegraphs``:
@@ -52,6 +57,7 @@ from common import append_rows, llama_1b, print_device, run_meta, timed, write_r
 
 import hf_attn_plugin
 from hf_attn_plugin.integration import compat
+from hf_attn_plugin.integration.engine import EngineConfig, cached_engine, release_engine
 
 
 OPTIONS = {
@@ -60,6 +66,7 @@ OPTIONS = {
     "noshare": {"allow_block_sharing": False},
     "fullkv": {},  # not a ContinuousBatchingConfig field: see run()
 }
+ENGINE_OPTIONS = {"eager": {"cuda_graphs": False}}  # options of the "engine" impl (EngineConfig fields)
 
 
 def batching_config(spec: str, **common) -> tuple[str, transformers.ContinuousBatchingConfig | None]:
@@ -76,17 +83,51 @@ def batching_config(spec: str, **common) -> tuple[str, transformers.ContinuousBa
 
 def run(model, spec: str, prompts: list[list[int]], new_tokens: int, **common) -> tuple[float, int, dict]:
     config = transformers.GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=-1, pad_token_id=0)
+    if spec.split("+")[0] == "engine":
+        return run_engine(model, spec, prompts, config, **common)
     impl, cb_config = batching_config(spec, **common)
     model.set_attn_implementation(impl)
     kwargs = {} if cb_config is None else {"continuous_batching_config": cb_config}
     with full_kv_cache(model) if "fullkv" in spec.split("+") else contextlib.nullcontext():
         if impl == "plugin":
             seconds, outputs = timed(lambda: hf_attn_plugin.generate_batch(model, prompts, generation_config=config,
-                                                                            **kwargs))
+                                                                            engine="transformers", **kwargs))
         else:
             seconds, outputs = timed(lambda: model.generate_batch(prompts, generation_config=config, **kwargs))
     generated = sum(len(o.generated_tokens) for o in outputs.values())
     return seconds, generated, outputs
+
+
+def run_engine(model, spec: str, prompts: list[list[int]], config, page_size: int | None = None,
+               max_batch_tokens: int | None = None, num_blocks: int | None = None) -> tuple[float, int, dict]:
+    """``engine[+eager]``: our engine (``--page-size``, ``--max-batch-tokens`` and ``--num-blocks`` size it too)."""
+    _, *options = spec.split("+")
+    unknown = set(options) - set(ENGINE_OPTIONS)
+    if unknown:
+        raise SystemExit(f"unknown option(s) {sorted(unknown)} in {spec!r}; the engine knows: "
+                         f"{', '.join(ENGINE_OPTIONS)}")
+    fields = {k: v for option in options for k, v in ENGINE_OPTIONS[option].items()}
+    for name, value in (("page_size", page_size), ("max_batch_tokens", max_batch_tokens), ("num_pages", num_blocks)):
+        if value is not None:
+            fields[name] = value
+    model.set_attn_implementation("plugin")
+    engine_config = EngineConfig(**fields)
+    seconds, outputs = timed(lambda: hf_attn_plugin.generate_batch(model, prompts, generation_config=config,
+                                                                    engine="plugin", engine_config=engine_config))
+    generated = sum(len(o.generated_tokens) for o in outputs.values())
+    return seconds, generated, outputs
+
+
+def engine_row(model) -> dict:
+    """The last engine run's decode steps: count, mean wall ms, GPU busy fraction (graphs only)."""
+    eng = cached_engine(model)
+    if eng is None or not eng.stats["decode_steps"]:
+        return {}
+    steps = eng.stats["decode_steps"]
+    busy = eng.busy_fraction()
+    return dict(decode_steps=steps, prefill_forwards=eng.stats["prefill_forwards"],
+                decode_ms_per_step=round(eng.stats["decode_wall_ms"] / steps, 3),
+                decode_gpu_busy=round(busy, 3) if busy is not None else "")
 
 
 @contextlib.contextmanager
@@ -151,9 +192,9 @@ def main() -> None:
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--requests", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
-    parser.add_argument("--impls", default=None, help="comma-separated; a name may repeat (a second sample). Default "
-                        "plugin,sdpa (--shared-prefix: plugin,plugin+noshare,sdpa,sdpa+noshare; --sliding-window: "
-                        "plugin,plugin+fullkv,sdpa)")
+    parser.add_argument("--impls", default=None, help="comma-separated; a name may repeat (a second sample): plugin, "
+                        "engine, sdpa (with options). Default plugin,engine,sdpa (--shared-prefix: "
+                        "plugin,plugin+noshare,sdpa,sdpa+noshare; --sliding-window: plugin,plugin+fullkv,sdpa)")
     parser.add_argument("--num-blocks", type=int, default=None, help="KV cache pages for every run (default: "
                         "transformers sizes the cache from free memory)")
     parser.add_argument("--shared-prefix", type=int, default=0, help="N > 0: every request = one shared N-token "
@@ -179,7 +220,7 @@ def main() -> None:
         args.out = args.out or tempfile.mkdtemp(prefix="bench_generate_batch_")
     args.out = args.out or "benchmarks/results"
     args.impls = args.impls or ("plugin,plugin+noshare,sdpa,sdpa+noshare" if shared else
-                                "plugin,plugin+fullkv,sdpa" if sliding else "plugin,sdpa")
+                                "plugin,plugin+fullkv,sdpa" if sliding else "plugin,engine,sdpa")
     common = {} if args.num_blocks is None else {"num_blocks": args.num_blocks}
     if args.page_size is not None:
         common["page_size"] = args.page_size
@@ -221,6 +262,12 @@ def main() -> None:
             generated=generated, seconds=round(seconds, 2), new_tokens_per_s=round(rate, 1),
         )
         line = f"{impl:8s} {generated} new tokens in {seconds:.1f}s: {rate:.0f} tokens/s"
+        if impl.split("+")[0] == "engine":
+            row.update(engine_row(model))
+            if "decode_steps" in row:
+                line += (f"; {row['decode_steps']} decode steps of {row['decode_ms_per_step']} ms, GPU busy "
+                         f"{row['decode_gpu_busy'] or 'n/a'}")
+            release_engine(model)  # its pool must not shrink the next implementation's memory
         if shared:
             page = args.page_size or 256
             row.update(sharing="noshare" not in impl.split("+"), max_batch_tokens=args.max_batch_tokens or "auto",

@@ -86,7 +86,7 @@ def run_generate_batch(model, impl: str, work: Workload) -> dict:
     model.set_attn_implementation(impl)
     kwargs = dict(generation_config=greedy_config(work.new_tokens), continuous_batching_config=work.cb_config)
     if impl == "plugin":
-        return hf_attn_plugin.generate_batch(model, work.prompts, **kwargs)
+        return hf_attn_plugin.generate_batch(model, work.prompts, engine="transformers", **kwargs)
     return model.generate_batch(work.prompts, **kwargs)
 
 

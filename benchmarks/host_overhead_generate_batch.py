@@ -198,7 +198,7 @@ def run_once(model, impl: str, prompts, new_tokens: int, config, timers: Timers 
     try:
         kwargs = dict(generation_config=generation_config, continuous_batching_config=config)
         if impl == "plugin":
-            outputs = hf_attn_plugin.generate_batch(model, prompts, **kwargs)
+            outputs = hf_attn_plugin.generate_batch(model, prompts, engine="transformers", **kwargs)
         else:
             outputs = model.generate_batch(prompts, **kwargs)
         if model.device.type == "cuda":

@@ -199,9 +199,14 @@ def generate_batch_section() -> str:
     parts = []
     rows = read("generate_batch.csv")
     if rows:
-        parts.append(simple_section("generate_batch.csv", "generate_batch, ~1B Llama GQA, 128 requests, 128 new tokens "
-                                    "(two samples each, one process, transformers' defaults, cache sized by transformers)",
-                                    ["impl", "transformers", "generated", "seconds", "new_tokens_per_s"]))
+        engine = any(r["impl"] == "engine" for r in rows)
+        parts.append(simple_section(
+            "generate_batch.csv", "generate_batch, ~1B Llama GQA, 128 requests, 128 new tokens (two samples each, one "
+            "process; plugin: engine=\"transformers\" with transformers' defaults, cache sized by transformers"
+            + ("; engine: ours, its default EngineConfig, decode steps in CUDA graphs; GPU busy = graph time / wall "
+               "time of the decode steps" if engine else "") + ")",
+            ["impl", "transformers", "generated", "seconds", "new_tokens_per_s"]
+            + (["decode_ms_per_step", "decode_gpu_busy", "identical_vs_plugin"] if engine else [])))
     if read("generate_batch_configs.csv"):
         parts.append(simple_section(
             "generate_batch_configs.csv", "generate_batch under ContinuousBatchingConfig options (one process, cache of "
@@ -479,12 +484,13 @@ def guide_section() -> str:
                          "**plugin**" if ratio >= 1 else f"**{rival}**", "paged_decode.csv"])
     rows += _generate_guide()
     gen = read("generate_batch.csv")
-    ours = [float(r["new_tokens_per_s"]) for r in gen if r["impl"] == "plugin"]
     sdpa = [float(r["new_tokens_per_s"]) for r in gen if r["impl"] == "sdpa"]
-    if ours and sdpa and len(ours) == len(sdpa):
-        ratios = [a / b for a, b in zip(ours, sdpa)]
-        rows.append(["Continuous batching (`generate_batch`), ~1B Llama, 128 requests", f"{_span(ratios)} vs sdpa",
-                     "**plugin**" if min(ratios) >= 1 else "mixed", "generate_batch.csv"])
+    for impl, what in (("engine", "our engine (the default)"), ("plugin", "engine=\"transformers\"")):
+        ours = [float(r["new_tokens_per_s"]) for r in gen if r["impl"] == impl]
+        if ours and sdpa and len(ours) == len(sdpa):
+            ratios = [a / b for a, b in zip(ours, sdpa)]
+            rows.append([f"Continuous batching (`generate_batch`, {what}), ~1B Llama, 128 requests",
+                         f"{_span(ratios)} vs sdpa", "**plugin**" if min(ratios) >= 1 else "mixed", "generate_batch.csv"])
     if not rows:
         return "(no GPU results yet)"
     meta = next((r for n in ("flash_fwd.csv", "model_training.csv") for r in read(n)), {})

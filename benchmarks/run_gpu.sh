@@ -13,6 +13,7 @@
 #   probe_b1    probe_b1_host.py (B=1 generate(): eager/plugin/sdpa interleaved in one process) ~60 s
 #   prefix      bench_generate_batch.py --shared-prefix 1024 (128 requests, KV pages with/without sharing) ~90 s
 #   sliding     bench_generate_batch.py --sliding-window 256 (windowed/global layers: KV memory, tok/s) ~90 s
+#   engine      bench_generate_batch.py: our engine vs engine="transformers" vs sdpa, two samples each ~120 s
 set -u
 export PYTHONUNBUFFERED=1 PYTHONPATH=${PYTHONPATH:-$PWD}
 OUT=${OUT:-/tmp/out}
@@ -41,6 +42,8 @@ for stage in "$@"; do
               > "$OUT/prefix.log" 2>&1 ;;
     sliding) python benchmarks/bench_generate_batch.py --out "$RES" --sliding-window 256 --new-tokens 64 \
                > "$OUT/sliding.log" 2>&1 ;;
+    engine) python benchmarks/bench_generate_batch.py --out "$RES" --impls plugin,engine,sdpa,plugin,engine,sdpa \
+              > "$OUT/engine.log" 2>&1 ;;
     *) echo "unknown stage $stage (see the header of $0)"; exit 2 ;;
   esac
   echo "$stage: exit $? in $(( $(date +%s) - start )) s" | tee -a "$OUT/stages.txt"

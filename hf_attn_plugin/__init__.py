@@ -5,17 +5,20 @@
     model = AutoModelForCausalLM.from_pretrained(path, attn_implementation="plugin")
 """
 
-from .integration import ATTN_IMPLEMENTATION, PagedCache, continuous_batching_context, generate_batch, register
+from .integration import (ATTN_IMPLEMENTATION, EngineConfig, PagedCache, continuous_batching_context, generate_batch,
+                          register, release_engine)
 from .ops import attention
 
 __version__ = "0.1.0"
 __all__ = [
     "ATTN_IMPLEMENTATION",
+    "EngineConfig",
     "PagedCache",
     "attention",
     "continuous_batching_context",
     "generate_batch",
     "register",
+    "release_engine",
     "__version__",
 ]
 

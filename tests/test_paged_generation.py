@@ -135,7 +135,8 @@ def test_generate_batch_on_the_triton_kernels(max_blocks, triton_backend, no_gat
     prompts = [[5, 6, 7, 8], [9, 10, 11, 12, 13, 14, 15]]
     config = transformers.GenerationConfig(max_new_tokens=4, do_sample=False, eos_token_id=-1, pad_token_id=0)
     cb_config = _cb_config(max_blocks_per_request=max_blocks) if max_blocks else None
-    results = hf_attn_plugin.generate_batch(ours, prompts, config, continuous_batching_config=cb_config)
+    results = hf_attn_plugin.generate_batch(ours, prompts, config, continuous_batching_config=cb_config,
+                                            engine="transformers")
     assert [r.generated_tokens for r in results.values()] == _expected(eager, prompts, 4)
 
 
@@ -233,7 +234,8 @@ def test_generate_batch_matches_eager(family, max_batch_tokens, no_gather):
     prompts = [torch.randint(3, 128, (n,), generator=gen).tolist() for n in CB_PROMPT_LENGTHS]
     config = transformers.GenerationConfig(max_new_tokens=10, do_sample=False, eos_token_id=-1, pad_token_id=0)
     cb_config = _cb_config(max_batch_tokens=max_batch_tokens) if max_batch_tokens else None
-    results = hf_attn_plugin.generate_batch(ours, prompts, config, continuous_batching_config=cb_config)
+    results = hf_attn_plugin.generate_batch(ours, prompts, config, continuous_batching_config=cb_config,
+                                            engine="transformers")
     assert [r.error for r in results.values()] == [None] * len(prompts)
     assert [r.generated_tokens for r in results.values()] == _expected(eager, prompts, 10)
     assert ours.config._attn_implementation == "plugin"  # nothing left switched
@@ -285,7 +287,7 @@ def test_generate_batch_never_switches_to_flash(no_gather, monkeypatch):
     ours, eager = _cb_pair("llama")
     prompts = [[5, 6, 7, 8], [9, 10, 11]]
     config = transformers.GenerationConfig(max_new_tokens=5, do_sample=False, eos_token_id=-1, pad_token_id=0)
-    results = hf_attn_plugin.generate_batch(ours, prompts, config)
+    results = hf_attn_plugin.generate_batch(ours, prompts, config, engine="transformers")
     assert [r.generated_tokens for r in results.values()] == _expected(eager, prompts, 5)
     assert ours.config._attn_implementation == "plugin"
 

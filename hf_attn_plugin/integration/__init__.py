@@ -2,6 +2,7 @@
 
 from .attention import AttentionCall, describe_call, plugin_attention
 from .continuous_batching import continuous_batching_context, generate_batch, init_continuous_batching
+from .engine import EngineConfig, release_engine
 from .masks import plugin_mask
 from .paged_cache import PagedCache
 from .registration import ATTN_IMPLEMENTATION, is_registered, register
@@ -9,6 +10,7 @@ from .registration import ATTN_IMPLEMENTATION, is_registered, register
 __all__ = [
     "ATTN_IMPLEMENTATION",
     "AttentionCall",
+    "EngineConfig",
     "PagedCache",
     "continuous_batching_context",
     "describe_call",
@@ -18,4 +20,5 @@ __all__ = [
     "plugin_attention",
     "plugin_mask",
     "register",
+    "release_engine",
 ]

@@ -132,6 +132,13 @@ def manager_class(attn_name: str, in_place_update):
     return PluginContinuousBatchingManager
 
 
+def logits_processors(model, generation_config) -> list:
+    """The logits processors ``generation_config`` implies for ``model`` (our engine runs only calls without any).
+    Private method ``_get_logits_processor``, called with the config alone as transformers' continuous batching
+    calls it (5.17 and 5.24)."""
+    return list(model._get_logits_processor(generation_config))
+
+
 # --------------------------------------------------------------------------- continuous batching: the paged cache
 def continuous_batching_config(page_size: int | None = None, **fields):
     """``transformers.ContinuousBatchingConfig(**fields)`` with ``page_size`` tokens per KV page: the field is named

@@ -361,11 +361,22 @@ def continuous_batching_context(model):
         del model.init_continuous_batching
 
 
-def generate_batch(model, inputs: list[list[int]], generation_config=None, **kwargs):
+def generate_batch(model, inputs: list[list[int]], generation_config=None, *, engine: str = "auto",
+                   engine_config=None, **kwargs):
     """``model.generate_batch(inputs, generation_config, **kwargs)`` on our paged kernels.
 
     Returns transformers' ``{request_id: GenerationOutput}``; see ``ContinuousMixin.generate_batch``.
+    ``engine``: ``"plugin"``, our engine (:mod:`~hf_attn_plugin.integration.engine`: our page allocator and a
+    CUDA-graphed decode step; greedy, or sampling with temperature / top-k / top-p; sized by ``engine_config``, an
+    :class:`~hf_attn_plugin.integration.engine.EngineConfig`); ``"transformers"``, transformers' engine with our
+    in-place paged attention (this module); ``"auto"`` (default): ours when it supports the call
+    (:func:`~hf_attn_plugin.integration.engine.unsupported` says why not, logged at DEBUG level), else transformers'.
     """
+    from .engine import run_engine  # imports this module
+
+    outputs = run_engine(model, inputs, generation_config, engine, engine_config, kwargs)
+    if outputs is not None:
+        return outputs
     with continuous_batching_context(model):
         return model.generate_batch(inputs, generation_config=generation_config, **kwargs)
 
