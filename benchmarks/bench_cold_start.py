@@ -39,16 +39,7 @@ def child(impl: str, prompt_len: int, new: int) -> dict:
     import transformers
 
     import hf_attn_plugin  # noqa: F401  (registers "plugin")
-    from bench_generate import build_model
-
-    class StepClock(transformers.StoppingCriteria):
-        def __init__(self):
-            self.times = []
-
-        def __call__(self, input_ids, scores, **kwargs):
-            torch.cuda.synchronize()
-            self.times.append(time.perf_counter())
-            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+    from bench_generate import StepClock, build_model
 
     model = build_model()
     model.set_attn_implementation(impl)
@@ -58,10 +49,10 @@ def child(impl: str, prompt_len: int, new: int) -> dict:
     model.generate(prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False)
     torch.cuda.synchronize()
     first = time.perf_counter() - start
-    clock = StepClock()
+    clock = StepClock().start()
     model.generate(prompt, max_new_tokens=new, min_new_tokens=new, do_sample=False,
                    stopping_criteria=transformers.StoppingCriteriaList([clock]))
-    steps = [(b - a) * 1e3 for a, b in zip(clock.times, clock.times[1:])]  # decode steps; the prefill excluded
+    steps = clock.steps_ms()
     median = statistics.median(steps)
     worst = max(range(len(steps)), key=steps.__getitem__)
     return dict(run_meta("gpu", "torch", "triton", "transformers", "date"), impl=impl, prompt=prompt_len,

@@ -26,8 +26,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import time
 
 import torch
+import transformers
 from common import append_rows, llama_1b, print_device, run_meta, timed
 from transformers.generation.configuration_utils import CompileConfig
 
@@ -50,6 +52,27 @@ def cache_kwargs(model, impl: str, batch: int) -> dict:
 
 
 _PAGED_GIB = 4.0  # all layers' K and V: 16 layers x 8 heads x 64 x 2 x 2 bytes = 32 KiB a token, ~130k tokens
+
+
+class StepClock(transformers.StoppingCriteria):
+    """A stopping criterion that never stops: it synchronises and reads the clock at every step of ``generate()``
+    (call :meth:`start` just before it). :meth:`steps_ms`: the decode steps' times, the prefill excluded."""
+
+    def __init__(self):
+        self.times = []
+
+    def start(self) -> "StepClock":
+        torch.cuda.synchronize()
+        self.times = [time.perf_counter()]
+        return self
+
+    def __call__(self, input_ids, scores, **kwargs):
+        torch.cuda.synchronize()
+        self.times.append(time.perf_counter())
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+
+    def steps_ms(self) -> list:
+        return [(b - a) * 1e3 for a, b in zip(self.times[1:], self.times[2:])]  # times[1]: the prefill's end
 
 
 def build_model() -> torch.nn.Module:

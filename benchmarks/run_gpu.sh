@@ -6,10 +6,12 @@
 #   quickstart  the README's two GPU commands (install + demo; install .[test])  ~60 s
 #   models      bench_flash.py --models (the README's main table)           ~150 s
 #   head_dims   bench_head_dims.py (D 32..256, fwd and fwd+bwd)             ~150 s
-#   cold_start  bench_cold_start.py (fresh processes, warm + cold cache)    ~200 s
+#   cold_start  bench_cold_start.py: plugin, cold Triton cache, 2k new tokens; eager/sdpa/plugin warm, 600 ~180 s
 #   generate    bench_generate.py, B=1, dynamic and compiled static routes  ~150 s
 #   decode      bench_decode.py (decode kernels beside SDPA)                ~120 s
 #   tune        tune_tables.py for D 64/128/256 (writes $OUT/tune/sm90.json) ~200 s
+#   probe_steps probe_generate_steps.py (B=1 per-step clocks, plain and compiled static routes, dynamo counters)
+#               ~240 s
 #   probe_b1    probe_b1_host.py (B=1 generate(): eager/plugin/sdpa interleaved in one process) ~60 s
 #   prefix      bench_generate_batch.py --shared-prefix 1024 (128 requests, KV pages with/without sharing) ~90 s
 #   sliding     bench_generate_batch.py --sliding-window 256 (windowed/global layers: KV memory, tok/s) ~90 s
@@ -33,11 +35,14 @@ for stage in "$@"; do
                   python -m pip install -q -e ".[test]" ) > "$OUT/quickstart.log" 2>&1 ;;
     models) python benchmarks/bench_flash.py --out "$RES" --models > "$OUT/models.log" 2>&1 ;;
     head_dims) python benchmarks/bench_head_dims.py --out "$RES" > "$OUT/head_dims.log" 2>&1 ;;
-    cold_start) python benchmarks/bench_cold_start.py --out "$RES" > "$OUT/cold_start.log" 2>&1 ;;
+    cold_start) ( python benchmarks/bench_cold_start.py --out "$RES" --impls plugin --caches cold --new 2048 &&
+                  python benchmarks/bench_cold_start.py --out "$RES" --impls sdpa plugin eager --caches warm \
+                    --new 600 ) > "$OUT/cold_start.log" 2>&1 ;;
     generate) python benchmarks/bench_generate.py --out "$RES" --routes dynamic static > "$OUT/generate.log" 2>&1 ;;
     decode) python benchmarks/bench_decode.py --out "$RES" > "$OUT/decode.log" 2>&1 ;;
     tune) python benchmarks/tune_tables.py --out "$OUT/tune" --dims 64,128,256 --budget-s 200 > "$OUT/tune.log" 2>&1 ;;
     probe_b1) python benchmarks/probe_b1_host.py > "$OUT/probe_b1.log" 2>&1 ;;
+    probe_steps) python benchmarks/probe_generate_steps.py > "$OUT/probe_steps.log" 2>&1 ;;
     prefix) python benchmarks/bench_generate_batch.py --out "$RES" --shared-prefix 1024 --new-tokens 32 \
               > "$OUT/prefix.log" 2>&1 ;;
     sliding) python benchmarks/bench_generate_batch.py --out "$RES" --sliding-window 256 --new-tokens 64 \

@@ -6,7 +6,8 @@ need a dense ``[B, 1, Sq, Sk]`` mask: causality, windows and softcaps come from 
 the mask function only has to say which key slots hold real tokens, and where packed documents start. It
 returns
 
-* ``None`` when every key slot is a real token (no padding, no empty static-cache slots) and nothing is packed;
+* ``None`` when every key slot is a real token (no padding) and nothing is packed, except with a static cache,
+  whose mask stays a tensor so that its compiled decode step sees the same kwargs at every step;
 * a boolean ``[B, Sk]`` key mask: ``True`` for real tokens, ``False`` for padding and for
   static-cache slots that have not been written yet; or
 * an int32 ``[B, S]`` document index per token (0, 1, ... in each row) when transformers detected
@@ -67,7 +68,9 @@ def plugin_mask(
         return None
 
     if not is_compiling():
-        if bool(key_mask.all()):
+        # A static cache keeps its key mask even once every slot is written (its last step): the mask is a kwarg of
+        # the compiled decode step, and None in its place would recompile that step (dynamo guards on the kwargs).
+        if not tail and bool(key_mask.all()):
             return None
         _check_contiguous(key_mask)
     return key_mask

@@ -52,8 +52,8 @@ from triton.runtime import _allocation
 
 from . import configs
 from .host import cdiv, next_power_of_2, tma_ready
-from .primitives import (LN2, LOG2E, finish_softmax, mask_scores, online_softmax_step, score_scales, scores,
-                         scores_grad)
+from .primitives import (LENGTH_ARGS, LN2, LOG2E, finish_softmax, mask_scores, online_softmax_step, score_scales,
+                         scores, scores_grad)
 from .params import AttentionParams
 
 __all__ = ["flash_attn_forward", "flash_attn_backward", "SUPPORTED_HEAD_DIMS", "check_head_dim", "dropout_mask"]
@@ -230,7 +230,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_desc, v_desc, m0, start, end, len_q, len_k, w
     return acc, l_i, m_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=LENGTH_ARGS + ("stride_lb", "stride_lh"))
 def _attn_fwd(
     Q, K, V, Out, Lse, Segments, Sinks, Seed,
     stride_qb, stride_qs, stride_qh,
@@ -332,7 +332,7 @@ def _aligned(a, b, c, ALIGN: tl.constexpr):
     return (a // ALIGN) * ALIGN, (b // ALIGN) * ALIGN, (c // ALIGN) * ALIGN
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=("seqlen_q", "stride_eb", "stride_eh"))
 def _bwd_preprocess(Out, DO, Delta, stride_ob, stride_os, stride_oh, stride_db, stride_ds, stride_dh,
                     stride_eb, stride_eh, seqlen_q, heads_q,
                     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, ALIGN: tl.constexpr):
@@ -384,7 +384,7 @@ def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, m0, 
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=LENGTH_ARGS + ("stride_lb", "stride_lh"))
 def _attn_bwd_dq(
     Q, K, V, DO, Lse, Delta, DQ, Segments, Seed,
     stride_qb, stride_qs, stride_qh,
@@ -563,7 +563,7 @@ def _dkdv_heads(dk, dv, Q, K, V, DO, Lse, Delta, batch64, kv_head, q_start, krow
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=LENGTH_ARGS + ("stride_lb", "stride_lh"))
 def _attn_bwd_dkdv(
     Q, K, V, DO, Lse, Delta, DK, DV, Segments, Seed,
     stride_qb, stride_qs, stride_qh,

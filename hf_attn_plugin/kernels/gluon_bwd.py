@@ -42,6 +42,7 @@ import torch
 
 from .host import cdiv, tma_ready
 from .params import AttentionParams
+from .primitives import LENGTH_ARGS
 
 from .gluon_api import (IMPORT_ERROR, LOG2E, TensorDescriptor, fence_async_shared, gl, gluon, mbarrier,  # noqa: F401
                         tma, warpgroup_mma, warpgroup_mma_wait)  # (IMPORT_ERROR: read as gluon_bwd.IMPORT_ERROR)
@@ -169,7 +170,7 @@ if gluon is not None:
         tma.async_copy_shared_to_global(dv_desc, [b, n0, kv_head, 0], v_smem)
         tma.store_wait(0)
 
-    @gluon.jit
+    @gluon.jit(do_not_specialize_on_alignment=LENGTH_ARGS)
     def _attn_bwd_dkdv_gluon(q_desc, k_desc, v_desc, do_desc, dk_desc, dv_desc, lse_desc, delta_desc,
                              seqlen_q, seqlen_k, heads_kv, group, qk_scale, sm_scale,
                              CAUSAL: gl.constexpr, WARP_SPEC: gl.constexpr, BLOCK_M: gl.constexpr,

@@ -32,6 +32,7 @@ import torch
 
 from .host import cdiv, tma_ready
 from .params import AttentionParams
+from .primitives import LENGTH_ARGS
 
 from .gluon_api import (IMPORT_ERROR, LOG2E, TensorDescriptor, fence_async_shared, gl, gluon, mbarrier, tma,
                         warpgroup_mma, warpgroup_mma_wait)
@@ -185,7 +186,7 @@ if gluon is not None:
         tma.async_copy_shared_to_global(o_desc, [b, m0, h, 0], q_smem)
         tma.store_wait(0)
 
-    @gluon.jit
+    @gluon.jit(do_not_specialize_on_alignment=LENGTH_ARGS + ("lse_stride_b", "lse_stride_h"))
     def _attn_fwd_gluon(q_desc, k_desc, v_desc, o_desc, lse_ptr, lse_stride_b, lse_stride_h,
                         seqlen_q, seqlen_k, heads_q, group, qk_scale,
                         CAUSAL: gl.constexpr, WARP_SPEC: gl.constexpr, BLOCK_M: gl.constexpr,

@@ -127,7 +127,9 @@ def _piece_tiles(seq_lens_ptr, num_seqs, target_pieces, min_split_tiles, BLOCK_N
     return tl.maximum(tl.cdiv(keys, BLOCK_N), min_split_tiles)
 
 
-@triton.jit
+# The block-table row stride of the decode route over a contiguous cache is its key count; the split counts follow the
+# capacity (primitives.LENGTH_ARGS).
+@triton.jit(do_not_specialize_on_alignment=("stride_bt", "num_splits", "min_split_tiles", "target_pieces"))
 def _paged_attention_kernel(
     q_ptr, k_pool_ptr, v_pool_ptr, out_ptr, part_out_ptr, part_lse_ptr, done_ptr,
     block_tables_ptr, seq_lens_ptr, k_starts_ptr, cu_seqlens_q_ptr, sinks_ptr,

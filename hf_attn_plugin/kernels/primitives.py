@@ -21,11 +21,19 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-__all__ = ["LOG2E", "LN2", "score_scales", "tanh", "scores", "mask_scores", "online_softmax_step", "finish_softmax",
+__all__ = ["LOG2E", "LN2", "LENGTH_ARGS", "score_scales", "tanh", "scores", "mask_scores", "online_softmax_step", "finish_softmax",
            "scores_grad"]
 
 LOG2E = tl.constexpr(1.4426950408889634)  # log2(e): natural-log quantities -> base 2
 LN2 = tl.constexpr(0.6931471805599453)  # ln(2): base 2 -> natural log
+
+# Triton compiles a kernel once per value class of its integer arguments: == 1, divisible by 16, other. An argument
+# that follows a call's lengths (a sequence length, the row stride of an lse buffer or of a block table, a split count)
+# changes class as the lengths grow, and each new class is a new compilation in the middle of a run: on the H200 the
+# decode kernel stalled ~0.8 s at the 16th new token of a 512-token prompt, when the key count (a block-table row
+# stride) first became a multiple of 16. Kernels list such arguments in ``do_not_specialize_on_alignment`` (the
+# ``== 1`` class stays); none of them offsets a pointer whose alignment a vector load needs.
+LENGTH_ARGS = ("seqlen_q", "seqlen_k")
 
 
 def score_scales(scale: float, softcap: float) -> tuple[float, float, float]:

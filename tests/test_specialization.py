@@ -1,0 +1,112 @@
+"""No kernel recompiles because a length grew (issue 15: "no tuning stalls").
+
+Triton compiles a kernel once per value class of each integer argument (== 1, divisible by 16, other) unless the
+kernel says otherwise. Arguments that follow a call's lengths would pick a new class as a generation grows, and each
+new class is a compilation in the middle of the run: on the H200 the decode kernel stalled ~0.8 s at the 16th new
+token of a 512-token prompt (its block-table row stride is the key count), the flash kernels at every new prompt
+length class. These tests compute Triton's own specialization key of each launch (the binder Triton runs before
+choosing a compiled variant, for sm_90, on the host: no GPU needed) and require one key across length classes.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():  # must precede the first @triton.jit: the interpreter is chosen there
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+from hf_attn_plugin import decode_ops, ops  # noqa: E402
+from hf_attn_plugin.kernels import flash, paged  # noqa: E402
+
+from .helpers import DEVICE, needs_kernels  # noqa: E402
+
+jit = pytest.importorskip("triton.runtime.jit")
+
+
+def _binder(kernel):
+    """Triton's argument binder of ``kernel`` (a JITFunction, or the interpreter's wrapper of one) for sm_90."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+
+    if not isinstance(kernel, jit.JITFunction):  # the interpreter's InterpretedFunction keeps fn and the jit kwargs
+        kernel = jit.JITFunction(kernel.fn, **kernel.kwargs)
+    return jit.create_function_from_signature(kernel.signature, kernel.params, make_backend(GPUTarget("cuda", 90, 32)))
+
+
+class _Specializations:
+    """Stands in for a kernel: launches it as before and records each launch's specialization key."""
+
+    def __init__(self, kernel):
+        self.kernel, self.binder, self.keys = kernel, _binder(kernel), []
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def run(*args, **kwargs):
+            _, specialization, _ = self.binder(*args, **kwargs)
+            self.keys.append(repr(specialization))
+            return launch(*args, **kwargs)
+
+        return run
+
+
+def _spy(monkeypatch, module, name) -> _Specializations:
+    spy = _Specializations(getattr(module, name))
+    monkeypatch.setattr(module, name, spy)
+    return spy
+
+
+@needs_kernels
+def test_decode_kernel_is_one_variant_for_every_key_count_and_split_count(monkeypatch, triton_backend):
+    """Plain generate()'s decode step (a contiguous cache read as a virtual pool) at key counts of each class, with
+    and without split-K, and split counts of each class: one specialization per split mode."""
+    spy = _spy(monkeypatch, paged, "_paged_attention_kernel")
+    keys = {}
+    for num_splits in (1, 3, 16):
+        for seqlen_k in (40, 48, 57):  # other, multiple of 16, other
+            q = torch.randn(1, 1, 4, 16, device=DEVICE)
+            k, v = (torch.randn(1, 2, seqlen_k, 16, device=DEVICE).transpose(1, 2) for _ in range(2))
+            decode_ops.attention(q, k, v, scale=0.25, causal=True, num_splits=num_splits)
+            keys.setdefault(num_splits > 1, set()).add(spy.keys[-1])
+    assert len(spy.keys) == 9
+    assert {mode: len(k) for mode, k in keys.items()} == {False: 1, True: 1}, keys
+
+
+@needs_kernels
+def test_flash_kernels_are_one_variant_for_every_length(monkeypatch, triton_backend):
+    """Prefill lengths of each class through the forward and the backward: one key per kernel."""
+    spies = {name: _spy(monkeypatch, flash, name)
+             for name in ("_attn_fwd", "_bwd_preprocess", "_attn_bwd_dq", "_attn_bwd_dkdv")}
+    for seqlen in (40, 48, 57):
+        q, k, v = (torch.randn(1, seqlen, 2, 16, device=DEVICE, requires_grad=True) for _ in range(3))
+        ops.attention(q, k, v, causal=True).sum().backward()
+    for name, spy in spies.items():
+        assert len(spy.keys) == 3, name
+        assert len(set(spy.keys)) == 1, f"{name} specialises on a length: {spy.keys}"
+
+
+@pytest.mark.gpu
+def test_gluon_kernels_are_one_variant_for_every_length(monkeypatch):
+    """The Hopper forward and dK/dV kernels, called directly at lengths of each class (bf16)."""
+    from hf_attn_plugin.kernels import gluon_bwd, gluon_fwd
+    from hf_attn_plugin.kernels.params import AttentionParams
+
+    params = AttentionParams.create(64, causal=True)
+    probe = torch.randn(1, 128, 2, 64, device="cuda", dtype=torch.bfloat16)
+    reason = gluon_fwd.unsupported_reason(probe, probe, probe, params)
+    if reason is not None:
+        pytest.skip(reason)
+    fwd = _spy(monkeypatch, gluon_fwd, "_attn_fwd_gluon")
+    bwd = _spy(monkeypatch, gluon_bwd, "_attn_bwd_dkdv_gluon")
+    for seqlen in (136, 144, 153):
+        q, k, v, dout = (torch.randn(1, seqlen, 2, 64, device="cuda", dtype=torch.bfloat16) for _ in range(4))
+        out, lse = gluon_fwd.gluon_attn_forward(q, k, v, params)
+        delta = (dout.float() * out.float()).sum(-1).transpose(1, 2).contiguous()
+        gluon_bwd.gluon_attn_backward_dkdv(dout, q, k, v, lse.contiguous(), delta, torch.empty_like(k),
+                                           torch.empty_like(v), params)
+    torch.cuda.synchronize()
+    for spy in (fwd, bwd):
+        assert len(spy.keys) == 3 and len(set(spy.keys)) == 1, spy.keys
