@@ -3,6 +3,8 @@
 # results to $OUT/results (copy the CSVs to benchmarks/results/ and run `python benchmarks/report.py`).
 # Stages and their wall time on one H200 (cold Triton cache):
 #   tests       pytest -m gpu -v (xdist, 15 workers; a line per test, so a cut run still names its failures) ~360 s
+#   fuzz        test_fuzz_gpu_bf16 alone, -s -x: prints the first failing case  (minutes: compiles)
+#   host        profile_host_fwdbwd.py: host time per fwd / fwd+bwd call, ours vs SDPA, cProfile ~60 s
 #   quickstart  the README's two GPU commands (install + demo; install .[test])  ~60 s
 #   models      bench_flash.py --models (the README's main table)           ~150 s
 #   head_dims   bench_head_dims.py (D 32..256, fwd and fwd+bwd)             ~150 s
@@ -25,8 +27,14 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.mem,temperature.gpu,power.draw --fo
 for stage in "$@"; do
   start=$(date +%s)
   case $stage in
+    # The bf16 fuzz runs in its own stage: its 100 examples compile ~100 kernel variants (minutes).
     tests) timeout ${TESTS_TIMEOUT:-560} python -m pytest -m gpu -v -rfE -n 15 -p no:cacheprovider --timeout 240 \
-             --junitxml="$OUT/gpu_junit.xml" tests > "$OUT/gpu_tests.log" 2>&1 ;;
+             --durations=25 --deselect tests/test_fuzz.py::test_fuzz_gpu_bf16 --junitxml="$OUT/gpu_junit.xml" \
+             tests > "$OUT/gpu_tests.log" 2>&1 ;;
+    fuzz) timeout ${FUZZ_TIMEOUT:-560} python -m pytest -m gpu -s -x -p no:xdist -p no:cacheprovider \
+            tests/test_fuzz.py::test_fuzz_gpu_bf16 > "$OUT/fuzz.log" 2>&1 ;;
+    host) ( python benchmarks/profile_host_fwdbwd.py && echo "=== HF_ATTN_PLUGIN_GLUON=0 ===" &&
+            HF_ATTN_PLUGIN_GLUON=0 python benchmarks/profile_host_fwdbwd.py --profile-rows 0 ) > "$OUT/host.log" 2>&1 ;;
     # The README's two GPU commands. Offline machines: put setuptools/wheel wheels in .whl/ (pip's build isolation
     # installs them from there instead of the index); the runtime and test dependencies must already be installed.
     # (the second command's `pytest -m gpu` is the tests stage).

@@ -157,12 +157,16 @@ def _(dout, q, k, v, out, lse, segments, sinks, *flat):
 def _setup_context(ctx, inputs, output):
     q, k, v, segments, sinks, *scalars, seed = inputs  # scalars: scale .. dropout_p, in the op's order
     out, lse = output
+    ctx.mark_non_differentiable(lse)  # no gradient flows through the LSE: say so rather than drop one silently
+    ctx.set_materialize_grads(False)  # (no zero-filled dlse each backward)
     ctx.save_for_backward(q, k, v, out, lse, segments, sinks, seed)
     ctx.scalars = scalars
     ctx.has_sinks = sinks is not None
 
 
 def _backward(ctx, dout, dlse):
+    if dout is None:  # (grads are not materialised; only ``out`` is differentiable)
+        return (None,) * 13
     q, k, v, out, lse, segments, sinks, seed = ctx.saved_tensors
     dq, dk, dv, dsinks = _attention_bwd(dout, q, k, v, out, lse, segments, sinks, *ctx.scalars, seed)
     dsinks = dsinks.to(sinks.dtype) if ctx.has_sinks else None
@@ -183,12 +187,16 @@ class _EagerAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, sinks, params: AttentionParams):
         out, lse = _forward(q, k, v, params)
+        ctx.mark_non_differentiable(lse)  # as the op (_setup_context)
+        ctx.set_materialize_grads(False)
         ctx.save_for_backward(q, k, v, out, lse, params.segments, sinks, params.seed)
         ctx.params = dataclasses.replace(params, segments=None, sinks=None, seed=None)  # tensors saved above
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
+        if dout is None:
+            return None, None, None, None, None
         q, k, v, out, lse, segments, sinks, seed = ctx.saved_tensors
         params = dataclasses.replace(ctx.params, segments=segments, sinks=sinks, seed=seed)
         dq, dk, dv, dsinks = _backward_grads(dout, q, k, v, out, lse, params)
@@ -229,7 +237,8 @@ def attention(
     and no two non-empty query ranges, nor two non-empty key ranges, of one batch row overlapping.
     ``max_seqlen_q``/``max_seqlen_k`` bound the segment lengths (they size the kernel grid); they
     default to the padded lengths ``Sq``/``Sk``, which is always safe. Values are checked according to
-    ``HF_ATTN_PLUGIN_CHECKS`` (module docstring).
+    ``HF_ATTN_PLUGIN_CHECKS`` (module docstring). ``return_lse``: also the log-sum-exp ``[B, Hq, Sq]`` (float32,
+    natural log), which is not differentiable (gradients flow through the output only).
     """
     _check_inputs(q, k, v, sinks, segments)
     _check_scalars(window, softcap, dropout_p, max_seqlen_q, max_seqlen_k)

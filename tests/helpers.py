@@ -40,12 +40,24 @@ def max_abs_error(got: torch.Tensor, ref: torch.Tensor) -> float:
 # (dK 2.4e-5, bf16, H200).
 GRAD_ATOL = 3e-5
 SOFTCAP_GRAD_ATOL = 3e-4
+# That rounding is per row, and dK sums it over every query row that sees the key (Sq x the GQA group): a random walk,
+# so the slack grows with the square root of the rows summed past GRAD_ROWS. Seen: Sq 1229, Sk 1, group 3, D 256,
+# bf16 on the H200: dK 3.27e-5 over 3687 rows (the GPU fuzz, session 11), where PyTorch's error is again exactly 0.
+GRAD_ROWS = 1024
+
+
+def grad_atol(rows_summed: int, softcap: bool = False) -> float:
+    """The absolute slack of a gradient whose entries sum ``rows_summed`` per-row terms (dK/dV: Sq x group; dQ:
+    Sk): :data:`GRAD_ATOL` (:data:`SOFTCAP_GRAD_ATOL` with a softcap) up to :data:`GRAD_ROWS` rows, growing as
+    ``sqrt(rows_summed / GRAD_ROWS)`` beyond."""
+    base = SOFTCAP_GRAD_ATOL if softcap else GRAD_ATOL
+    return base * max(1.0, rows_summed / GRAD_ROWS) ** 0.5
 
 
 def assert_fa2_rule(got: torch.Tensor, ref: torch.Tensor, low: torch.Tensor, name: str = "out",
                     atol: float = 1e-5) -> None:
-    """FA2's error rule: ``max|got - ref| <= 2 * max|low - ref| + atol`` (``atol`` 1e-5: FA2's; gradients take FA3's
-    :data:`GRAD_ATOL`, or :data:`SOFTCAP_GRAD_ATOL` with a softcap).
+    """FA2's error rule: ``max|got - ref| <= 2 * max|low - ref| + atol`` (``atol`` 1e-5: FA2's; gradients take
+    :func:`grad_atol`).
 
     ``ref``: the reference in float64 (or float32); ``low``: PyTorch computing the same function at the kernel's
     dtype (its own rounding error is the yardstick); ``got``: the kernel's result.

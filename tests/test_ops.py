@@ -166,3 +166,27 @@ def test_plugin_is_registered_on_import():
     assert "plugin" in AttentionInterface._global_mapping
     assert "plugin" in AttentionMaskInterface._global_mapping
     assert hf_attn_plugin.ATTN_IMPLEMENTATION == "plugin"
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_lse_is_not_differentiable(reference_backend, compiled):
+    """The LSE carries no gradient (the backward ignores it): it says so (requires_grad False, backward through it
+    alone raises) instead of dropping a gradient silently, as it did (q.grad all zeros); the output's gradient is
+    unchanged by having asked for the LSE."""
+    q, k, v = (t.requires_grad_() for t in _qkv())
+
+    def fn(q, k, v):
+        return ops.attention(q, k, v, return_lse=True)
+
+    fn = torch.compile(fn, backend="aot_eager", fullgraph=True) if compiled else fn
+    out, lse = fn(q, k, v)
+    assert out.requires_grad and not lse.requires_grad
+    with pytest.raises(RuntimeError, match="does not require grad"):
+        lse.sum().backward()
+    (out * lse.unsqueeze(-1).transpose(1, 2)).sum().backward()  # lse enters as a constant
+    got = [t.grad.clone() for t in (q, k, v)]
+    q2, k2, v2 = (t.detach().requires_grad_() for t in (q, k, v))
+    out2, lse2 = ops.attention(q2, k2, v2, return_lse=True)
+    (out2 * lse2.detach().unsqueeze(-1).transpose(1, 2)).sum().backward()
+    for g, t in zip(got, (q2, k2, v2)):
+        torch.testing.assert_close(g, t.grad)

@@ -44,8 +44,9 @@ from .host import cdiv, tma_ready
 from .params import AttentionParams
 from .primitives import LENGTH_ARGS
 
-from .gluon_api import (IMPORT_ERROR, LOG2E, TensorDescriptor, fence_async_shared, gl, gluon, mbarrier,  # noqa: F401
-                        tma, warpgroup_mma, warpgroup_mma_wait)  # (IMPORT_ERROR: read as gluon_bwd.IMPORT_ERROR)
+# (IMPORT_ERROR: read as gluon_bwd.IMPORT_ERROR)
+from .gluon_api import (IMPORT_ERROR, LOG2E, TensorDescriptor, descriptor, fence_async_shared, gl, gluon,  # noqa: F401
+                        mbarrier, rows_descriptor, tma, warpgroup_mma, warpgroup_mma_wait)
 SUPPORTED_HEAD_DIMS = (64, 128)
 WARP_SPEC_VARIANTS = (0, 1, 2)
 
@@ -278,12 +279,6 @@ def unsupported_reason(q, k, v, params: Optional[AttentionParams] = None) -> Opt
     return None  # (any Sq: lse/delta come in flash.py's padded stats layout, :func:`_stat_descriptor`)
 
 
-def _descriptor(t: torch.Tensor, rows: int) -> "TensorDescriptor":
-    block = [1, rows, 1, t.shape[-1]]
-    layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16)
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
-
-
 def _stat_descriptor(t: torch.Tensor, rows: int) -> "TensorDescriptor":
     """2-D descriptor ``[B * Hq, Sq]``, boxes ``[1, rows]``, over a float32 ``[B, Hq, Sq]`` tensor (lse, delta) in
     flash.py's stats layout (copied into it unless it has it: 16-byte aligned, row stride ``round_up(Sq, 4)``, which
@@ -292,8 +287,7 @@ def _stat_descriptor(t: torch.Tensor, rows: int) -> "TensorDescriptor":
 
     t = padded_stats(t)
     batch, heads, seqlen = t.shape
-    layout = gl.NVMMASharedLayout.get_default_for([1, rows], gl.float32)
-    return TensorDescriptor(t, [batch * heads, seqlen], [t.stride(1), 1], [1, rows], layout)
+    return descriptor(t, [1, rows], shape=[batch * heads, seqlen], strides=[t.stride(1), 1])
 
 
 def gluon_attn_backward_dkdv(dout, q, k, v, lse, delta, dk, dv, params: AttentionParams, *, warp_spec: int = 0):
@@ -330,8 +324,8 @@ def gluon_attn_backward_dkdv(dout, q, k, v, lse, delta, dk, dv, params: Attentio
     grid = (batch * heads_kv, cdiv(seqlen_k, cfg["BLOCK_N"]))
     sub_n = cfg["BLOCK_N"] // (2 if warp_spec >= 2 else 1)  # keys of K/V/dK/dV per consumer partition
     _attn_bwd_dkdv_gluon[grid](
-        _descriptor(q, cfg["BLOCK_M"]), _descriptor(k, sub_n), _descriptor(v, sub_n),
-        _descriptor(dout, cfg["BLOCK_M"]), _descriptor(dk, sub_n), _descriptor(dv, sub_n),
+        rows_descriptor(q, cfg["BLOCK_M"]), rows_descriptor(k, sub_n), rows_descriptor(v, sub_n),
+        rows_descriptor(dout, cfg["BLOCK_M"]), rows_descriptor(dk, sub_n), rows_descriptor(dv, sub_n),
         _stat_descriptor(lse, cfg["BLOCK_M"]), _stat_descriptor(delta, cfg["BLOCK_M"]),
         seqlen_q, seqlen_k, heads_kv, heads_q // heads_kv,
         params.scale * LOG2E, params.scale,

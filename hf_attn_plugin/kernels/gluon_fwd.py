@@ -34,8 +34,8 @@ from .host import cdiv, tma_ready
 from .params import AttentionParams
 from .primitives import LENGTH_ARGS
 
-from .gluon_api import (IMPORT_ERROR, LOG2E, TensorDescriptor, fence_async_shared, gl, gluon, mbarrier, tma,
-                        warpgroup_mma, warpgroup_mma_wait)
+from .gluon_api import (IMPORT_ERROR, LOG2E, fence_async_shared, gl, gluon, is_hopper, mbarrier,
+                        rows_descriptor, tma, warpgroup_mma, warpgroup_mma_wait)
 SUPPORTED_HEAD_DIMS = (64, 128)
 POISON = False  # tests: allocate out/lse as NaN, to prove the kernel writes every element (as flash.POISON)
 
@@ -280,9 +280,9 @@ def unsupported_reason(q, k, v, params: Optional[AttentionParams] = None) -> Opt
         return f"Gluon is not available in this Triton ({IMPORT_ERROR!r}); Triton 3.6 is needed"
     if not (q.is_cuda and k.is_cuda and v.is_cuda):
         return "the Gluon forward runs on CUDA tensors only (got device %s); use flash.flash_attn_forward" % q.device
-    if torch.cuda.get_device_capability(q.device) != (9, 0):
-        return "the Gluon forward is written for Hopper (sm_90); this GPU is sm_%d%d" % \
-            torch.cuda.get_device_capability(q.device)
+    hopper, capability = is_hopper(q.device)
+    if not hopper:
+        return "the Gluon forward is written for Hopper (sm_90); this GPU is sm_%d%d" % capability
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         return "q, k, v must be [B, S, H, D]"
     if q.dtype not in (torch.bfloat16, torch.float16) or not (q.dtype == k.dtype == v.dtype):
@@ -295,12 +295,6 @@ def unsupported_reason(q, k, v, params: Optional[AttentionParams] = None) -> Opt
         return (f"the Gluon forward does not support segments, window, softcap, sinks or dropout (this call uses "
                 f"{', '.join(params.features)})")
     return None
-
-
-def _descriptor(t: torch.Tensor, rows: int) -> "TensorDescriptor":
-    block = [1, rows, 1, t.shape[-1]]
-    layout = gl.NVMMASharedLayout.get_default_for(block, gl.bfloat16 if t.dtype == torch.bfloat16 else gl.float16)
-    return TensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
 
 
 def gluon_attn_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: AttentionParams, *,
@@ -333,8 +327,8 @@ def gluon_attn_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params
     grid = (cdiv(seqlen_q, cfg["BLOCK_M"]), batch * heads_q)
     sub_m = cfg["BLOCK_M"] // (2 if warp_spec >= 2 else 1)  # rows of Q/O per consumer partition
     _attn_fwd_gluon[grid](
-        _descriptor(q, sub_m), _descriptor(k, cfg["BLOCK_N"]), _descriptor(v, cfg["BLOCK_N"]),
-        _descriptor(out, sub_m), lse, lse.stride(0), lse.stride(1),
+        rows_descriptor(q, sub_m), rows_descriptor(k, cfg["BLOCK_N"]), rows_descriptor(v, cfg["BLOCK_N"]),
+        rows_descriptor(out, sub_m), lse, lse.stride(0), lse.stride(1),
         seqlen_q, seqlen_k, heads_q, heads_q // heads_kv, params.scale * LOG2E,
         CAUSAL=params.causal, WARP_SPEC=int(warp_spec), BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"],
         HEAD_DIM=head_dim, NUM_STAGES=cfg["NUM_STAGES"], num_warps=cfg["num_warps"],
