@@ -282,7 +282,7 @@ def test_unsupported_reason_names_the_features(monkeypatch):
 
     if gluon_fwd.IMPORT_ERROR is not None:
         pytest.skip(f"this Triton has no Gluon: {gluon_fwd.IMPORT_ERROR!r}")
-    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (9, 0))
+    monkeypatch.setattr(gluon_fwd, "is_hopper", lambda device: (True, (9, 0)))
 
     class FakeCuda(torch.Tensor):  # is_cuda without a GPU: only the checks run, nothing is launched
         @property
