@@ -12,6 +12,8 @@
 #   generate    bench_generate.py, B=1, dynamic and compiled static routes  ~150 s
 #   decode      bench_decode.py (decode kernels beside SDPA)                ~120 s
 #   tune        tune_tables.py for D 64/128/256 (writes $OUT/tune/sm90.json) ~200 s
+#   tune_dkdv256  tune_tables.py, dK/dV only at D 256 (every candidate's time in the log; $OUT/tune/sm90.merged.json
+#               is the shipped table with these entries put in) ~60 s
 #   probe_steps probe_generate_steps.py (B=1 per-step clocks, plain and compiled static routes, dynamo counters)
 #               ~240 s
 #   probe_b1    probe_b1_host.py (B=1 generate(): eager/plugin/sdpa interleaved in one process) ~60 s
@@ -35,7 +37,7 @@ for stage in "$@"; do
             tests/test_fuzz.py::test_fuzz_gpu_bf16 > "$OUT/fuzz.log" 2>&1 ;;
     host) ( python benchmarks/profile_host_fwdbwd.py && echo "=== HF_ATTN_PLUGIN_GLUON=0 ===" &&
             HF_ATTN_PLUGIN_GLUON=0 python benchmarks/profile_host_fwdbwd.py --profile-rows 0 ) > "$OUT/host.log" 2>&1 ;;
-    # The README's two GPU commands. Offline machines: put setuptools/wheel wheels in .whl/ (pip's build isolation
+    # The README's two GPU commands. Offline machines: put setuptools/wheel/packaging wheels in .whl/ (pip's build isolation
     # installs them from there instead of the index); the runtime and test dependencies must already be installed.
     # (the second command's `pytest -m gpu` is the tests stage).
     quickstart) ( [ -d .whl ] && export PIP_FIND_LINKS=$PWD/.whl PIP_NO_INDEX=1
@@ -49,6 +51,8 @@ for stage in "$@"; do
     generate) python benchmarks/bench_generate.py --out "$RES" --routes dynamic static > "$OUT/generate.log" 2>&1 ;;
     decode) python benchmarks/bench_decode.py --out "$RES" > "$OUT/decode.log" 2>&1 ;;
     tune) python benchmarks/tune_tables.py --out "$OUT/tune" --dims 64,128,256 --budget-s 200 > "$OUT/tune.log" 2>&1 ;;
+    tune_dkdv256) HF_ATTN_PLUGIN_VERBOSE=1 python benchmarks/tune_tables.py --out "$OUT/tune" --dims 256 \
+                    --seqs 4096,1024 --groups 1,4 --causal 1,0 --kinds bwd_dkdv --merge > "$OUT/tune.log" 2>&1 ;;
     probe_b1) python benchmarks/probe_b1_host.py > "$OUT/probe_b1.log" 2>&1 ;;
     probe_steps) python benchmarks/probe_generate_steps.py > "$OUT/probe_steps.log" 2>&1 ;;
     prefix) python benchmarks/bench_generate_batch.py --out "$RES" --shared-prefix 1024 --new-tokens 32 \

@@ -21,6 +21,11 @@ Time: every candidate is first compiled in parallel worker processes on tiny inp
 time is below ``--budget-s`` (default 210 s: the whole run fits in 4 minutes on the H200), and the table is
 rewritten after every case, so a run cut short still leaves a valid (smaller) table. Lookups fall back to the
 nearest bucket, so the most used cases come first.
+
+Re-tuning part of the table (one head dim, one kernel): ``--kinds bwd_dkdv`` tunes only those kernels (the others
+run their default config, untimed), ``--merge`` also writes ``DIR/<arch>.merged.json``: the shipped table with this
+run's entries put in (same key: replaced; new key: added), every other entry and its evidence kept; copy it over
+``hf_attn_plugin/kernels/tuned/<arch>.json``.
 """
 
 from __future__ import annotations
@@ -85,8 +90,8 @@ def _compile_job(job):
         return job, time.time() - t0, f"{type(exc).__name__}: {str(exc)[:200]}"
 
 
-def warm_compiles(case_list, jobs, log):
-    todo = sorted({(d, c, g, kind, cfg) for d, c, g, _ in case_list for kind in KINDS
+def warm_compiles(case_list, jobs, log, kinds=KINDS):
+    todo = sorted({(d, c, g, kind, cfg) for d, c, g, _ in case_list for kind in kinds
                    for cfg in configs._GPU[(kind, configs._dim_bucket(d))]}, key=str)
     t0 = time.time()
     ctx = multiprocessing.get_context("spawn")
@@ -108,6 +113,9 @@ def main() -> None:
     parser.add_argument("--causal", default="1,0")
     parser.add_argument("--jobs", type=int, default=min(14, os.cpu_count() or 1), help="compile processes")
     parser.add_argument("--no-warm", action="store_true", help="compile in the main process while timing")
+    parser.add_argument("--kinds", default=",".join(KINDS), help="the kernels to tune (the others run their default)")
+    parser.add_argument("--merge", action="store_true", help="also write <arch>.merged.json: the shipped table with "
+                        "this run's entries put in")
     args = parser.parse_args()
     start = time.time()
     os.makedirs(args.out, exist_ok=True)
@@ -120,12 +128,15 @@ def main() -> None:
         log_file.flush()
 
     ints = lambda text: [int(x) for x in text.split(",") if x]  # noqa: E731
+    kinds = [k for k in args.kinds.split(",") if k]
+    if not kinds or set(kinds) - set(KINDS):
+        parser.error(f"--kinds: a comma-separated list among {', '.join(KINDS)}, got {args.kinds!r}")
     case_list = cases(ints(args.dims), [bool(c) for c in ints(args.causal)], ints(args.groups), ints(args.seqs))
     arch, gpu = configs.gpu_arch(), torch.cuda.get_device_name()
     log(f"{gpu} ({arch}), torch {torch.__version__}, triton {triton.__version__}: {len(case_list)} cases")
     if not args.no_warm:
         try:
-            warm_compiles(case_list, args.jobs, log)
+            warm_compiles(case_list, args.jobs, log, kinds)
         except Exception as exc:  # a worker died (e.g. out of memory): the timing phase compiles what is missing
             log(f"parallel compiles stopped: {type(exc).__name__}: {exc}")
 
@@ -134,6 +145,9 @@ def main() -> None:
     os.environ["HF_ATTN_PLUGIN_TUNE_CACHE"] = "0"
     configs.clear_cache()
     configs.shipped_table = lambda arch: configs.Table({})
+    all_candidates = configs.candidates
+    configs.candidates = lambda kind, block_d: (  # a list of one is used as it is, untimed
+        all_candidates(kind, block_d) if kind in kinds else all_candidates(kind, block_d)[:1])
     results = {}  # Key -> (timings, case)
     real_tune = configs.tune
 
@@ -159,6 +173,30 @@ def main() -> None:
         summary = " ".join(f"{key.kind}={_short(t[0][0])}" for key, (t, c) in results.items() if c == current and t)
         log(f"D={d} causal={int(causal)} group={group} S={s}: {summary} ({time.time() - t0:.1f} s)")
     log(f"wrote {path}: {len(results)} entries from {done} cases")
+    if args.merge:
+        merged, n = merge_into_shipped(path, arch, kinds)
+        log(f"wrote {merged}: the shipped table with {n} entries of {', '.join(kinds)} from this run")
+
+
+def merge_into_shipped(path: str, arch: str, kinds) -> tuple:
+    """``<path without .json>.merged.json``: the shipped table of ``arch`` with the entries of ``path`` whose kind is
+    in ``kinds`` put in; returns (its path, the number of entries taken)."""
+    shipped_path = configs._TABLE_DIR / f"{arch}.json"
+    with open(shipped_path) as f:
+        shipped = json.load(f)
+    with open(path) as f:
+        tuned = json.load(f)
+    rows = {configs.Key.from_json(row["key"]): row for row in shipped.get("entries", ())}
+    taken = [row for row in tuned["entries"] if row["key"]["kind"] in kinds]
+    rows.update({configs.Key.from_json(row["key"]): row for row in taken})
+    merged = dict(shipped, source=f"{shipped.get('source', '')}; {len(taken)} entries of {', '.join(kinds)} from "
+                                  f"{tuned.get('source', path)} ({tuned.get('created', '')})",
+                  entries=[row for key, row in sorted(rows.items(), key=lambda kv: configs._sort_key(kv[0]))])
+    configs.Table.from_json(merged, "merged table")  # valid before it is written
+    out = path[: -len(".json")] + ".merged.json"
+    with open(out, "w") as f:
+        f.write(configs.dumps_table(merged))
+    return out, len(taken)
 
 
 def _short(cfg: configs.Config) -> str:

@@ -208,6 +208,52 @@ def test_warp_specialized_kernels(flash_cpu, monkeypatch, case):
     run_case(flash_cpu, **WARP_SPEC_CASES[case])
 
 
+TWO_PASS_CASES = {
+    **WARP_SPEC_CASES,
+    "dropout_gqa_window": dict(Sq=80, Sk=95, Hq=4, Hkv=2, window=30, dropout_p=0.2),
+    "head_dim_160_softcap_sinks": dict(D=160, Sq=40, Hq=2, Hkv=1, softcap=5.0, sinks=True, dtype=torch.float16),
+}
+
+
+def _record_dkdv_passes(monkeypatch):
+    """Wraps flash._attn_bwd_dkdv: returns the list of (WANT_DK, WANT_DV) of each launch."""
+    from hf_attn_plugin.kernels import flash
+
+    kernel, passes = flash._attn_bwd_dkdv, []
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                passes.append((kwargs["WANT_DK"], kwargs["WANT_DV"]))
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(flash, "_attn_bwd_dkdv", Spy())
+    return passes
+
+
+@pytest.mark.parametrize("case", list(TWO_PASS_CASES))
+def test_two_pass_dkdv(flash_cpu, monkeypatch, case):
+    """``Config.two_pass``: dV in one launch, dK in a second (one accumulator each), against the oracles with every
+    feature (dropout regenerates the same mask in both passes)."""
+    from hf_attn_plugin.kernels import configs
+
+    monkeypatch.setitem(configs._INTERPRET, "bwd_dkdv", configs.Config(16, 32, 4, 1, two_pass=True))
+    passes = _record_dkdv_passes(monkeypatch)
+    run_case(flash_cpu, **TWO_PASS_CASES[case])
+    assert passes == [(False, True), (True, False)]
+
+
+def test_two_pass_is_a_triton_mode():
+    from hf_attn_plugin.kernels import configs
+
+    with pytest.raises(ValueError, match="two_pass"):
+        configs.Config(64, 128, 8, 2, gluon=0, two_pass=True)
+    cfg = configs.Config(32, 128, 8, 3, two_pass=True)
+    assert configs.Config.from_json(cfg.to_json()) == cfg and cfg.to_json()["two_pass"] is True
+    assert "two_pass" not in configs.Config(32, 128, 8, 3).to_json()
+
+
 def test_warp_specialized_configs_refuse_deep_pipelines():
     from hf_attn_plugin.kernels import configs
 
@@ -331,6 +377,28 @@ def test_gpu_every_tuning_candidate(flash_gpu, monkeypatch):
             except AssertionError as exc:
                 used = {kind: forced(kind, D)[0] for kind in KERNEL_KINDS}
                 pytest.fail(f"candidate #{i} at D={D} {used}: {exc}")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("D", [160, 256])
+@pytest.mark.parametrize("case", ["causal_gqa", "segments_with_empty", "everything_fp16", "dropout_gqa_window",
+                                  "q_longer_than_k"])
+def test_gpu_two_pass_dkdv(flash_gpu, monkeypatch, D, case):
+    """The two-pass dK/dV candidates of the 256 bucket (wgmma tiles, compiled), bf16 unless the case says fp16, at
+    a padded (160) and a full (256) head dim, every feature."""
+    from hf_attn_plugin.kernels import configs
+
+    kw = dict(dict(dtype=torch.bfloat16), **TWO_PASS_CASES[case], D=D)
+    for cfg in [c for c in configs._GPU[("bwd_dkdv", 256)] if c.two_pass]:
+        monkeypatch.setattr(configs, "candidates", lambda kind, block_d, cfg=cfg: (
+            (cfg,) if kind == "bwd_dkdv" else configs._GPU[(kind, configs._dim_bucket(block_d))][:1]))
+        passes = _record_dkdv_passes(monkeypatch)
+        try:
+            run_case(flash_gpu, device="cuda", **kw)
+        except AssertionError as exc:
+            pytest.fail(f"{cfg}: {exc}")
+        assert passes == [(False, True), (True, False)]
+        monkeypatch.undo()
 
 
 @pytest.fixture

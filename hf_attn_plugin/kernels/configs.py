@@ -96,6 +96,11 @@ class Config:
     16 rows). Split-K (paged only): ``min_split_keys`` is the shortest piece a sequence is cut into;
     ``split_programs`` the number of programs that fill the GPU (0: four per SM).
 
+    ``two_pass`` (dK/dV only): dV and dK in two launches of the Triton kernel, one ``[BLOCK_N, D]`` fp32 accumulator
+    each instead of both in one program (the scores are computed twice, 5 matmuls instead of 4). At D 256 two
+    accumulators leave no room for Hopper's wgmma tiles (the one-pass configs that do not spill fall back to
+    Ampere's ``mma.sync``); one accumulator does.
+
     ``gluon`` (flash forward and dK/dV): -1 (the default) runs the Triton kernel; 0..3 runs that variant
     (``warp_spec`` argument) of the Gluon Hopper forward, ``kernels/gluon_fwd.py`` (dK/dV: 0..2 of
     ``kernels/gluon_bwd.py``), whose tile shape is fixed: the other fields then only record it (``_config`` of the
@@ -111,6 +116,7 @@ class Config:
     min_split_keys: int = field(default=1024, kw_only=True)
     split_programs: int = field(default=0, kw_only=True)
     gluon: int = field(default=-1, kw_only=True)
+    two_pass: bool = field(default=False, kw_only=True)
 
     def __post_init__(self):
         if self.gluon not in GLUON_VARIANTS + (-1,):
@@ -118,6 +124,8 @@ class Config:
                              f"{GLUON_VARIANTS}")
         if self.gluon >= 0 and self.warp_spec:
             raise ValueError("a Gluon config has its own warp specialization (gluon=0..3): leave warp_spec False")
+        if self.two_pass and self.gluon >= 0:
+            raise ValueError("two_pass is a mode of the Triton dK/dV kernel: a Gluon config cannot have it")
         if self.warp_spec and self.num_stages > 2:
             # Triton 3.6 on the H200: warp-specialized forwards with 3 stages returned NaN / wrong LSE (128x64 at
             # D=128, 128x128 at D=64) while 1 and 2 stages matched the reference; never offered to the tuner.
@@ -275,8 +283,14 @@ _GPU: Dict[Tuple[str, int], Sequence[Config]] = {
     #   were 10-50% slower at every shape and are not listed (benchmarks/results/flash_ws_bwd_variants_log.txt).
     #   Gluon dK/dV (kernels/gluon_bwd.py, D 64/128 buckets): last, never the default; not timed on a GPU yet.
     # (the untuned default ran D 256 at 0.25x cuDNN, B 8 S 2k: session 8 tunes the bucket with two more tile shapes)
+    # Two-pass candidates (dV, then dK: one [BLOCK_N, 256] fp32 accumulator per program). Compiled for sm_90 on a CPU
+    # machine (ptxas -v, bf16, causal, GQA 4): every one-pass tile with 64+ key rows spills (332-8248 bytes) and the
+    # one-pass tiles that do not spill (64x32, 32x32) run Ampere's mma.sync; these run wgmma m64n256k16 for dK/dV
+    # with 0 spill bytes in both passes (32x128, 8 warps, 2 stages: 8 in the dK pass; 32x64: 76).
     ("bwd_dkdv", 256): (Config(64, 64, 8, 1), Config(32, 64, 8, 2), Config(64, 32, 8, 2), Config(32, 32, 4, 1),
-                        Config(32, 32, 8, 2), Config(16, 64, 4, 2)),
+                        Config(32, 32, 8, 2), Config(16, 64, 4, 2), Config(32, 128, 8, 3, two_pass=True),
+                        Config(32, 128, 8, 2, two_pass=True), Config(16, 128, 8, 2, two_pass=True),
+                        Config(32, 64, 8, 2, two_pass=True)),
     ("bwd_pre", 64): (Config(128, 0, 4, 1),),
     ("bwd_pre", 128): (Config(128, 0, 4, 1),),
     ("bwd_pre", 256): (Config(64, 0, 4, 1),),

@@ -448,9 +448,10 @@ def _attn_bwd_dq(
 def _dkdv_tile(dk, dv, k, v, q, do, lse2, delta, rows, cols, off, window, sm_scale2, cap_scale, cap2,
                seed, bh, q_start, k_start, drop_p, drop_scale,
                CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-               DROPOUT: tl.constexpr, MASKED: tl.constexpr):
-    """One query tile's contribution to dK/dV. Transposed formulation: scores are ``[BLOCK_N keys, BLOCK_M
-    queries]`` so that dK and dV come out of ``dS^T @ Q`` and ``P^T @ dO`` without transposing P."""
+               DROPOUT: tl.constexpr, MASKED: tl.constexpr, WANT_DK: tl.constexpr, WANT_DV: tl.constexpr):
+    """One query tile's contribution to dK and/or dV (``WANT_DK`` / ``WANT_DV``: a two-pass launch computes one per
+    pass; the other accumulator goes through unchanged). Transposed formulation: scores are ``[BLOCK_N keys,
+    BLOCK_M queries]`` so that dK and dV come out of ``dS^T @ Q`` and ``P^T @ dO`` without transposing P."""
     qkT = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
     sT, tT = scores(qkT, sm_scale2, cap_scale, cap2, SOFTCAP)
     if MASKED:  # keys past the segment need no mask: their dK/dV rows are not stored
@@ -459,14 +460,20 @@ def _dkdv_tile(dk, dv, k, v, q, do, lse2, delta, rows, cols, off, window, sm_sca
     pT = tl.exp2(sT - lse2[None, :])
     if DROPOUT:  # rows / cols are local: the mask is indexed by padded-layout positions
         keepT = _dropout_keep(seed, bh, q_start + rows[None, :], k_start + cols[:, None], drop_p)
-        dv = tl.dot(tl.where(keepT, pT * drop_scale, 0.0).to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-        dpT = tl.where(keepT, dpT * drop_scale, 0.0)
+        if WANT_DV:
+            dv = tl.dot(tl.where(keepT, pT * drop_scale, 0.0).to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        if WANT_DK:
+            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+            dpT = tl.where(keepT, dpT * drop_scale, 0.0)
+            dsT = scores_grad(pT, dpT, delta[None, :], tT, SOFTCAP)
+            dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     else:
-        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
-        dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
-    dsT = scores_grad(pT, dpT, delta[None, :], tT, SOFTCAP)
-    dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+        if WANT_DV:
+            dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=DOT_PRECISION)
+        if WANT_DK:
+            dpT = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
+            dsT = scores_grad(pT, dpT, delta[None, :], tT, SOFTCAP)
+            dk = tl.dot(dsT.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     return dk, dv
 
 
@@ -475,7 +482,7 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, 
                 len_q, len_k, window, sm_scale2, cap_scale, cap2, seed, bh, q_start, k_start, drop_p, drop_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                DROPOUT: tl.constexpr, MASKED: tl.constexpr):
+                DROPOUT: tl.constexpr, MASKED: tl.constexpr, WANT_DK: tl.constexpr, WANT_DV: tl.constexpr):
     """Query rows past ``len_q`` load as zeros (q = dO = lse = delta = 0) and contribute exactly 0, so only the
     masked phases check bounds."""
     cols = n0 + tl.arange(0, BLOCK_N)
@@ -496,7 +503,7 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, 
             delta = tl.load(delta_base + start_m + offs_m)
         dk, dv = _dkdv_tile(dk, dv, k, v, q, do, lse2, delta, start_m + offs_m, cols, off, window, sm_scale2,
                             cap_scale, cap2, seed, bh, q_start, k_start, drop_p, drop_scale, CAUSAL, WINDOW, SOFTCAP,
-                            DOT_PRECISION, DROPOUT, MASKED)
+                            DOT_PRECISION, DROPOUT, MASKED, WANT_DK, WANT_DV)
     return dk, dv
 
 
@@ -505,7 +512,7 @@ def _dkdv_inner_ws(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, stride_l
                    len_q, len_k, window, sm_scale2, cap_scale, cap2, seed, bh0, q_start, k_start, drop_p, drop_scale,
                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   DROPOUT: tl.constexpr):
+                   DROPOUT: tl.constexpr, WANT_DK: tl.constexpr, WANT_DV: tl.constexpr):
     """Warp-specialized form: one loop over (query head of the group, query tile), masked throughout, Q/dO through
     3-D TMA descriptors ``[group, len_q, D]`` (rows past ``len_q`` load as zeros and contribute 0)."""
     cols = n0 + tl.arange(0, BLOCK_N)
@@ -523,7 +530,7 @@ def _dkdv_inner_ws(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, stride_l
         delta = tl.load(delta_base + stat, mask=rows < len_q, other=0.0)
         dk, dv = _dkdv_tile(dk, dv, k, v, q, do, lse2, delta, rows, cols, off, window, sm_scale2, cap_scale, cap2,
                             seed, bh0 + g, q_start, k_start, drop_p, drop_scale, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION,
-                            DROPOUT, MASKED=True)
+                            DROPOUT, True, WANT_DK, WANT_DV)
     return dk, dv
 
 
@@ -534,7 +541,7 @@ def _dkdv_heads(dk, dv, Q, K, V, DO, Lse, Delta, batch64, kv_head, q_start, krow
                 lo, p1_end, full_lo, full_hi, hi, sm_scale2, cap_scale, cap2, seed, bh0, k_start, drop_p, drop_scale,
                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                DROPOUT: tl.constexpr):
+                DROPOUT: tl.constexpr, WANT_DK: tl.constexpr, WANT_DV: tl.constexpr):
     """Pointer-load form: K/V tile in registers, three query-tile phases per head of the group."""
     k = _load_rows(K + batch64 * stride_kb + kv_head.to(tl.int64) * stride_kh + krow0 * stride_ks, stride_ks,
                    len_k - n0, BLOCK_N, HEAD_DIM, BLOCK_D, True)
@@ -551,15 +558,15 @@ def _dkdv_heads(dk, dv, Q, K, V, DO, Lse, Delta, batch64, kv_head, q_start, krow
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_ds, n0, lo,
                              p1_end, len_q, len_k, window, sm_scale2, cap_scale, cap2, seed, bh0 + g,
                              q_start, k_start, drop_p, drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL,
-                             WINDOW, SOFTCAP, DOT_PRECISION, DROPOUT, MASKED=True)
+                             WINDOW, SOFTCAP, DOT_PRECISION, DROPOUT, True, WANT_DK, WANT_DV)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_ds, n0, full_lo,
                              full_hi, len_q, len_k, window, sm_scale2, cap_scale, cap2, seed, bh0 + g,
                              q_start, k_start, drop_p, drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL,
-                             WINDOW, SOFTCAP, DOT_PRECISION, DROPOUT, MASKED=False)
+                             WINDOW, SOFTCAP, DOT_PRECISION, DROPOUT, False, WANT_DK, WANT_DV)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_ds, n0, full_hi,
                              hi, len_q, len_k, window, sm_scale2, cap_scale, cap2, seed, bh0 + g,
                              q_start, k_start, drop_p, drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL,
-                             WINDOW, SOFTCAP, DOT_PRECISION, DROPOUT, MASKED=True)
+                             WINDOW, SOFTCAP, DOT_PRECISION, DROPOUT, True, WANT_DK, WANT_DV)
     return dk, dv
 
 
@@ -578,6 +585,7 @@ def _attn_bwd_dkdv(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, SEGMENTS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, WARP_SPEC: tl.constexpr, DROPOUT: tl.constexpr, ALIGN: tl.constexpr,
+    WANT_DK: tl.constexpr = True, WANT_DV: tl.constexpr = True,
 ):
     stride_qb, stride_qs, stride_qh = _aligned(stride_qb, stride_qs, stride_qh, ALIGN)
     stride_kb, stride_ks, stride_kh = _aligned(stride_kb, stride_ks, stride_kh, ALIGN)
@@ -621,19 +629,21 @@ def _attn_bwd_dkdv(
                                 Delta + batch64 * stride_lb + head0 * stride_lh + q_start, stride_lh, n0, lo, hi, group,
                                 len_q, len_k, window, sm_scale2, cap_scale, cap2, seed, bh0, q_start, k_start, drop_p,
                                 drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION,
-                                DROPOUT)
+                                DROPOUT, WANT_DK, WANT_DV)
     else:
         dk, dv = _dkdv_heads(dk, dv, Q, K, V, DO, Lse, Delta, batch64, kv_head, q_start, krow0, n0, len_q, len_k,
                              stride_qs, stride_qh, stride_qb, stride_ks, stride_kh, stride_kb, stride_vs, stride_vh,
                              stride_vb, stride_ds, stride_dh, stride_db, stride_lb, stride_lh, group, window,
                              lo, p1_end, full_lo, full_hi, hi, sm_scale2, cap_scale, cap2, seed, bh0, k_start, drop_p,
                              drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION,
-                             DROPOUT)
-    dk = dk * sm_scale
-    _store_rows(DK + batch64 * stride_gkb + kv_head.to(tl.int64) * stride_gkh + krow0 * stride_gks, stride_gks,
-                len_k - n0, dk, BLOCK_N, HEAD_DIM, BLOCK_D)
-    _store_rows(DV + batch64 * stride_gvb + kv_head.to(tl.int64) * stride_gvh + krow0 * stride_gvs, stride_gvs,
-                len_k - n0, dv, BLOCK_N, HEAD_DIM, BLOCK_D)
+                             DROPOUT, WANT_DK, WANT_DV)
+    if WANT_DK:
+        dk = dk * sm_scale
+        _store_rows(DK + batch64 * stride_gkb + kv_head.to(tl.int64) * stride_gkh + krow0 * stride_gks, stride_gks,
+                    len_k - n0, dk, BLOCK_N, HEAD_DIM, BLOCK_D)
+    if WANT_DV:
+        _store_rows(DV + batch64 * stride_gvb + kv_head.to(tl.int64) * stride_gvh + krow0 * stride_gvs, stride_gvs,
+                    len_k - n0, dv, BLOCK_N, HEAD_DIM, BLOCK_D)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -930,19 +940,22 @@ def flash_attn_backward(
 
             return gluon_bwd.gluon_attn_backward_dkdv(dout, q, k, v, lse, delta, dk, dv, params, warp_spec=cfg.gluon)
         grid = (cdiv(L.max_k, cfg.block_n), L.n_seg * L.heads_kv)
-        return _attn_bwd_dkdv[grid](
-            q, k, v, dout, lse, delta, dk, dv, L.segments, L.seed,
-            *q.stride()[:3],
-            *k.stride()[:3],
-            *v.stride()[:3],
-            *dout.stride()[:3],
-            *dk.stride()[:3],
-            *dv.stride()[:3],
-            *lse.stride()[:2],
-            heads_kv=L.heads_kv, **common,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, WARP_SPEC=cfg.warp_spec, num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages, ALIGN=align, **L.flags(),
-        )
+        # one launch for both, or (two_pass) dV then dK, each with a single accumulator
+        for want_dk, want_dv in ((False, True), (True, False)) if cfg.two_pass else ((True, True),):
+            kernel = _attn_bwd_dkdv[grid](
+                q, k, v, dout, lse, delta, dk, dv, L.segments, L.seed,
+                *q.stride()[:3],
+                *k.stride()[:3],
+                *v.stride()[:3],
+                *dout.stride()[:3],
+                *dk.stride()[:3],
+                *dv.stride()[:3],
+                *lse.stride()[:2],
+                heads_kv=L.heads_kv, **common,
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, WARP_SPEC=cfg.warp_spec, num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages, ALIGN=align, WANT_DK=want_dk, WANT_DV=want_dv, **L.flags(),
+            )
+        return kernel
 
     key = L.key(q.dtype)
     cfg = configs.pick("bwd_dkdv", L.block_d, key, launch_dkdv)
