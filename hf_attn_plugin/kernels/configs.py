@@ -278,11 +278,7 @@ _GPU: Dict[Tuple[str, int], Sequence[Config]] = {
     # for the best run-1 config; see benchmarks/NOTES_flash.md).
     ("bwd_dkdv", 128): (Config(32, 64, 4, 3), Config(64, 128, 8, 2), Config(64, 64, 8, 3), Config(32, 64, 4, 4),
                         Config(16, 64, 4, 4), Config(64, 64, 4, 2), Config(32, 128, 8, 3), Config(64, 128, 4, 2, True),
-                        Config(32, 128, 8, 2, two_pass=True), Config(16, 128, 8, 3, two_pass=True),
                         *_gluon_bwd_candidates(128)),
-    # ^ two-pass (see the 256 bucket): at D 128 the one-pass 32x64 default spills 332 bytes (sm_90 compile, GQA 4,
-    #   causal); two-pass 32x128 and 16x128 on 8 warps spill 0-72. Whether that pays for the recomputed scores is
-    #   the tuner's call.
     # ^ warp-specialized 64x128 (two 64-row consumers): ~2% faster where picked (session 4); WS 32x128 and 64x64
     #   were 10-50% slower at every shape and are not listed (benchmarks/results/flash_ws_bwd_variants_log.txt).
     #   Gluon dK/dV (kernels/gluon_bwd.py, D 64/128 buckets): last, never the default; not timed on a GPU yet.
