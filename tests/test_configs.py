@@ -608,3 +608,30 @@ def test_tune_tables_writes_a_table_the_lookup_reads(tmp_path):
     row = json.loads(out.read_text())["entries"][0]
     assert "runner-up " + tune_tables._short(other) in row["evidence"] and "gluon_ws3" in tune_tables._short(g3)
     assert "fallback (best Triton) " + tune_tables._short(other) + " 0.5000 ms" in row["evidence"]
+
+
+def test_tune_tables_merge_replaces_only_the_tuned_entries(tmp_path, monkeypatch):
+    """``tune_tables.py --kinds K --merge``: the shipped table with the run's entries put in (same key replaced, new
+    key added), every other entry and its evidence kept, the table valid."""
+    tune_tables = load_file("benchmarks/tune_tables.py")
+    shipped_dir = tmp_path / "shipped"
+    shipped_dir.mkdir()
+    old, new, other = Config(64, 32, 8, 2), Config(32, 128, 8, 3, two_pass=True), Config(128, 32, 8, 1)
+    kept_key = Key.make("bwd_dq", 256, **fwd_key(1024))
+    replaced_key = Key.make("bwd_dkdv", 256, **fwd_key(1024))
+    added_key = Key.make("bwd_dkdv", 256, **fwd_key(4096))
+    shipped = Table({kept_key: other, replaced_key: old}, {"source": "seed"})
+    (shipped_dir / "sm90.json").write_text(configs.dumps_table(shipped.to_json(
+        {kept_key: {"evidence": "kept"}, replaced_key: {"evidence": "old"}})))
+    monkeypatch.setattr(configs, "_TABLE_DIR", shipped_dir)
+    tuned = tmp_path / "sm90.json"
+    tuned.write_text(configs.dumps_table(Table({replaced_key: new, added_key: new}, {"source": "run"}).to_json(
+        {replaced_key: {"evidence": "tuned 1k"}, added_key: {"evidence": "tuned 4k"}})))
+    path, taken = tune_tables.merge_into_shipped(str(tuned), "sm90", ["bwd_dkdv"])
+    assert taken == 2 and path.endswith("sm90.merged.json")
+    data = json.loads(open(path).read())
+    merged = Table.from_json(data)
+    assert merged.entries == {kept_key: other, replaced_key: new, added_key: new}
+    evidence = {Key.from_json(row["key"]): row["evidence"] for row in data["entries"]}
+    assert evidence == {kept_key: "kept", replaced_key: "tuned 1k", added_key: "tuned 4k"}
+    assert data["source"].startswith("seed; 2 entries of bwd_dkdv from run")

@@ -284,9 +284,11 @@ _GPU: Dict[Tuple[str, int], Sequence[Config]] = {
     #   Gluon dK/dV (kernels/gluon_bwd.py, D 64/128 buckets): last, never the default; not timed on a GPU yet.
     # (the untuned default ran D 256 at 0.25x cuDNN, B 8 S 2k: session 8 tunes the bucket with two more tile shapes)
     # Two-pass candidates (dV, then dK: one [BLOCK_N, 256] fp32 accumulator per program). Compiled for sm_90 on a CPU
-    # machine (ptxas -v, bf16, causal, GQA 4): every one-pass tile with 64+ key rows spills (332-8248 bytes) and the
-    # one-pass tiles that do not spill (64x32, 32x32) run Ampere's mma.sync; these run wgmma m64n256k16 for dK/dV
-    # with 0 spill bytes in both passes (32x128, 8 warps, 2 stages: 8 in the dK pass; 32x64: 76).
+    # machine (benchmarks/compile_flash.py, bf16, causal, S 4k): the one-pass tiles with 64 key rows spill (MHA
+    # 332-3816 bytes, GQA 4 568-2980) and the one that does not (64x32, MHA) runs Ampere's mma.sync; the two-pass
+    # tiles run wgmma m64n256k16 for dK/dV, spilling 0-108 bytes (MHA) or 0-428 (GQA 4) per pass. On the H200
+    # (tune_tables, benchmarks/logs/tune_sm90_d256_dkdv_s10.log) 32x128/8 warps/3 stages won every D 256 key, dK/dV
+    # 1.9x faster than session 8's best one-pass tile (causal MHA S 4k: 2.98 vs 5.70 ms).
     ("bwd_dkdv", 256): (Config(64, 64, 8, 1), Config(32, 64, 8, 2), Config(64, 32, 8, 2), Config(32, 32, 4, 1),
                         Config(32, 32, 8, 2), Config(16, 64, 4, 2), Config(32, 128, 8, 3, two_pass=True),
                         Config(32, 128, 8, 2, two_pass=True), Config(16, 128, 8, 2, two_pass=True),
