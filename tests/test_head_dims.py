@@ -149,12 +149,18 @@ def test_gpu_backward_at_d72_runs_at_the_speed_of_its_bucket():
 
     from hf_attn_plugin import ops
 
-    def backward_ms(d):
+    def backward(d):
         q, k, v = (torch.randn(4, 2048, 16, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
                    for _ in range(3))
         out = ops.attention(q, k, v, causal=True)
         grad = torch.randn_like(out)
-        return do_bench(lambda: torch.autograd.grad(out, (q, k, v), grad, retain_graph=True), warmup=5, rep=40)
+        return lambda: torch.autograd.grad(out, (q, k, v), grad, retain_graph=True)
 
-    d72, d80 = backward_ms(72), backward_ms(80)
+    # Alternating rounds, the fastest of each: the GPU suite runs on one GPU from many processes, so a single
+    # measurement can land beside another test's kernels (seen: D 72 1.21 ms vs D 80 0.79 ms in one such run).
+    runs, times = {d: backward(d) for d in (72, 80)}, {72: [], 80: []}
+    for _ in range(3):
+        for d in (72, 80):
+            times[d].append(do_bench(runs[d], warmup=5, rep=40))
+    d72, d80 = min(times[72]), min(times[80])
     assert d72 < 1.5 * d80, f"backward at D 72 takes {d72:.3f} ms, at D 80 {d80:.3f} ms"
