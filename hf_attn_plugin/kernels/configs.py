@@ -287,7 +287,7 @@ _GPU: Dict[Tuple[str, int], Sequence[Config]] = {
     # machine (benchmarks/compile_flash.py, bf16, causal, S 4k): the one-pass tiles with 64 key rows spill (MHA
     # 332-3816 bytes, GQA 4 568-2980) and the one that does not (64x32, MHA) runs Ampere's mma.sync; the two-pass
     # tiles run wgmma m64n256k16 for dK/dV, spilling 0-108 bytes (MHA) or 0-428 (GQA 4) per pass. On the H200
-    # (tune_tables, benchmarks/logs/tune_sm90_d256_dkdv_s10.log) 32x128/8 warps/3 stages won every D 256 key, dK/dV
+    # (tune_tables, benchmarks/logs/tune_sm90_d256_dkdv_20261202.log) 32x128/8 warps/3 stages won every D 256 key, dK/dV
     # 1.9x faster than session 8's best one-pass tile (causal MHA S 4k: 2.98 vs 5.70 ms).
     ("bwd_dkdv", 256): (Config(64, 64, 8, 1), Config(32, 64, 8, 2), Config(64, 32, 8, 2), Config(32, 32, 4, 1),
                         Config(32, 32, 8, 2), Config(16, 64, 4, 2), Config(32, 128, 8, 3, two_pass=True),

@@ -14,7 +14,8 @@ Kernels
 * ``_bwd_preprocess``: ``delta_i = rowsum(dO_i * O_i)``.
 * ``_attn_bwd_dkdv``: one program per (key tile, segment x KV head); it loops over the group's query
   heads, so dK/dV of a KV head are accumulated in registers and written once: no atomics,
-  deterministic.
+  deterministic. A ``two_pass`` launch config runs it twice (``WANT_DV``, then ``WANT_DK``), one
+  accumulator per program: the D 256 bucket's tiles then fit Hopper's wgmma without spilling.
 * ``_attn_bwd_dq``: one program per (query tile, segment x query head).
 
 The forward and dK/dV kernels have a warp-specialized form (``WARP_SPEC``, a tuning candidate): Triton splits
