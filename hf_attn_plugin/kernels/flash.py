@@ -16,8 +16,8 @@ Kernels
   deterministic. A ``two_pass`` launch config runs it twice (``WANT_DV``, then ``WANT_DK``), one
   accumulator per program: the D 256 bucket's tiles then fit Hopper's wgmma without spilling.
 * ``_attn_bwd_dq``: one program per (query tile, segment x query head). It runs first and also writes
-  ``delta_i = rowsum(dO_i * O_i)`` for its rows (it loads dO anyway), which the dK/dV kernel reads: two
-  launches per backward, no separate preprocessing pass.
+  ``delta_i = rowsum(dO_i * O_i)`` for its rows (it loads dO anyway), which the dK/dV kernel reads: no
+  separate preprocessing launch.
 
 The forward and dK/dV kernels have a warp-specialized form (``WARP_SPEC``, a tuning candidate): Triton splits
 the program into a producer warpgroup issuing TMA loads and two consumer warpgroups. Triton 3.6 only accepts one
