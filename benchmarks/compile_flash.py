@@ -42,7 +42,7 @@ class _NoGPU:
 
 
 def compile_launches(kind: str, cfg, *, dim: int, heads_q: int, heads_kv: int, seqlen: int, causal: bool,
-                     softcap: float = 0.0):
+                     softcap: float = 0.0, dtype=torch.bfloat16):
     """``[(kernel name, CompiledKernel)]`` of one forward (``kind == "fwd"``) or backward call with ``cfg`` forced."""
     from hf_attn_plugin.kernels import configs, flash
     from hf_attn_plugin.kernels.params import AttentionParams
@@ -60,8 +60,8 @@ def compile_launches(kind: str, cfg, *, dim: int, heads_q: int, heads_kv: int, s
     configs.candidates = lambda k, block_d: (cfg,) if k == kind else real_candidates(k, block_d)[:1]
     flash._gluon_check = lambda *a, **k: (lambda: "compiling the Triton kernels")
     try:
-        q = torch.randn(1, seqlen, heads_q, dim, dtype=torch.bfloat16)
-        k, v = (torch.randn(1, seqlen, heads_kv, dim, dtype=torch.bfloat16) for _ in range(2))
+        q = torch.randn(1, seqlen, heads_q, dim, dtype=dtype)
+        k, v = (torch.randn(1, seqlen, heads_kv, dim, dtype=dtype) for _ in range(2))
         params = AttentionParams.create(dim, causal=causal, softcap=softcap)
         if kind == "fwd":
             flash.flash_attn_forward(q, k, v, params)
@@ -94,6 +94,7 @@ def main() -> None:
     ap.add_argument("--seqlen", type=int, default=4096)
     ap.add_argument("--non-causal", action="store_true")
     ap.add_argument("--softcap", type=float, default=0.0)
+    ap.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
     ap.add_argument("--configs", required=True, help="space-separated BLOCK_M,BLOCK_N,warps,stages[,ws][,tp]")
     args = ap.parse_args()
     hq, hkv = (int(x) for x in args.heads.split(","))
@@ -103,7 +104,8 @@ def main() -> None:
     for text in args.configs.split():
         cfg = parse_config(text)
         launches = compile_launches(args.kind, cfg, dim=args.dim, heads_q=hq, heads_kv=hkv, seqlen=args.seqlen,
-                                    causal=not args.non_causal, softcap=args.softcap)
+                                    causal=not args.non_causal, softcap=args.softcap,
+                                    dtype=getattr(torch, args.dtype))
         for i, (name, kernel) in enumerate(l for l in launches if l[0] == names[args.kind]):
             use = ptxas_usage(kernel.asm["ptx"])
             print(f"| {text} | {name} #{i + 1} | {use['regs']} | {use['spills']} | {kernel.metadata.shared} | "

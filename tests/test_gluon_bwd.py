@@ -347,7 +347,7 @@ def test_stat_descriptor_reads_the_padded_layout():
 def _spy_stats_strides(monkeypatch, flash):
     """{kernel name: [strides of the lse / delta tensors of each launch]} for the backward's Triton kernels."""
     seen = {}
-    for name, slots in (("_attn_bwd_dq", (4, 5)), ("_attn_bwd_dkdv", (4, 5))):
+    for name, slots in (("_bwd_preprocess", (2,)), ("_attn_bwd_dq", (4, 5)), ("_attn_bwd_dkdv", (4, 5))):
         kernel = getattr(flash, name)
 
         class Spy:
@@ -387,7 +387,7 @@ def test_backward_any_sq_padded_stats_through_the_triton_kernels(flash_cpu, monk
     seen = _spy_stats_strides(monkeypatch, flash_cpu)
     run_case(flash_cpu, **kw)
     layout = (kw["Hq"] * padded, padded, 1)
-    assert set(seen) == {"_attn_bwd_dq", "_attn_bwd_dkdv"}, seen
+    assert set(seen) == {"_bwd_preprocess", "_attn_bwd_dq", "_attn_bwd_dkdv"}, seen
     assert all(strides == [layout] * len(strides) for strides in seen.values()), (layout, seen)
 
 
@@ -402,7 +402,7 @@ TIMING_SHAPES = [  # (B, S, Hq, Hkv, D, causal): issue 16's D64 row, D128 GQA, a
                          ids=lambda s: "B{}_S{}_{}x{}_D{}_{}".format(*s[:5], "causal" if s[5] else "bidir"))
 def test_timing_report(flash_gpu, monkeypatch, shape):
     """Not a speed assertion: prints the whole backward's time with the dK/dV config the shipped table picks, the
-    Triton default and each Gluon variant at one shape (dQ, which also writes delta, at its default), for
+    Triton default and each Gluon variant at one shape (dQ and preprocess at their defaults), for
     benchmarks/NOTES_gluon.md (run with ``-s``); fails only if a Gluon variant errors."""
     from triton.testing import do_bench
 

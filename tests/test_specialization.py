@@ -79,7 +79,7 @@ def test_decode_kernel_is_one_variant_for_every_key_count_and_split_count(monkey
 def test_flash_kernels_are_one_variant_for_every_length(monkeypatch, triton_backend):
     """Prefill lengths of each class through the forward and the backward: one key per kernel."""
     spies = {name: _spy(monkeypatch, flash, name)
-             for name in ("_attn_fwd", "_attn_bwd_dq", "_attn_bwd_dkdv")}
+             for name in ("_attn_fwd", "_bwd_preprocess", "_attn_bwd_dq", "_attn_bwd_dkdv")}
     for seqlen in (40, 48, 57):
         q, k, v = (torch.randn(1, seqlen, 2, 16, device=DEVICE, requires_grad=True) for _ in range(3))
         ops.attention(q, k, v, causal=True).sum().backward()

@@ -216,6 +216,7 @@ _INTERPRET = {
     "fwd": Config(32, 16, 4, 1),
     "bwd_dq": Config(32, 16, 4, 1),
     "bwd_dkdv": Config(16, 32, 4, 1),
+    "bwd_pre": Config(32, 16, 4, 1),
     "paged_decode": Config(32, 32, 4, 1, min_split_keys=32, split_programs=INTERPRET_SPLIT_PROGRAMS),
     "paged_prefill": Config(32, 32, 4, 1, min_split_keys=32, split_programs=INTERPRET_SPLIT_PROGRAMS),
 }
@@ -292,6 +293,9 @@ _GPU: Dict[Tuple[str, int], Sequence[Config]] = {
                         Config(32, 32, 8, 2), Config(16, 64, 4, 2), Config(32, 128, 8, 3, two_pass=True),
                         Config(32, 128, 8, 2, two_pass=True), Config(16, 128, 8, 2, two_pass=True),
                         Config(32, 64, 8, 2, two_pass=True)),
+    ("bwd_pre", 64): (Config(128, 0, 4, 1),),
+    ("bwd_pre", 128): (Config(128, 0, 4, 1),),
+    ("bwd_pre", 256): (Config(64, 0, 4, 1),),
     # Paged attention (H200 sweeps, benchmarks/NOTES_paged.md). Decode streams K/V once: 64-key tiles, 4 warps,
     # 2 stages were best or within 1% everywhere (8 warps and 32-key tiles lost 10-25%; 128-key tiles equal at 2
     # stages). Prefill packs ~64 query rows (tokens x group heads) per program (32 at D=256); 128 rows, 128-key

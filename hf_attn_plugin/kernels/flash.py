@@ -11,13 +11,12 @@ Kernels
   natural-log LSE for the backward. K/V tiles are loaded with TMA through descriptors built in the
   kernel, bounded by the program's segment (Triton needs a scratch allocator for them: set at launch
   unless the caller set one).
+* ``_bwd_preprocess``: ``delta_i = rowsum(dO_i * O_i)``.
 * ``_attn_bwd_dkdv``: one program per (key tile, segment x KV head); it loops over the group's query
   heads, so dK/dV of a KV head are accumulated in registers and written once: no atomics,
   deterministic. A ``two_pass`` launch config runs it twice (``WANT_DV``, then ``WANT_DK``), one
   accumulator per program: the D 256 bucket's tiles then fit Hopper's wgmma without spilling.
-* ``_attn_bwd_dq``: one program per (query tile, segment x query head). It runs first and also writes
-  ``delta_i = rowsum(dO_i * O_i)`` for its rows (it loads dO anyway), which the dK/dV kernel reads: no
-  separate preprocessing launch.
+* ``_attn_bwd_dq``: one program per (query tile, segment x query head).
 
 The forward and dK/dV kernels have a warp-specialized form (``WARP_SPEC``, a tuning candidate): Triton splits
 the program into a producer warpgroup issuing TMA loads and two consumer warpgroups. Triton 3.6 only accepts one
@@ -334,6 +333,26 @@ def _aligned(a, b, c, ALIGN: tl.constexpr):
     return (a // ALIGN) * ALIGN, (b // ALIGN) * ALIGN, (c // ALIGN) * ALIGN
 
 
+@triton.jit(do_not_specialize_on_alignment=("seqlen_q", "stride_eb", "stride_eh"))
+def _bwd_preprocess(Out, DO, Delta, stride_ob, stride_os, stride_oh, stride_db, stride_ds, stride_dh,
+                    stride_eb, stride_eh, seqlen_q, heads_q,
+                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, ALIGN: tl.constexpr):
+    """``Delta[b, h, i] = sum_d dO[b, i, h, d] * O[b, i, h, d]`` (float32)."""
+    stride_ob, stride_os, stride_oh = _aligned(stride_ob, stride_os, stride_oh, ALIGN)
+    stride_db, stride_ds, stride_dh = _aligned(stride_db, stride_ds, stride_dh, ALIGN)
+    m0 = tl.program_id(0) * BLOCK_M
+    pid_bh = tl.program_id(1)
+    batch = (pid_bh // heads_q).to(tl.int64)
+    head = (pid_bh % heads_q).to(tl.int64)
+    o = _load_rows(Out + batch * stride_ob + head * stride_oh + m0.to(tl.int64) * stride_os, stride_os,
+                   seqlen_q - m0, BLOCK_M, HEAD_DIM, BLOCK_D, True)
+    do = _load_rows(DO + batch * stride_db + head * stride_dh + m0.to(tl.int64) * stride_ds, stride_ds,
+                    seqlen_q - m0, BLOCK_M, HEAD_DIM, BLOCK_D, True)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    rows = tl.arange(0, BLOCK_M)
+    tl.store(Delta + batch * stride_eb + head * stride_eh + m0 + rows, delta, mask=rows < seqlen_q - m0)
+
+
 @triton.jit
 def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, m0, start, end, len_q, len_k, window,
               sm_scale2, cap_scale, cap2, seed, bh, q_start, k_start, drop_p, drop_scale,
@@ -368,13 +387,12 @@ def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, m0, 
 
 @triton.jit(do_not_specialize_on_alignment=LENGTH_ARGS + ("stride_lb", "stride_lh"))
 def _attn_bwd_dq(
-    Q, K, V, DO, Lse, Delta, DQ, Out, Segments, Seed,
+    Q, K, V, DO, Lse, Delta, DQ, Segments, Seed,
     stride_qb, stride_qs, stride_qh,
     stride_kb, stride_ks, stride_kh,
     stride_vb, stride_vs, stride_vh,
     stride_db, stride_ds, stride_dh,
     stride_gb, stride_gs, stride_gh,
-    stride_ob, stride_os, stride_oh,
     stride_lb, stride_lh,
     seqlen_q, seqlen_k, heads_q, group, window,
     sm_scale, sm_scale2, cap_scale, cap2, drop_p, drop_scale,
@@ -387,7 +405,6 @@ def _attn_bwd_dq(
     stride_vb, stride_vs, stride_vh = _aligned(stride_vb, stride_vs, stride_vh, ALIGN)
     stride_db, stride_ds, stride_dh = _aligned(stride_db, stride_ds, stride_dh, ALIGN)
     stride_gb, stride_gs, stride_gh = _aligned(stride_gb, stride_gs, stride_gh, ALIGN)
-    stride_ob, stride_os, stride_oh = _aligned(stride_ob, stride_os, stride_oh, ALIGN)
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     pid_bh = tl.program_id(1)
     batch, head, q_start, k_start, len_q, len_k = _segment(Segments, pid_bh, heads_q, seqlen_q, seqlen_k, SEGMENTS)
@@ -402,15 +419,10 @@ def _attn_bwd_dq(
                    BLOCK_M, HEAD_DIM, BLOCK_D, True)
     do = _load_rows(DO + batch64 * stride_db + head64 * stride_dh + row0 * stride_ds, stride_ds, len_q - m0,
                     BLOCK_M, HEAD_DIM, BLOCK_D, True)
-    o = _load_rows(Out + batch64 * stride_ob + head64 * stride_oh + row0 * stride_os, stride_os, len_q - m0,
-                   BLOCK_M, HEAD_DIM, BLOCK_D, True)
     rows = tl.arange(0, BLOCK_M)
     stat = batch64 * stride_lb + head64 * stride_lh + q_start + m0 + rows
     lse2 = tl.load(Lse + stat, mask=rows < len_q - m0, other=0.0) * LOG2E
-    # delta = rowsum(dO * O) (the dropped O with dropout: still rowsum(P * dP)); the dK/dV launch after this one
-    # reads it for every query row of its key tile
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    tl.store(Delta + stat, delta, mask=rows < len_q - m0)
+    delta = tl.load(Delta + stat, mask=rows < len_q - m0, other=0.0)
     k_base = K + batch64 * stride_kb + kv_head.to(tl.int64) * stride_kh + k_start.to(tl.int64) * stride_ks
     v_base = V + batch64 * stride_vb + kv_head.to(tl.int64) * stride_vh + k_start.to(tl.int64) * stride_vs
 
@@ -888,13 +900,16 @@ def flash_attn_backward(
         dsinks = torch.zeros(L.heads_q, dtype=torch.float32, device=q.device) if sinks is not None else None
         return dq, dk, dv, dsinks
 
-    # delta = rowsum(dO * O), written by the dQ kernel for the rows of every segment; rows outside every segment
-    # have O = 0, hence delta = 0 (the sinks' gradient sums over all rows).
+    # delta = rowsum(dO * O); rows outside every segment have O = 0, hence delta = 0.
     delta = stats_buffer(L.batch, L.heads_q, L.seqlen_q, q.device)
-    if L.segmented:
-        delta.zero_()
-    elif POISON:  # tests: a row the dQ kernel did not write is NaN
-        delta.fill_(float("nan"))
+    pre = configs.candidates("bwd_pre", L.block_d)[0]
+    _bwd_preprocess[(cdiv(L.seqlen_q, pre.block_m), L.batch * L.heads_q)](
+        out, dout, delta,
+        *out.stride()[:3],
+        *dout.stride()[:3],
+        *delta.stride()[:2], L.seqlen_q, L.heads_q,
+        HEAD_DIM=L.head_dim, BLOCK_D=L.block_d, BLOCK_M=pre.block_m, ALIGN=align, num_warps=pre.num_warps,
+    )
     # scalar arguments of both kernels, by keyword (each launch adds its own head count)
     common = dict(seqlen_q=L.seqlen_q, seqlen_k=L.seqlen_k, group=L.group, window=L.window, sm_scale=L.scale,
                   sm_scale2=L.sm_scale2, cap_scale=L.cap_scale, cap2=L.cap2, drop_p=L.dropout_p,
@@ -903,13 +918,12 @@ def flash_attn_backward(
     def launch_dq(cfg: configs.Config):
         grid = (cdiv(L.max_q, cfg.block_m), L.n_seg * L.heads_q)
         return _attn_bwd_dq[grid](
-            q, k, v, dout, lse, delta, dq, out, L.segments, L.seed,
+            q, k, v, dout, lse, delta, dq, L.segments, L.seed,
             *q.stride()[:3],
             *k.stride()[:3],
             *v.stride()[:3],
             *dout.stride()[:3],
             *dq.stride()[:3],
-            *out.stride()[:3],
             *lse.stride()[:2],
             heads_q=L.heads_q, **common,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
@@ -945,13 +959,12 @@ def flash_attn_backward(
         return kernel
 
     key = L.key(q.dtype)
-    # dQ first: it writes the delta the dK/dV kernel reads
-    configs.launch_fitting("bwd_dq", L.block_d, key, configs.pick("bwd_dq", L.block_d, key, launch_dq), launch_dq)
     cfg = configs.pick("bwd_dkdv", L.block_d, key, launch_dkdv)
     triton_only = cfg.gluon >= 0 and gluon_unsupported() is not None
     if triton_only:  # the key's entry names the Gluon dK/dV kernel, which cannot run this call: best Triton config
         cfg = configs.pick("bwd_dkdv", L.block_d, key, launch_dkdv, triton_only=True)
     configs.launch_fitting("bwd_dkdv", L.block_d, key, cfg, launch_dkdv, triton_only=triton_only)
+    configs.launch_fitting("bwd_dq", L.block_d, key, configs.pick("bwd_dq", L.block_d, key, launch_dq), launch_dq)
 
     dsinks = None
     if sinks is not None:

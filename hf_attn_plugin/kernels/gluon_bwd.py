@@ -3,8 +3,8 @@
 Status: a per-key choice of the launch-config system, as the Gluon forward: a ``("bwd_dkdv", 64 | 128)`` config with
 ``gluon`` >= 0 (kernels/configs.py, after the Triton candidates) names a variant, and
 :func:`hf_attn_plugin.kernels.flash.flash_attn_backward` runs it where :func:`unsupported_reason` allows, else the
-key's Triton dK/dV config. dQ stays the Triton ``_attn_bwd_dq`` pass (flash.py), which runs first and also writes
-``delta = rowsum(dO * O)``: this module computes dK and dV only, from the same inputs.
+key's Triton dK/dV config. dQ stays the Triton ``_attn_bwd_dq`` pass and ``delta = rowsum(dO * O)`` the Triton
+``_bwd_preprocess`` launch (both in flash.py): this module computes dK and dV only, from the same inputs.
 
 Subset (else :func:`unsupported_reason` says why): the Gluon forward's (q ``[B, Sq, Hq, D]``, k/v ``[B, Sk, Hkv, D]``,
 bf16/fp16, D in {64, 128}, GQA, causal bottom-right aligned or not, no segments/window/softcap/sinks/dropout, sm_90).
@@ -294,7 +294,7 @@ def gluon_attn_backward_dkdv(dout, q, k, v, lse, delta, dk, dv, params: Attentio
     """Write dK and dV (``[B, Sk, Hkv, D]``, q's dtype, TMA-addressable, e.g. contiguous) for the backward of
     attention with ``params`` (scale, causal; no optional features), given ``lse`` (the forward's, ``[B, Hq, Sq]``
     float32, natural log) and ``delta = rowsum(dout * out)`` (``[B, Hq, Sq]`` float32;
-    flash_attn_backward's dQ kernel writes it); both are copied into the padded stats layout unless
+    flash_attn_backward computes it with ``_bwd_preprocess``); both are copied into the padded stats layout unless
     they have it (flash.stats_buffer: what flash_attn_backward hands over). ``warp_spec``: the variant (0, 1, 2;
     module doc).
 
