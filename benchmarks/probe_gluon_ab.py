@@ -1,4 +1,5 @@
-"""Gluon kernels on or off (``HF_ATTN_PLUGIN_GLUON``), interleaved in one process: is the Gluon path worth its host time?
+"""Gluon kernels on or off (``HF_ATTN_PLUGIN_GLUON``), interleaved in one process: is the Gluon path worth its host
+time?
 
 The launch-config tables choose the Gluon forward / dK/dV kernels by kernel time (``tune_tables.py`` times one launch
 at a time), but a Gluon launch costs more host time than a Triton one (eight host-side TMA descriptors per dK/dV

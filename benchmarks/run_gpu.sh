@@ -37,9 +37,9 @@ for stage in "$@"; do
             tests/test_fuzz.py::test_fuzz_gpu_bf16 > "$OUT/fuzz.log" 2>&1 ;;
     host) ( python benchmarks/profile_host_fwdbwd.py && echo "=== HF_ATTN_PLUGIN_GLUON=0 ===" &&
             HF_ATTN_PLUGIN_GLUON=0 python benchmarks/profile_host_fwdbwd.py --profile-rows 0 ) > "$OUT/host.log" 2>&1 ;;
-    # The README's two GPU commands. Offline machines: put setuptools/wheel/packaging wheels in .whl/ (pip's build isolation
-    # installs them from there instead of the index); the runtime and test dependencies must already be installed.
-    # (the second command's `pytest -m gpu` is the tests stage).
+    # The README's two GPU commands. Offline machines: put setuptools/wheel/packaging wheels in .whl/ (pip's build
+    # isolation installs them from there instead of the index); the runtime and test dependencies must already be
+    # installed. (the second command's `pytest -m gpu` is the tests stage).
     quickstart) ( [ -d .whl ] && export PIP_FIND_LINKS=$PWD/.whl PIP_NO_INDEX=1
                   python -m pip install -q -e . && hf-attn-plugin-demo &&
                   python -m pip install -q -e ".[test]" ) > "$OUT/quickstart.log" 2>&1 ;;
