@@ -150,3 +150,19 @@ def load_file(path: str | Path, name: str | None = None) -> ModuleType:
         del sys.modules[name]
         raise
     return module
+
+
+def spy_launches(monkeypatch, module, name: str, record) -> None:
+    """Replace the kernel ``module.<name>`` by a stand-in that calls ``record(args, kwargs)`` for every launch, then
+    launches the real kernel (``kernel[grid](*args, **kwargs)``) as before."""
+    kernel = getattr(module, name)
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                record(args, kwargs)
+                return kernel[grid](*args, **kwargs)
+
+            return launch
+
+    monkeypatch.setattr(module, name, Spy())

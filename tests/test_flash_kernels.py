@@ -28,7 +28,7 @@ from hf_attn_plugin.ops import AttentionParams
 from hf_attn_plugin.reference import rows_in_segments
 
 from .helpers import (HAS_HOPPER, KERNEL_KINDS, assert_fa2_rule, each_candidate, grad_atol,
-                      needs_hopper, pick_gluon_without_gluon)
+                      needs_hopper, pick_gluon_without_gluon, spy_launches)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -219,16 +219,9 @@ def _record_dkdv_passes(monkeypatch):
     """Wraps flash._attn_bwd_dkdv: returns the list of (WANT_DK, WANT_DV) of each launch."""
     from hf_attn_plugin.kernels import flash
 
-    kernel, passes = flash._attn_bwd_dkdv, []
-
-    class Spy:
-        def __getitem__(self, grid):
-            def launch(*args, **kwargs):
-                passes.append((kwargs["WANT_DK"], kwargs["WANT_DV"]))
-                return kernel[grid](*args, **kwargs)
-            return launch
-
-    monkeypatch.setattr(flash, "_attn_bwd_dkdv", Spy())
+    passes = []
+    spy_launches(monkeypatch, flash, "_attn_bwd_dkdv",
+                 lambda args, kwargs: passes.append((kwargs["WANT_DK"], kwargs["WANT_DV"])))
     return passes
 
 

@@ -19,7 +19,7 @@ import torch
 from hf_attn_plugin import reference
 from hf_attn_plugin.kernels import configs, gluon_bwd
 from hf_attn_plugin.kernels.params import AttentionParams
-from tests.helpers import assert_fa2_rule, needs_hopper, pick_gluon_without_gluon
+from tests.helpers import assert_fa2_rule, needs_hopper, pick_gluon_without_gluon, spy_launches
 from tests.test_flash_kernels import GLUON_FALLBACK_CASES, run_case
 
 WS_IDS = ["ws0", "ws1_producer", "ws2_split"]
@@ -348,17 +348,8 @@ def _spy_stats_strides(monkeypatch, flash):
     """{kernel name: [strides of the lse / delta tensors of each launch]} for the backward's Triton kernels."""
     seen = {}
     for name, slots in (("_bwd_preprocess", (2,)), ("_attn_bwd_dq", (4, 5)), ("_attn_bwd_dkdv", (4, 5))):
-        kernel = getattr(flash, name)
-
-        class Spy:
-            def __getitem__(self, grid, kernel=kernel, name=name, slots=slots):
-                def launch(*args, **kwargs):
-                    seen.setdefault(name, []).extend(tuple(args[i].stride()) for i in slots)
-                    return kernel[grid](*args, **kwargs)
-
-                return launch
-
-        monkeypatch.setattr(flash, name, Spy())
+        spy_launches(monkeypatch, flash, name, lambda args, kwargs, name=name, slots=slots: seen.setdefault(
+            name, []).extend(tuple(args[i].stride()) for i in slots))
     return seen
 
 

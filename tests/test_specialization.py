@@ -21,7 +21,7 @@ if not torch.cuda.is_available():  # must precede the first @triton.jit: the int
 from hf_attn_plugin import decode_ops, ops  # noqa: E402
 from hf_attn_plugin.kernels import flash, paged  # noqa: E402
 
-from .helpers import DEVICE, needs_kernels  # noqa: E402
+from .helpers import DEVICE, needs_kernels, spy_launches  # noqa: E402
 
 jit = pytest.importorskip("triton.runtime.jit")
 
@@ -37,25 +37,19 @@ def _binder(kernel):
 
 
 class _Specializations:
-    """Stands in for a kernel: launches it as before and records each launch's specialization key."""
+    """The specialization key of each launch of a kernel (``keys``), recorded by :func:`_spy`."""
 
     def __init__(self, kernel):
-        self.kernel, self.binder, self.keys = kernel, _binder(kernel), []
+        self.binder, self.keys = _binder(kernel), []
 
-    def __getitem__(self, grid):
-        launch = self.kernel[grid]
-
-        def run(*args, **kwargs):
-            _, specialization, _ = self.binder(*args, **kwargs)
-            self.keys.append(repr(specialization))
-            return launch(*args, **kwargs)
-
-        return run
+    def record(self, args, kwargs):
+        _, specialization, _ = self.binder(*args, **kwargs)
+        self.keys.append(repr(specialization))
 
 
 def _spy(monkeypatch, module, name) -> _Specializations:
     spy = _Specializations(getattr(module, name))
-    monkeypatch.setattr(module, name, spy)
+    spy_launches(monkeypatch, module, name, spy.record)
     return spy
 
 
