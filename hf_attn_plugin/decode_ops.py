@@ -10,7 +10,8 @@ tile and splits long contexts over programs, so this module lets it read the con
 
 * the pool is ``k`` itself seen as ``[num_pages, 1, Hkv, D]`` pages of one position, page stride = the
   position stride ``ss`` (``k.as_strided``: no copy). Position ``j`` of batch row ``b`` starts at
-  ``b * sb + j * ss`` = page ``b * (sb / ss) + j``, so the block table is ``b * (sb / ss) + arange(Sk)``;
+  ``b * sb + j * ss`` = page ``b * (sb / ss) + j``: the kernel computes it (a plan without block table,
+  ``rows = sb / ss``) instead of loading it from a table;
 * ``seq_lens`` = ``Sk`` (or each row's ``k_end``), ``k_starts`` = each row's first real key (left padding).
 
 The kernel's semantics (queries bottom-right aligned at ``seq_len``, keys before ``k_start`` ignored, causal,
@@ -23,15 +24,15 @@ read when the graph is traced).
 Two ways in, one launch (:func:`_launch`):
 
 * eager (plain tensors, not traced): the launch is called directly, skipping the ``torch.library`` dispatcher,
-  and the step's plan (block table, ``seq_lens``, ``k_starts``, the kernels' launch geometry and split-K buffers:
+  and the step's plan (``seq_lens``, ``k_starts``, the kernels' launch geometry and split-K buffers:
   :class:`hf_attn_plugin.kernels.paged.Plan`) is built by the step's first layer and reused by the others (same
   shapes, same segments tensor);
 * traced (``torch.compile``, ``make_fx``): the custom op ``hf_attn_plugin::decode_attention`` (a fake
   implementation gives the output's shape), its index tensors built in the graph from shapes and the segments
   with plain tensor ops: no host synchronisation, nothing data-dependent on the host, no memo (a tensor kept from
   a CUDA-graph warm-up would live in the graph's memory pool), so the step is CUDA-graph capturable. The op
-  declares ``needs_exact_strides``: inductor hands it K/V with the traced strides, which the block table was
-  built for (checked again at run time).
+  declares ``needs_exact_strides``: inductor hands it K/V with the traced strides, which the pages were
+  numbered for (checked again at run time).
 
 One launch per call either way: split-K pieces are merged inside the attention kernel, and the split rule
 (:func:`hf_attn_plugin.kernels.paged.default_num_splits`) cuts a small batch's cache until it fills the GPU.
@@ -53,7 +54,6 @@ __all__ = ["MAX_Q_LEN", "applies", "attention"]
 
 MAX_Q_LEN = 16  # longer query chunks fill the flash kernel's tiles: the flash path serves them
 _KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-_INT32_MAX = 2**31 - 1
 _PLAIN = (type(None), torch.Tensor, torch.nn.Parameter)
 
 
@@ -97,9 +97,7 @@ def _virtual_pool_rows(k: torch.Tensor, v: torch.Tensor) -> int | None:
         rows = k.stride(0) // ss
     else:
         rows = seqlen_k
-    if (batch - 1) * rows + seqlen_k > _INT32_MAX:  # block-table entries are int32
-        return None
-    # Page (b * rows + j) is position j of row b: every page the table names is a valid position of the tensor,
+    # Page (b * rows + j) is position j of row b: every page the kernel reads is a valid position of the tensor,
     # so the pool view (as_strided, which checks its bounds) lies inside the storage.
     return rows
 
@@ -111,38 +109,27 @@ def _pool(t: torch.Tensor, num_pages: int) -> torch.Tensor:
 
 
 # --------------------------------------------------------------------------- index tensors and the step's plan
-def _new_block_table(batch: int, rows: int, seqlen_k: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(block_table [B, Sk], seq_lens [B])`` int32: page ``b * rows + j`` for position ``j`` of row ``b``."""
-    positions = torch.arange(seqlen_k, dtype=torch.int32, device=device)
-    if batch == 1:
-        table = positions.unsqueeze(0)
-    else:
-        starts = torch.arange(0, batch * rows, rows, dtype=torch.int32, device=device)
-        table = starts[:, None] + positions[None, :]
-    return table, torch.full((batch,), seqlen_k, dtype=torch.int32, device=device)
-
-
-def _index_tensors(batch: int, seqlen_q: int, seqlen_k: int, rows: int, key_segments: torch.Tensor | None,
+def _index_tensors(batch: int, seqlen_q: int, seqlen_k: int, key_segments: torch.Tensor | None,
                    device: torch.device):
-    """``(block_table, seq_lens, cu_seqlens_q, k_starts)`` of a call, from shapes and the key segments (columns 3
-    and 4: each row's first real key and ``k_end``) with plain tensor ops: nothing read back to the host."""
-    table, seq_lens = _new_block_table(batch, rows, seqlen_k, device)
-    k_starts = None
+    """``(seq_lens, cu_seqlens_q, k_starts)`` of a call, int32, from shapes and the key segments (columns 3 and 4:
+    each row's first real key and ``k_end``) with plain tensor ops: nothing read back to the host."""
     if key_segments is not None:
         k_starts, seq_lens = key_segments[:, 3].contiguous(), key_segments[:, 4].contiguous()
+    else:
+        k_starts, seq_lens = None, torch.full((batch,), seqlen_k, dtype=torch.int32, device=device)
     cu_seqlens_q = None
     if seqlen_q > 1:
         cu_seqlens_q = torch.arange(0, (batch + 1) * seqlen_q, seqlen_q, dtype=torch.int32, device=device)
-    return table, seq_lens, cu_seqlens_q, k_starts
+    return seq_lens, cu_seqlens_q, k_starts
 
 
 def _new_plan(q: torch.Tensor, k: torch.Tensor, rows: int, index: tuple, num_splits: int):
     """The kernels' :class:`~hf_attn_plugin.kernels.paged.Plan` for a call (``index``: :func:`_index_tensors`)."""
     batch, seqlen_q, heads_q, head_dim = q.shape
-    table, seq_lens, cu_seqlens_q, k_starts = index
+    seq_lens, cu_seqlens_q, k_starts = index
     pool_shape = ((batch - 1) * rows + k.shape[1], 1, k.shape[2], k.shape[3])
-    return _kernels().Plan((batch * seqlen_q, heads_q, head_dim), q.dtype, q.device, pool_shape, table, seq_lens,
-                           cu_seqlens_q, seqlen_q, k_starts, num_splits)
+    return _kernels().Plan((batch * seqlen_q, heads_q, head_dim), q.dtype, q.device, pool_shape, None, seq_lens,
+                           cu_seqlens_q, seqlen_q, k_starts, num_splits, rows=rows, capacity=k.shape[1])
 
 
 # Eager: the last step's plan (index tensors, launch geometry, split-K buffers), shared by every layer of the step:
@@ -158,7 +145,7 @@ def _step_plan(q: torch.Tensor, k: torch.Tensor, rows: int, key_segments: torch.
     if entry is not None and entry[0] == key and (entry[1] is None if key_segments is None
                                                   else entry[1] is not None and entry[1]() is key_segments):
         return entry[2]
-    index = _index_tensors(q.shape[0], q.shape[1], k.shape[1], rows, key_segments, q.device)
+    index = _index_tensors(q.shape[0], q.shape[1], k.shape[1], key_segments, q.device)
     plan = _new_plan(q, k, rows, index, num_splits)
     _LAST_PLAN[0] = (key, None if key_segments is None else weakref.ref(key_segments), plan)
     return plan
@@ -198,7 +185,6 @@ def _decode_op(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    block_table: torch.Tensor,
     seq_lens: torch.Tensor,
     cu_seqlens_q: Optional[torch.Tensor],
     k_starts: Optional[torch.Tensor],
@@ -212,16 +198,16 @@ def _decode_op(
 ) -> torch.Tensor:
     if _virtual_pool_rows(k, v) != rows:
         raise RuntimeError(
-            f"hf_attn_plugin::decode_attention: the block table was built for K/V with {rows} positions per batch "
+            f"hf_attn_plugin::decode_attention: the call was traced for K/V with {rows} positions per batch "
             f"row, but K/V arrived with strides {tuple(k.stride())} / {tuple(v.stride())} (shape {tuple(k.shape)}): "
             "the compiler changed their layout. Please report this; HF_ATTN_PLUGIN_DECODE=0 avoids the route."
         )
-    plan = _new_plan(q, k, rows, (block_table, seq_lens, cu_seqlens_q, k_starts), num_splits)
+    plan = _new_plan(q, k, rows, (seq_lens, cu_seqlens_q, k_starts), num_splits)
     return _launch(q, k, v, rows, plan, AttentionParams(scale, causal, window, softcap, sinks))
 
 
 @_decode_op.register_fake
-def _(q, k, v, block_table, seq_lens, cu_seqlens_q, k_starts, sinks, rows, scale, causal, window, softcap,
+def _(q, k, v, seq_lens, cu_seqlens_q, k_starts, sinks, rows, scale, causal, window, softcap,
       num_splits):
     return q.new_empty(q.shape)
 
@@ -249,7 +235,6 @@ def attention(
     if not torch.compiler.is_compiling() and all(type(t) in _PLAIN for t in (q, k, v, params.sinks, key_segments)):
         # eager, plain tensors: launch directly (the op boundary is only for tracers), the step's plan memoised
         return _launch(q, k, v, rows, _step_plan(q, k, rows, key_segments, num_splits), params)
-    table, seq_lens, cu_seqlens_q, k_starts = _index_tensors(q.shape[0], q.shape[1], k.shape[1], rows, key_segments,
-                                                             q.device)
-    return _decode_op(q, k, v, table, seq_lens, cu_seqlens_q, k_starts, params.sinks, rows, params.scale,
+    seq_lens, cu_seqlens_q, k_starts = _index_tensors(q.shape[0], q.shape[1], k.shape[1], key_segments, q.device)
+    return _decode_op(q, k, v, seq_lens, cu_seqlens_q, k_starts, params.sinks, rows, params.scale,
                       params.causal, params.window, params.softcap, num_splits)

@@ -187,9 +187,8 @@ def test_virtual_pool_is_a_view_with_the_cache_contents():
     num_pages = (batch - 1) * rows + seqlen_k
     pool = decode_ops._pool(k, num_pages)
     assert pool.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
-    table, seq_lens = decode_ops._new_block_table(batch, rows, seqlen_k, k.device)
-    assert table.dtype == seq_lens.dtype == torch.int32 and seq_lens.tolist() == [seqlen_k] * batch
-    gathered = pool[table.long()][:, :, 0]  # [B, Sk, Hkv, D]
+    pages = torch.arange(batch)[:, None] * rows + torch.arange(seqlen_k)[None, :]  # the kernel's page numbers
+    gathered = pool[pages][:, :, 0]  # [B, Sk, Hkv, D]
     assert torch.equal(gathered, k)
 
 
@@ -279,7 +278,7 @@ def test_decode_op_registration(triton_backend):
     batch, seqlen_q, seqlen_k = 2, 3, 20
     q, k, v = _cache_tensors(batch, seqlen_q, seqlen_k, 4, 2, 16, torch.float32)
     rows = decode_ops._virtual_pool_rows(k, v)
-    index = decode_ops._index_tensors(batch, seqlen_q, seqlen_k, rows, _left_padding_segments(batch, seqlen_q, seqlen_k),
+    index = decode_ops._index_tensors(batch, seqlen_q, seqlen_k, _left_padding_segments(batch, seqlen_q, seqlen_k),
                                       q.device)
     args = (q, k, v, *index, None, rows, 0.25, True, 0, 0.0, 0)
     torch.library.opcheck(decode_ops._decode_op, args)
@@ -292,7 +291,7 @@ def test_decode_op_refuses_a_layout_its_table_was_not_built_for():
     position j of row b elsewhere, so the op refuses it instead of reading the wrong keys."""
     q, k, v = _cache_tensors(2, 1, 20, 4, 2, 16, torch.float32)
     rows = decode_ops._virtual_pool_rows(k, v)
-    index = decode_ops._index_tensors(2, 1, 20, rows, None, q.device)
+    index = decode_ops._index_tensors(2, 1, 20, None, q.device)
     with pytest.raises(RuntimeError, match="changed their layout"):
         decode_ops._decode_op(q, k.contiguous(), v.contiguous(), *index, None, rows, 0.25, True, 0, 0.0, 0)
 
@@ -414,7 +413,7 @@ def test_gpu_decode_op_never_syncs_and_replays_in_a_cuda_graph(seqlen_k):
     rows = decode_ops._virtual_pool_rows(k, v)
 
     def traced_step():
-        index = decode_ops._index_tensors(batch, 1, seqlen_k, rows, segments, q.device)
+        index = decode_ops._index_tensors(batch, 1, seqlen_k, segments, q.device)
         return decode_ops._decode_op(q, k, v, *index, None, rows, 0.125, True, 0, 0.0, 0)
 
     traced_step()  # compile the kernels

@@ -141,6 +141,7 @@ def _paged_attention_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr, SPLIT_K: tl.constexpr,
     VARLEN: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     SINKS: tl.constexpr, HAS_K_STARTS: tl.constexpr, DOT_PRECISION: tl.constexpr, MERGE_S: tl.constexpr,
+    TABLE: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = BLOCK_Q * HEAD_PAD
     seq = tl.program_id(0)
@@ -210,12 +211,17 @@ def _paged_attention_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    table = block_tables_ptr + seq.to(tl.int64) * stride_bt
+    table = block_tables_ptr + seq.to(tl.int64) * stride_bt  # TABLE: the sequence's row of the block table
+    first_page = seq.to(tl.int64) * stride_bt  # no TABLE: pages of one position, sequence `seq`'s first
     for k0 in range(start, end, BLOCK_N):
         j = k0 + tl.arange(0, BLOCK_N)
         j_ok = j < end
-        page = tl.load(table + j // PAGE_SIZE, mask=j_ok, other=0).to(tl.int64)
-        in_page = j % PAGE_SIZE
+        if TABLE:
+            page = tl.load(table + j // PAGE_SIZE, mask=j_ok, other=0).to(tl.int64)
+            in_page = j % PAGE_SIZE
+        else:  # position j is page first_page + j: addresses without a dependent load
+            page = first_page + j
+            in_page = 0
         kv_mask = j_ok[:, None] & d_ok[None, :]
         k = tl.load(k_pool_ptr + (page * stride_kp + in_page * stride_ks + kv_head * stride_kh)[:, None] + d[None, :],
                     mask=kv_mask, other=0.0)
@@ -378,19 +384,30 @@ class Plan:
     ``q_shape`` ``(T, Hq, D)``, ``pool_shape`` ``[num_pages, page_size, H_kv, D]``; the index tensors are those
     of :func:`paged_attention` (``cu_seqlens_q`` ``None``: decode). ``num_splits`` 0: :func:`default_num_splits`;
     ``config``: force a launch config (tests, tuning).
+
+    ``block_tables`` ``None``: no table, the pool is a contiguous cache seen as pages of one position
+    (:mod:`hf_attn_plugin.decode_ops`): position ``j`` of sequence ``b`` is page ``b * rows + j``, for ``capacity``
+    positions per sequence. The kernel computes the page instead of loading it.
     """
 
     __slots__ = ("q_shape", "dtype", "device", "page_size", "heads_kv", "block_tables", "seq_lens", "cu_seqlens_q",
-                 "max_seqlen_q", "k_starts", "num_splits", "config", "decode", "group", "head_pad", "launches")
+                 "max_seqlen_q", "k_starts", "num_splits", "config", "decode", "group", "head_pad", "launches",
+                 "table_stride", "capacity")
 
     def __init__(self, q_shape: tuple, dtype: torch.dtype, device: torch.device, pool_shape: tuple,
                  block_tables: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor | None,
                  max_seqlen_q: int, k_starts: torch.Tensor | None, num_splits: int = 0,
-                 config: configs.Config | None = None):
+                 config: configs.Config | None = None, *, rows: int = 0, capacity: int = 0):
         num_tokens, heads_q, head_dim = q_shape
         check_head_dim(head_dim, "paged")  # the flash kernels' set: pointer loads here, same tl.dot limits
         self.q_shape, self.dtype, self.device = tuple(q_shape), dtype, device
         self.page_size, self.heads_kv = pool_shape[1], pool_shape[2]
+        if block_tables is None:
+            if self.page_size != 1 or rows <= 0 or capacity <= 0:
+                raise ValueError("a Plan without block tables needs pages of one position, rows and capacity > 0")
+            self.table_stride, self.capacity = rows, capacity
+        else:
+            self.table_stride, self.capacity = block_tables.stride(0), block_tables.shape[1] * self.page_size
         self.block_tables, self.seq_lens, self.cu_seqlens_q = block_tables, seq_lens, cu_seqlens_q
         self.max_seqlen_q, self.k_starts, self.num_splits, self.config = max_seqlen_q, k_starts, num_splits, config
         self.decode = cu_seqlens_q is None
@@ -419,17 +436,17 @@ class _Launch:
 
     def __init__(self, plan: Plan, causal: bool, window: bool, softcap: bool, sinks: bool):
         num_tokens, heads_q, head_dim = plan.q_shape
-        num_seqs, width = plan.block_tables.shape
+        num_seqs, capacity = plan.seq_lens.shape[0], plan.capacity
         max_q = plan.max_seqlen_q
         self.cfg = cfg = plan.config or configs.pick(
             "paged_decode" if plan.decode else "paged_prefill", next_power_of_2(head_dim),
-            dict(dtype=plan.dtype, causal=causal, seq_q=1 if plan.decode else max_q, seq_k=width * plan.page_size,
+            dict(dtype=plan.dtype, causal=causal, seq_q=1 if plan.decode else max_q, seq_k=capacity,
                  group=plan.group, window=window, softcap=softcap, sinks=sinks))
         self.block_q = 1 if plan.decode else max(1, cfg.block_m // plan.head_pad)
         num_q_tiles = 1 if plan.decode else cdiv(max(max_q, 1), self.block_q)
         num_splits = plan.num_splits
         if num_splits <= 0:
-            num_splits = default_num_splits(num_seqs * plan.heads_kv * num_q_tiles, width * plan.page_size,
+            num_splits = default_num_splits(num_seqs * plan.heads_kv * num_q_tiles, capacity,
                                             plan.device, num_q_tiles, cfg.min_split_keys)
         self.num_splits = num_splits
         self.grid = (num_seqs, plan.heads_kv, num_q_tiles * num_splits)
@@ -477,11 +494,11 @@ def _split(q, k_pool, v_pool, plan: Plan, scale: float, causal: bool, window: in
     part_out, part_lse, done = (launch.part_out, launch.part_lse, launch.done) if split_k else (out, out, dummy)
     _paged_attention_kernel[launch.grid](
         q, k_pool, v_pool, out, part_out, part_lse, done,
-        plan.block_tables, plan.seq_lens,
+        plan.block_tables if plan.block_tables is not None else dummy, plan.seq_lens,
         plan.k_starts if plan.k_starts is not None else dummy,
         plan.cu_seqlens_q if plan.cu_seqlens_q is not None else dummy,
         sinks if sinks is not None else dummy,
-        *q.stride()[:2], *out.stride()[:2], *k_pool.stride()[:3], *v_pool.stride()[:3], plan.block_tables.stride(0),
+        *q.stride()[:2], *out.stride()[:2], *k_pool.stride()[:3], *v_pool.stride()[:3], plan.table_stride,
         *score_scales(scale, softcap), int(window), launch.num_splits, launch.min_split_tiles,
         launch.target_pieces,
         GROUP=plan.group, HEAD_PAD=plan.head_pad, BLOCK_Q=launch.block_q, BLOCK_N=cfg.block_n,
@@ -489,7 +506,7 @@ def _split(q, k_pool, v_pool, plan: Plan, scale: float, causal: bool, window: in
         VARLEN=not plan.decode, CAUSAL=causal, WINDOW=window > 0, SOFTCAP=softcap > 0,
         SINKS=sinks is not None, HAS_K_STARTS=plan.k_starts is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        MERGE_S=min(MAX_SPLITS, max(1, 2048 // next_power_of_2(head_dim))),
+        MERGE_S=min(MAX_SPLITS, max(1, 2048 // next_power_of_2(head_dim))), TABLE=plan.block_tables is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, launch

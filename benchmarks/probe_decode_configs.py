@@ -1,0 +1,109 @@
+"""Decode-route launch configs on the GPU: tiles x pipeline stages x split targets, beside SDPA cuDNN, one process.
+
+The decode route (:mod:`hf_attn_plugin.decode_ops`) reads a contiguous cache as pages of one position. Since the
+kernel computes those pages instead of loading them from a block table, Triton's pipeliner multi-buffers the K/V
+loads (``num_stages - 1`` buffers; with the table's dependent loads it kept one at any ``num_stages``: compiled for
+sm_90 on a CPU machine), so the decode configs are worth re-sweeping. Rows per shape:
+
+* ``table``: the route as before (an ``arange`` block table, the shipped config) -- the baseline;
+* ``BN,w,st,fill``: no table, ``BLOCK_N`` keys per tile, warps, stages, ``fill`` split programs per SM;
+* ``sdpa_cudnn``: ``F.scaled_dot_product_attention`` with the cuDNN backend (``enable_gqa``).
+
+Times are CUDA-graph replays (``do_bench_cudagraph`` median, the compiled static route's view);
+``copy_frac`` = K+V bytes / time over the device's copy bandwidth (same process).
+
+    python benchmarks/probe_decode_configs.py --out DIR     # ~2 min on an H200
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+
+import torch
+import torch.nn.functional as F
+from common import bench_ms, copy_bandwidth, print_device, run_meta, write_rows
+
+from hf_attn_plugin import decode_ops
+from hf_attn_plugin.kernels import paged
+from hf_attn_plugin.kernels.configs import Config
+from hf_attn_plugin.kernels.params import AttentionParams
+
+SHAPES = [  # batch, context, query heads, KV heads, head dim
+    (1, 32768, 32, 8, 64), (1, 4096, 32, 8, 64), (16, 32768, 32, 8, 64), (64, 4096, 32, 8, 64),
+    (1, 32768, 32, 8, 128), (16, 4096, 32, 8, 128),
+]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    print_device()
+    copy_gbps = copy_bandwidth() / 1e9
+    sms = torch.cuda.get_device_properties(0).multi_processor_count
+    meta = run_meta("stamp", "device")
+    rows = []
+    for batch, ctx, hq, hkv, dim in SHAPES:
+        q = torch.randn(batch, 1, hq, dim, device="cuda", dtype=torch.bfloat16)
+        k, v = (torch.randn(batch, hkv, ctx, dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
+                for _ in range(2))
+        kv_bytes = 2 * k.numel() * k.element_size()
+        params = AttentionParams.create(dim, causal=True)
+        rows_per_seq = decode_ops._virtual_pool_rows(k, v)
+        index = decode_ops._index_tensors(batch, 1, ctx, None, q.device)
+        want = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              enable_gqa=True).transpose(1, 2)
+
+        def plan_for(cfg, table: bool):
+            plan = decode_ops._new_plan(q, k, rows_per_seq, index, 0)
+            if table:  # the route before: an arange block table (the pool's pages are positions)
+                starts = torch.arange(0, batch * rows_per_seq, rows_per_seq, dtype=torch.int32, device=q.device)
+                bt = starts[:, None] + torch.arange(ctx, dtype=torch.int32, device=q.device)[None, :]
+                plan = paged.Plan(plan.q_shape, q.dtype, q.device, ((batch - 1) * rows_per_seq + ctx, 1, hkv, dim),
+                                  bt, plan.seq_lens, None, 1, None, 0, cfg)
+            else:
+                plan.config = cfg
+            return plan
+
+        def record(label, fn):
+            try:
+                err = (fn().float() - want.float()).abs().max().item()
+                ms = bench_ms(fn, cuda_graph=True)
+            except Exception as exc:  # noqa: BLE001  (a config that does not compile is a result)
+                print(f"  {label}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+                return
+            gbps = kv_bytes / ms / 1e6
+            rows.append(dict(meta, batch=batch, ctx=ctx, heads_q=hq, heads_kv=hkv, head_dim=dim, impl=label,
+                             us=round(1e3 * ms, 2), gbps=round(gbps, 1), copy_frac=round(gbps / copy_gbps, 3),
+                             max_err=err))
+            print(f"  {label:>16}: {1e3 * ms:8.2f} us  {gbps:7.0f} GB/s  {gbps / copy_gbps:.3f} of copy  err {err:.2e}",
+                  flush=True)
+
+        print(f"B={batch} ctx={ctx} {hq}/{hkv} D={dim}  K+V {kv_bytes / 1e6:.1f} MB", flush=True)
+        shipped = decode_ops._new_plan(q, k, rows_per_seq, index, 0).launch(True, False, False, False).cfg
+        record("table", lambda p=plan_for(shipped, True): decode_ops._launch(q, k, v, rows_per_seq, p, params))
+        record("shipped", lambda p=plan_for(None, False): decode_ops._launch(q, k, v, rows_per_seq, p, params))
+        for bn, warps, stages, fill in itertools.product((64, 128), (4, 8), (2, 3, 4, 5), (4, 8)):
+            if (bn == 64 and warps == 8) or (dim == 128 and bn == 128 and stages > 3):
+                continue
+            cfg = Config(16, bn, warps, stages, min_split_keys=2 * bn, split_programs=fill * sms)
+            record(f"{bn},{warps},{stages},{fill}",
+                   lambda p=plan_for(cfg, False): decode_ops._launch(q, k, v, rows_per_seq, p, params))
+        record("sdpa_cudnn", lambda: _cudnn(q, k, v))
+        del q, k, v
+        torch.cuda.empty_cache()
+    if args.out:
+        write_rows(f"{args.out}/decode_configs.csv", rows)
+
+
+def _cudnn(q, k, v):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              enable_gqa=True).transpose(1, 2)
+
+
+if __name__ == "__main__":
+    main()
