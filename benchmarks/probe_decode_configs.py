@@ -91,8 +91,6 @@ def main() -> None:
             record(f"{bn},{warps},{stages},{fill}",
                    lambda p=plan_for(cfg, False): decode_ops._launch(q, k, v, rows_per_seq, p, params))
         record("sdpa_cudnn", lambda: _cudnn(q, k, v))
-        del q, k, v
-        torch.cuda.empty_cache()
     if args.out:
         write_rows(f"{args.out}/decode_configs.csv", rows)
 
