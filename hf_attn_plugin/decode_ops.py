@@ -80,6 +80,8 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, 
         return False
     if q.dtype not in _KERNEL_DTYPES or backend_for(q.device) != "triton":
         return False
+    if v.shape[-1] != k.shape[-1]:  # a value head dim of its own (MLA): the paged kernel has one head dim
+        return False
     if key_segments is not None and key_segments.shape[0] != q.shape[0]:
         return False
     return _virtual_pool_rows(k, v) is not None

@@ -160,6 +160,11 @@ def test_applies_only_where_exact(triton_backend, monkeypatch):
     assert not decode_ops.applies(q, k, v, causal=True, sinks=None, key_segments=None)  # no fp64 kernels
     q, k, v = _cache_tensors(2, 1, 20, 4, 2, 16, torch.float32)
     assert not decode_ops.applies(q, k.contiguous(), v, causal=True, sinks=None, key_segments=None)  # k, v differ
+    # a value head dim of its own (MLA) whose positions happen to have k's stride: the paged kernel has one head dim
+    v_half = torch.randn(2, 20, 2, 16, dtype=torch.float32, device=DEV)[..., :8]
+    k_full = torch.randn(2, 20, 2, 16, dtype=torch.float32, device=DEV)
+    assert k_full.stride(1) == v_half.stride(1)
+    assert not decode_ops.applies(q, k_full, v_half, causal=True, sinks=None, key_segments=None)
     monkeypatch.setenv("HF_ATTN_PLUGIN_DECODE", "0")
     assert not decode_ops.applies(**_route_args())
 
