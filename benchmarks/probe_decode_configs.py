@@ -42,7 +42,7 @@ def main() -> None:
     print_device()
     copy_gbps = copy_bandwidth() / 1e9
     sms = torch.cuda.get_device_properties(0).multi_processor_count
-    meta = run_meta("stamp", "device")
+    meta = run_meta("date", "device")
     rows = []
     for batch, ctx, hq, hkv, dim in SHAPES:
         q = torch.randn(batch, 1, hq, dim, device="cuda", dtype=torch.bfloat16)
