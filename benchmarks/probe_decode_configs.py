@@ -6,7 +6,7 @@ loads (``num_stages - 1`` buffers; with the table's dependent loads it kept one 
 sm_90 on a CPU machine), so the decode configs are worth re-sweeping. Rows per shape:
 
 * ``table``: the route as before (an ``arange`` block table, the shipped config) -- the baseline;
-* ``BN,w,st,fill``: no table, ``BLOCK_N`` keys per tile, warps, stages, ``fill`` split programs per SM;
+* ``BN,st,sN``: no table, ``BLOCK_N`` keys per tile, 4 warps, stages, a split-K grid of N (``auto``: the rule's);
 * ``sdpa_cudnn``: ``F.scaled_dot_product_attention`` with the cuDNN backend (``enable_gqa``).
 
 Times are CUDA-graph replays (``do_bench_cudagraph`` median, the compiled static route's view);
@@ -41,7 +41,6 @@ def main() -> None:
     args = ap.parse_args()
     print_device()
     copy_gbps = copy_bandwidth() / 1e9
-    sms = torch.cuda.get_device_properties(0).multi_processor_count
     meta = run_meta("date", "device")
     rows = []
     for batch, ctx, hq, hkv, dim in SHAPES:
@@ -55,8 +54,8 @@ def main() -> None:
         want = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                               enable_gqa=True).transpose(1, 2)
 
-        def plan_for(cfg, table: bool):
-            plan = decode_ops._new_plan(q, k, rows_per_seq, index, 0)
+        def plan_for(cfg, table: bool, num_splits: int = 0):
+            plan = decode_ops._new_plan(q, k, rows_per_seq, index, num_splits)
             if table:  # the route before: an arange block table (the pool's pages are positions)
                 starts = torch.arange(0, batch * rows_per_seq, rows_per_seq, dtype=torch.int32, device=q.device)
                 bt = starts[:, None] + torch.arange(ctx, dtype=torch.int32, device=q.device)[None, :]
@@ -84,12 +83,12 @@ def main() -> None:
         shipped = decode_ops._new_plan(q, k, rows_per_seq, index, 0).launch(True, False, False, False).cfg
         record("table", lambda p=plan_for(shipped, True): decode_ops._launch(q, k, v, rows_per_seq, p, params))
         record("shipped", lambda p=plan_for(None, False): decode_ops._launch(q, k, v, rows_per_seq, p, params))
-        for bn, warps, stages, fill in itertools.product((64, 128), (4, 8), (2, 3, 4, 5), (4, 8)):
-            if (bn == 64 and warps == 8) or (dim == 128 and bn == 128 and stages > 3):
+        for bn, stages, splits in itertools.product((64, 128), (2, 3, 4), (0, 32, 128) if batch == 1 else (0,)):
+            if dim == 128 and bn == 128 and stages > 3:
                 continue
-            cfg = Config(16, bn, warps, stages, min_split_keys=2 * bn, split_programs=fill * sms)
-            record(f"{bn},{warps},{stages},{fill}",
-                   lambda p=plan_for(cfg, False): decode_ops._launch(q, k, v, rows_per_seq, p, params))
+            cfg = Config(16, bn, 4, stages, min_split_keys=2 * bn)
+            record(f"{bn},{stages},s{splits or 'auto'}",
+                   lambda p=plan_for(cfg, False, splits): decode_ops._launch(q, k, v, rows_per_seq, p, params))
         record("sdpa_cudnn", lambda: _cudnn(q, k, v))
     if args.out:
         write_rows(f"{args.out}/decode_configs.csv", rows)

@@ -141,7 +141,7 @@ def _paged_attention_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr, SPLIT_K: tl.constexpr,
     VARLEN: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     SINKS: tl.constexpr, HAS_K_STARTS: tl.constexpr, DOT_PRECISION: tl.constexpr, MERGE_S: tl.constexpr,
-    TABLE: tl.constexpr,
+    TABLE: tl.constexpr, GROUP_PAD: tl.constexpr,
 ):
     BLOCK_M: tl.constexpr = BLOCK_Q * HEAD_PAD
     seq = tl.program_id(0)
@@ -255,7 +255,8 @@ def _paged_attention_kernel(
             tl.atomic_xchg(done_ptr + slot, 0, sem="relaxed", scope="gpu")  # zero for the next launch / replay
             _merge_pieces(part_out_ptr, part_lse_ptr, out_ptr, sinks_ptr, (q_first + q_tile * BLOCK_Q).to(tl.int64),
                           tl.minimum(BLOCK_Q, num_q - q_tile * BLOCK_Q), kv_head * GROUP, GROUP * tl.num_programs(1),
-                          num_splits, pieces, stride_ot, stride_oh, GROUP, HEAD_DIM, BLOCK_D, MERGE_S, SINKS)
+                          num_splits, pieces, stride_ot, stride_oh, GROUP, GROUP_PAD, HEAD_DIM, BLOCK_D, MERGE_S,
+                          SINKS)
 
 
 @triton.jit
@@ -268,44 +269,53 @@ def _store_out(out_ptr, out, token, head, d, row_ok, d_ok, stride_ot, stride_oh)
 
 @triton.jit
 def _merge_pieces(part_out_ptr, part_lse_ptr, out_ptr, sinks_ptr, first_token, num_tokens, first_head, heads_q,
-                  num_splits, pieces, stride_ot, stride_oh, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-                  BLOCK_D: tl.constexpr, MERGE_S: tl.constexpr, SINKS: tl.constexpr):
+                  num_splits, pieces, stride_ot, stride_oh, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
+                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MERGE_S: tl.constexpr, SINKS: tl.constexpr):
     """Merge splits ``0 .. pieces-1`` of the tile's query rows (``num_tokens`` tokens x ``GROUP`` heads) into ``out``.
 
-    One row at a time, ``MERGE_S`` splits per step loaded at once (``[MERGE_S, D]``: one round trip to L2 per
-    step, few registers), folded in split order with the online-softmax rescale: the result does not depend on
-    which program runs it. Per split: ``2^lse * out`` is that piece's unnormalised sum, so ``acc = sum_s
-    2^(lse_s - m) * out_s`` and ``l = sum_s 2^(lse_s - m)`` are the whole row's, scaled by ``2^-m``.
+    One token at a time, the group's heads together: ``MERGE_S`` splits of every head per step loaded at once
+    (``[GROUP_PAD, MERGE_S, D]``: one round trip to L2 per step; the merge is the launch's serial tail), folded
+    in split order with the online-softmax rescale: the result does not depend on which program runs it. Per
+    split: ``2^lse * out`` is that piece's unnormalised sum, so ``acc = sum_s 2^(lse_s - m) * out_s`` and
+    ``l = sum_s 2^(lse_s - m)`` are the whole row's, scaled by ``2^-m``.
     """
+    g = tl.arange(0, GROUP_PAD)
     s = tl.arange(0, MERGE_S)
     d = tl.arange(0, BLOCK_D)
+    g_ok = g < GROUP
     d_ok = d < HEAD_DIM
-    one = tl.zeros([1], tl.float32)
+    head = first_head + g
     for t in range(0, num_tokens):
-        for g in range(0, GROUP):
-            token = first_token + t
-            head = first_head + g
-            part0 = (token * heads_q + head) * num_splits
-            m = tl.full([], float("-inf"), tl.float32)
-            l = tl.full([], 0.0, tl.float32)
-            acc = tl.zeros([BLOCK_D], tl.float32)
-            for s0 in range(0, pieces, MERGE_S):
-                s_ok = s0 + s < pieces
-                lse = tl.load(part_lse_ptr + part0 + s0 + s, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
-                o = tl.load(part_out_ptr + (part0 + s0 + s)[:, None] * HEAD_DIM + d[None, :],
-                            mask=s_ok[:, None] & d_ok[None, :], other=0.0, cache_modifier=".cg")
-                m_new = tl.maximum(m, tl.max(lse, 0))
-                m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no key: lse -inf, out 0
-                alpha = tl.exp2(m - m_safe)
-                w = tl.exp2(lse - m_safe)
-                acc = acc * alpha + tl.sum(w[:, None] * o, 0)
-                l = l * alpha + tl.sum(w, 0)
-                m = m_new
-            m = tl.where(m == float("-inf"), 0.0, m)
-            heads = tl.zeros([1], tl.int32) + head  # a 1-row tile, so that _normalize serves both uses
-            out = _normalize(acc[None, :], one + m, one + l, sinks_ptr, heads, heads >= 0, SINKS)
-            tl.store(out_ptr + token * stride_ot + head * stride_oh + d[None, :], out.to(out_ptr.dtype.element_ty),
-                     mask=d_ok[None, :])
+        token = first_token + t
+        part0 = (token * heads_q + head) * num_splits  # [GROUP_PAD]: each head's split 0
+        m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+        l = tl.zeros([GROUP_PAD], tl.float32)
+        acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
+        for s0 in range(0, pieces, MERGE_S):
+            part = part0[:, None] + (s0 + s)[None, :]  # [GROUP_PAD, MERGE_S]
+            ok = g_ok[:, None] & (s0 + s < pieces)[None, :]
+            lse = tl.load(part_lse_ptr + part, mask=ok, other=float("-inf"), cache_modifier=".cg")
+            o = tl.load(part_out_ptr + part[:, :, None] * HEAD_DIM + d[None, None, :],
+                        mask=ok[:, :, None] & d_ok[None, None, :], other=0.0, cache_modifier=".cg")
+            m_new = tl.maximum(m, tl.max(lse, 1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no key: lse -inf, out 0
+            alpha = tl.exp2(m - m_safe)
+            w = tl.exp2(lse - m_safe[:, None])
+            acc = acc * alpha[:, None] + tl.sum(w[:, :, None] * o, 1)
+            l = l * alpha + tl.sum(w, 1)
+            m = m_new
+        m = tl.where(m == float("-inf"), 0.0, m)
+        out = _normalize(acc, m, l, sinks_ptr, head, g_ok, SINKS)
+        tl.store(out_ptr + token * stride_ot + head[:, None] * stride_oh + d[None, :], out.to(out_ptr.dtype.element_ty),
+                 mask=g_ok[:, None] & d_ok[None, :])
+
+
+MERGE_TILE = 4096  # fp32 partials the merge loads per step: [group, splits, D], 32 registers a thread at 4 warps
+
+
+def _merge_splits(group: int, head_dim: int) -> int:
+    """Splits per merge step (a power of two): every head of the group, MERGE_TILE values at most."""
+    return max(1, min(MAX_SPLITS, MERGE_TILE // (next_power_of_2(group) * next_power_of_2(head_dim))))
 
 
 def _head_pad(group: int, decode: bool) -> int:
@@ -506,7 +516,8 @@ def _split(q, k_pool, v_pool, plan: Plan, scale: float, causal: bool, window: in
         VARLEN=not plan.decode, CAUSAL=causal, WINDOW=window > 0, SOFTCAP=softcap > 0,
         SINKS=sinks is not None, HAS_K_STARTS=plan.k_starts is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        MERGE_S=min(MAX_SPLITS, max(1, 2048 // next_power_of_2(head_dim))), TABLE=plan.block_tables is not None,
+        MERGE_S=_merge_splits(plan.group, head_dim), TABLE=plan.block_tables is not None,
+        GROUP_PAD=next_power_of_2(plan.group),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, launch
