@@ -301,7 +301,10 @@ _GPU: Dict[Tuple[str, int], Sequence[Config]] = {
     # stages). Prefill packs ~64 query rows (tokens x group heads) per program (32 at D=256); 128 rows, 128-key
     # tiles, 8 warps were 5% faster on 4 x 4096 new tokens after 4096 cached (306 vs 292 TFLOP/s).
     # Decode pieces as short as 128 keys (kernels/paged.py default_num_splits: B=1 fills the GPU).
-    ("paged_decode", 64): (Config(16, 64, 4, 2, min_split_keys=128), Config(16, 128, 4, 2, min_split_keys=128)),
+    # D 64: 128-key tiles first since the decode route computes its pages (no table; benchmarks/NOTES_decode.md,
+    # probe_decode_configs.py, two H200 runs): B=1 x 4k 7.2 vs 7.9 us, B=16 x 32k 262 vs 276 us, B=64 x 4k 131 vs
+    # 138 us, B=1 x 32k equal. At D 128 the 64-key tile stayed best (B=16 x 4k 69 vs 78 us).
+    ("paged_decode", 64): (Config(16, 128, 4, 2, min_split_keys=128), Config(16, 64, 4, 2, min_split_keys=128)),
     ("paged_decode", 128): (Config(16, 64, 4, 2, min_split_keys=128), Config(16, 128, 4, 2, min_split_keys=128)),
     ("paged_decode", 256): (Config(16, 64, 4, 2, min_split_keys=128), Config(16, 128, 4, 2, min_split_keys=128)),
     ("paged_prefill", 64): (Config(64, 64, 4, 3), Config(128, 128, 8, 3), Config(64, 128, 4, 3)),
