@@ -213,11 +213,16 @@ def _paged_attention_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt  # TABLE: the sequence's row of the block table
     first_page = seq.to(tl.int64) * stride_bt  # no TABLE: pages of one position, sequence `seq`'s first
+    if TABLE:  # the first tile's pages; each iteration loads the next tile's, so that K/V addresses never wait on a
+        # load of their own iteration and the pipeliner multi-buffers them (it keeps one buffer otherwise)
+        j = start + tl.arange(0, BLOCK_N)
+        next_page = tl.load(table + j // PAGE_SIZE, mask=j < end, other=0)
     for k0 in range(start, end, BLOCK_N):
         j = k0 + tl.arange(0, BLOCK_N)
         j_ok = j < end
         if TABLE:
-            page = tl.load(table + j // PAGE_SIZE, mask=j_ok, other=0).to(tl.int64)
+            page = next_page.to(tl.int64)
+            next_page = tl.load(table + (j + BLOCK_N) // PAGE_SIZE, mask=j + BLOCK_N < end, other=0)
             in_page = j % PAGE_SIZE
         else:  # position j is page first_page + j: addresses without a dependent load
             page = first_page + j
