@@ -7,12 +7,13 @@ sm_90 on a CPU machine), so the decode configs are worth re-sweeping. Rows per s
 
 * ``table``: the route as before (an ``arange`` block table, the shipped config) -- the baseline;
 * ``BN,st,sN``: no table, ``BLOCK_N`` keys per tile, 4 warps, stages, a split-K grid of N (``auto``: the rule's);
+* ``pagedP,BN,st``: the same K/V in a paged pool (``P``-position pages, shuffled), read through a block table;
 * ``sdpa_cudnn``: ``F.scaled_dot_product_attention`` with the cuDNN backend (``enable_gqa``).
 
 Times are CUDA-graph replays (``do_bench_cudagraph`` median, the compiled static route's view);
 ``copy_frac`` = K+V bytes / time over the device's copy bandwidth (same process).
 
-    python benchmarks/probe_decode_configs.py --out DIR     # ~2 min on an H200
+    python benchmarks/probe_decode_configs.py --out DIR [--sweep]     # ~1 min, with --sweep ~3 min on an H200
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from hf_attn_plugin.kernels import paged
 from hf_attn_plugin.kernels.configs import Config
 from hf_attn_plugin.kernels.params import AttentionParams
 
+PAGE = 16
 SHAPES = [  # batch, context, query heads, KV heads, head dim
     (1, 32768, 32, 8, 64), (1, 4096, 32, 8, 64), (16, 32768, 32, 8, 64), (64, 4096, 32, 8, 64),
     (1, 32768, 32, 8, 128), (16, 4096, 32, 8, 128),
@@ -38,6 +40,7 @@ SHAPES = [  # batch, context, query heads, KV heads, head dim
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--sweep", action="store_true", help="the contiguous route's tiles x stages x split grids too")
     args = ap.parse_args()
     print_device()
     copy_gbps = copy_bandwidth() / 1e9
@@ -84,11 +87,29 @@ def main() -> None:
         record("table", lambda p=plan_for(shipped, True): decode_ops._launch(q, k, v, rows_per_seq, p, params))
         record("shipped", lambda p=plan_for(None, False): decode_ops._launch(q, k, v, rows_per_seq, p, params))
         for bn, stages, splits in itertools.product((64, 128), (2, 3, 4), (0, 32, 128) if batch == 1 else (0,)):
+            if not args.sweep:
+                break
             if dim == 128 and bn == 128 and stages > 3:
                 continue
             cfg = Config(16, bn, 4, stages, min_split_keys=2 * bn)
             record(f"{bn},{stages},s{splits or 'auto'}",
                    lambda p=plan_for(cfg, False, splits): decode_ops._launch(q, k, v, rows_per_seq, p, params))
+        # A real paged cache (16-position pages, shuffled): the block-table path, whose tiles load the next tile's
+        # page numbers (so 3+ stages multi-buffer K/V there too)
+        pages_per_seq = ctx // PAGE
+        perm = torch.randperm(batch * pages_per_seq, device=q.device)
+        k_pool, v_pool = (torch.empty(batch * pages_per_seq, PAGE, hkv, dim, device=q.device, dtype=q.dtype)
+                          for _ in range(2))
+        k_pool[perm] = k.reshape(batch * pages_per_seq, PAGE, hkv, dim)
+        v_pool[perm] = v.reshape(batch * pages_per_seq, PAGE, hkv, dim)
+        tables = perm.view(batch, pages_per_seq).to(torch.int32)
+        seq_lens = torch.full((batch,), ctx, dtype=torch.int32, device=q.device)
+        q3 = q.view(batch, hq, dim)
+        for bn, stages in ((64, 2), (64, 3), (64, 4), (128, 2), (128, 3)):
+            cfg = Config(16, bn, 4, stages, min_split_keys=2 * bn)
+            record(f"paged{PAGE},{bn},{stages}",
+                   lambda cfg=cfg: paged.paged_attention(q3, k_pool, v_pool, tables, seq_lens, None, 1, None, None,
+                                                         params.scale, True, 0, 0.0, 0, cfg).view_as(q))
         record("sdpa_cudnn", lambda: _cudnn(q, k, v))
     if args.out:
         write_rows(f"{args.out}/decode_configs.csv", rows)
