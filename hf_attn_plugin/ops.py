@@ -115,7 +115,7 @@ def _reference_dropout_mask(q, k, params: AttentionParams) -> Optional[torch.Ten
 @_attention_fwd.register_fake
 def _(q, k, v, *flat):
     batch, seqlen_q, heads_q, _ = q.shape
-    out = q.new_empty(q.shape)
+    out = q.new_empty((batch, seqlen_q, heads_q, v.shape[-1]))
     lse = q.new_empty((batch, heads_q, seqlen_q), dtype=torch.float32)
     return out, lse
 
@@ -225,7 +225,8 @@ def attention(
     return_lse: bool = False,
     dropout_p: float = 0.0,
 ):
-    """Flash attention on ``[B, S, H, D]`` tensors; semantics in :mod:`hf_attn_plugin.reference`.
+    """Flash attention on ``[B, S, H, D]`` tensors; semantics in :mod:`hf_attn_plugin.reference`. ``v`` may have a head
+    dim of its own (``[B, Sk, Hkv, Dv]``, MLA); the output is then ``[B, Sq, Hq, Dv]``.
 
     ``dropout_p``: attention dropout in ``[0, 1)`` (training); the mask comes from a seed drawn from torch's
     default generator of the device (:func:`dropout_seed`), so ``torch.manual_seed`` reproduces it.
@@ -369,8 +370,9 @@ def _check_inputs(q, k, v, sinks, segments) -> None:
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
         raise ValueError(f"expected 4-D [B, S, H, D] tensors, got q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if k.shape != v.shape:
-        raise ValueError(f"key and value shapes differ: {tuple(k.shape)} vs {tuple(v.shape)}")
+    if k.shape[:3] != v.shape[:3]:  # (v's head dim may differ from k's: MLA)
+        raise ValueError(f"key and value must have the same batch, sequence length and heads [B, Sk, Hkv] (their head "
+                         f"dims may differ), got k {tuple(k.shape)} vs v {tuple(v.shape)}")
     if q.shape[0] != k.shape[0] or q.shape[-1] != k.shape[-1]:
         raise ValueError(f"batch or head_dim of q {tuple(q.shape)} does not match k {tuple(k.shape)}")
     if k.shape[2] == 0 or q.shape[2] == 0:

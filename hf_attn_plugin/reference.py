@@ -6,9 +6,10 @@ disagree, this file is the specification.
 
 Layout (the "flash" layout, the one transformers' query views already have in memory):
 
-* ``q``: ``[B, Sq, Hq, D]``; ``k`` and ``v``: ``[B, Sk, Hkv, D]`` with ``Hq % Hkv == 0``.
+* ``q``: ``[B, Sq, Hq, D]``; ``k``: ``[B, Sk, Hkv, D]`` and ``v``: ``[B, Sk, Hkv, Dv]`` with ``Hq % Hkv == 0``
+  (``Dv`` may differ from ``D``: multi-head latent attention, DeepSeek-V2/V3).
   Query head ``h`` reads KV head ``h // (Hq // Hkv)`` (GQA / MQA, never repeated).
-* ``out``: ``[B, Sq, Hq, D]`` in the dtype of ``q``; ``lse``: ``[B, Hq, Sq]`` float32, natural log.
+* ``out``: ``[B, Sq, Hq, Dv]`` in the dtype of ``q``; ``lse``: ``[B, Hq, Sq]`` float32, natural log.
 
 Segments describe padding and packing without copies. ``segments`` is an int32 tensor
 ``[N, 5]`` of rows ``(batch, q_start, q_end, k_start, k_end)``: queries ``q[batch, q_start:q_end]``
@@ -114,9 +115,9 @@ def attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, param
     params = AttentionParams.resolve(params, q.shape[-1], options)
     probs, _, lse, vf = _probabilities(q, k, v, params, compute_dtype)
     probs = _dropped(probs, params.dropout_p, dropout_mask)
-    batch, seqlen_q, heads_q, head_dim = q.shape
-    out = torch.matmul(probs, vf)  # [B, Hkv, G, Sq, D]
-    out = out.reshape(batch, heads_q, seqlen_q, head_dim).permute(0, 2, 1, 3).to(q.dtype)
+    batch, seqlen_q, heads_q = q.shape[:3]
+    out = torch.matmul(probs, vf)  # [B, Hkv, G, Sq, Dv]
+    out = out.reshape(batch, heads_q, seqlen_q, v.shape[-1]).permute(0, 2, 1, 3).to(q.dtype)
     return out, lse.reshape(batch, heads_q, seqlen_q).float()
 
 
@@ -185,7 +186,7 @@ def attention_reference_backward(dout: torch.Tensor, q: torch.Tensor, k: torch.T
     scale, softcap, sinks, dropout_p = params.scale, params.softcap, params.sinks, params.dropout_p
     batch, seqlen_q, heads_q, head_dim = q.shape
     heads_kv = k.shape[2]
-    do = dout.to(probs.dtype).permute(0, 2, 1, 3).reshape(batch, heads_kv, group, seqlen_q, head_dim)
+    do = dout.to(probs.dtype).permute(0, 2, 1, 3).reshape(batch, heads_kv, group, seqlen_q, v.shape[-1])
     dropped = _dropped(probs, dropout_p, dropout_mask)
     out = torch.matmul(dropped, vf)
     delta = (do * out).sum(-1, keepdim=True)

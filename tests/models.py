@@ -47,6 +47,17 @@ DECODERS = {
 }
 
 
+def deepseek_v3():
+    """Multi-head latent attention (MLA) with a value head dim of its own: q/k head dim 16 + 8 = 24, v head dim 16;
+    one dense layer and one mixture-of-experts layer. Not in :data:`DECODERS`: its cache holds the compressed
+    latents, not per-head K/V (the paged cache and the KV-head conversion do not apply)."""
+    return transformers.DeepseekV3Config(
+        **COMMON, moe_intermediate_size=32, num_attention_heads=4, num_key_value_heads=4, n_shared_experts=1,
+        n_routed_experts=4, num_experts_per_tok=2, n_group=1, topk_group=1, first_k_dense_replace=1, kv_lora_rank=32,
+        q_lora_rank=48, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
+    )
+
+
 def make_pair(config, auto_class=transformers.AutoModelForCausalLM, impl="plugin"):
     """The same random weights under ``impl`` and ``eager`` (separate config objects: from_config mutates them)."""
     torch.manual_seed(0)

@@ -36,12 +36,13 @@ from .helpers import (HAS_HOPPER, KERNEL_KINDS, assert_fa2_rule, each_candidate,
 # ----------------------------------------------------------------------------------------------
 
 
-def run_case(flash, *, B=1, Sq=96, Sk=None, Hq=4, Hkv=2, D=64, dtype=torch.float32, device="cpu", causal=True,
-             window=0, softcap=0.0, sinks=False, segments=None, q_transposed=False, kv_transposed=False,
+def run_case(flash, *, B=1, Sq=96, Sk=None, Hq=4, Hkv=2, D=64, Dv=None, dtype=torch.float32, device="cpu",
+             causal=True, window=0, softcap=0.0, sinks=False, segments=None, q_transposed=False, kv_transposed=False,
              scale=None, dropout_p=0.0):
     """Run forward + backward through ``flash`` and check everything against the oracles (with dropout: given the
-    kernels' own mask, materialised by ``flash.dropout_mask``)."""
+    kernels' own mask, materialised by ``flash.dropout_mask``). ``Dv``: the value head dim (``None``: ``D``)."""
     Sk = Sq if Sk is None else Sk
+    Dv = D if Dv is None else Dv
     scale = D**-0.5 if scale is None else scale
     if q_transposed:  # what transformers hands over: a [B, S, H, D] view of [B, H, S, D] memory
         q = torch.randn(B, Hq, Sq, D, device=device, dtype=dtype).transpose(1, 2)
@@ -49,10 +50,10 @@ def run_case(flash, *, B=1, Sq=96, Sk=None, Hq=4, Hkv=2, D=64, dtype=torch.float
         q = torch.randn(B, Sq, Hq, D, device=device, dtype=dtype)
     if kv_transposed:
         k = torch.randn(B, Hkv, Sk, D, device=device, dtype=dtype).transpose(1, 2)
-        v = torch.randn(B, Hkv, Sk, D, device=device, dtype=dtype).transpose(1, 2)
+        v = torch.randn(B, Hkv, Sk, Dv, device=device, dtype=dtype).transpose(1, 2)
     else:
         k = torch.randn(B, Sk, Hkv, D, device=device, dtype=dtype)
-        v = torch.randn(B, Sk, Hkv, D, device=device, dtype=dtype)
+        v = torch.randn(B, Sk, Hkv, Dv, device=device, dtype=dtype)
     s = torch.randn(Hq, device=device, dtype=torch.float32) if sinks else None
     seg = None if segments is None else torch.tensor(segments, dtype=torch.int32, device=device)
     max_q = Sq if seg is None else int((seg[:, 2] - seg[:, 1]).max().item()) if len(seg) else 1
@@ -79,7 +80,8 @@ def run_case(flash, *, B=1, Sq=96, Sk=None, Hq=4, Hkv=2, D=64, dtype=torch.float
     low = grads(dtype, compute_dtype=dtype)  # PyTorch at the kernel's dtype
     got = [out, lse, dq, dk, dv] + ([dsinks] if sinks else [])
     names = ["out", "lse", "dq", "dk", "dv", "dsinks"]
-    assert out.dtype == dtype and lse.dtype == torch.float32 and lse.shape == (B, Hq, Sq)
+    assert out.dtype == dtype and out.shape == (B, Sq, Hq, Dv)
+    assert lse.dtype == torch.float32 and lse.shape == (B, Hq, Sq)
     assert dq.shape == q.shape and dk.shape == k.shape and dv.shape == v.shape
     rows_summed = dict(dq=Sk, dk=Sq * (Hq // Hkv), dv=Sq * (Hq // Hkv))  # per-row terms in one gradient entry
     for name, g, r, lo in zip(names, got, ref, low):

@@ -2,13 +2,12 @@
 
 transformers calls ``fn(module, query, key, value, attention_mask, dropout=..., scaling=..., **kwargs)``
 with ``query`` ``[B, Hq, Sq, D]`` (a transposed view of ``[B, Sq, Hq, D]`` memory), ``key``/``value``
-``[B, Hkv, Sk, D]`` (already concatenated with the cache, never repeated for GQA) and expects
-``([B, Sq, Hq, D], None)``. :func:`describe_call` gathers everything that shapes the computation into
-one :class:`~hf_attn_plugin.ops.AttentionParams`; :func:`plugin_attention` runs it through
-:func:`hf_attn_plugin.ops.attention_trusted` (the segments are built here, so their values are not re-checked), or,
-for decode-shaped calls over a cache, through
-:func:`hf_attn_plugin.decode_ops.attention`. A page pool of a ``PagedCache`` is read through its block tables.
-Nothing here branches on the model family.
+``[B, Hkv, Sk, D]`` (already concatenated with the cache, never repeated for GQA; ``value`` ``[B, Hkv, Sk, Dv]`` under
+multi-head latent attention, DeepSeek-V2/V3) and expects ``([B, Sq, Hq, Dv], None)``. :func:`describe_call` gathers
+everything that shapes the computation into one :class:`~hf_attn_plugin.ops.AttentionParams`; :func:`plugin_attention`
+runs it through :func:`hf_attn_plugin.ops.attention_trusted` (the segments are built here, so their values are not
+re-checked), or, for decode-shaped calls over a cache, through :func:`hf_attn_plugin.decode_ops.attention`. A page
+pool of a ``PagedCache`` is read through its block tables. Nothing here branches on the model family.
 """
 
 from __future__ import annotations

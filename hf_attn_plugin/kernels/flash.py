@@ -1,7 +1,10 @@
 """FlashAttention-2 forward and backward in Triton, with the semantics of :mod:`hf_attn_plugin.reference`.
 
 Layout ``[B, S, H, D]`` with arbitrary strides (the last dimension must be unit-stride; it is made
-so otherwise). GQA/MQA is native: query head ``h`` reads KV head ``h // group``.
+so otherwise). GQA/MQA is native: query head ``h`` reads KV head ``h // group``. The value head dim ``Dv`` may
+differ from the query/key one ``D`` (MLA: DeepSeek-V2/V3, D 192 and Dv 128): every kernel takes it as its own
+constexpr (``HEAD_DIM_V``, tiles ``BLOCK_DV`` wide) next to ``HEAD_DIM`` / ``BLOCK_D``; q, k, dq, dk are ``D``
+wide, v, out, dout, dv ``Dv`` wide (``Dv == D`` compiles exactly the kernels it did before).
 
 Kernels
 
@@ -206,7 +209,7 @@ def _fwd_inner(acc, l_i, m_i, q, k_desc, v_desc, m0, start, end, len_q, len_k, w
                SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr,
                MASKED: tl.constexpr, WARP_SPEC: tl.constexpr):
     """K/V tiles come through TMA descriptors bounded by the segment: rows past ``len_k`` and columns past
-    ``HEAD_DIM`` load as zeros (the masked phases also mask those scores)."""
+    ``HEAD_DIM`` (K) / ``HEAD_DIM_V`` (V) load as zeros (the masked phases also mask those scores)."""
     rows = m0 + tl.arange(0, BLOCK_M)
     pos = rows[:, None] + (len_k - len_q)  # key position of each query row (bottom-right aligned)
     for start_n in tl.range(start, end, BLOCK_N, warp_specialize=WARP_SPEC):
@@ -241,7 +244,8 @@ def _attn_fwd(
     stride_lb, stride_lh,
     seqlen_q, seqlen_k, heads_q, group, window,
     sm_scale2, cap_scale, cap2, drop_p, drop_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, SINKS: tl.constexpr,
     SEGMENTS: tl.constexpr, DOT_PRECISION: tl.constexpr, WARP_SPEC: tl.constexpr, DROPOUT: tl.constexpr,
 ):
@@ -272,13 +276,13 @@ def _attn_fwd(
     else:
         m_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32) - float("inf")
         l_i = tl.full([BLOCK_M], 0.0, dtype=tl.float32)
-    acc = tl.full([BLOCK_M, BLOCK_D], 0.0, dtype=tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_DV], 0.0, dtype=tl.float32)
 
     # TMA descriptors (built on the device: segments differ per program). Measured on the H200 against plain
     # pointer loads: +2.5-5.5% at S=8k-16k, fewer registers (213 vs 255 at 128x128 tiles); NOTES_flash.md v4.
     rows_k = tl.maximum(len_k, 1)  # an empty segment never loads, but a descriptor needs a non-empty shape
     k_desc = tl.make_tensor_descriptor(k_base, [rows_k, HEAD_DIM], [stride_ks, 1], [BLOCK_N, BLOCK_D])
-    v_desc = tl.make_tensor_descriptor(v_base, [rows_k, HEAD_DIM], [stride_vs, 1], [BLOCK_N, BLOCK_D])
+    v_desc = tl.make_tensor_descriptor(v_base, [rows_k, HEAD_DIM_V], [stride_vs, 1], [BLOCK_N, BLOCK_DV])
 
     seed = tl.load(Seed) if DROPOUT else 0
     bh = batch * heads_q + head
@@ -309,7 +313,7 @@ def _attn_fwd(
         out = out * drop_scale
     lse = tl.where(l_i > 0.0, lse2 * LN2, 0.0)
     o_base = Out + batch64 * stride_ob + head.to(tl.int64) * stride_oh + (q_start + m0).to(tl.int64) * stride_os
-    _store_rows(o_base, stride_os, len_q - m0, out, BLOCK_M, HEAD_DIM, BLOCK_D)
+    _store_rows(o_base, stride_os, len_q - m0, out, BLOCK_M, HEAD_DIM_V, BLOCK_DV)
     rows = tl.arange(0, BLOCK_M)
     l_ptrs = Lse + batch64 * stride_lb + head.to(tl.int64) * stride_lh + q_start + m0 + rows
     tl.store(l_ptrs, lse, mask=rows < len_q - m0)
@@ -336,8 +340,8 @@ def _aligned(a, b, c, ALIGN: tl.constexpr):
 @triton.jit(do_not_specialize_on_alignment=("seqlen_q", "stride_eb", "stride_eh"))
 def _bwd_preprocess(Out, DO, Delta, stride_ob, stride_os, stride_oh, stride_db, stride_ds, stride_dh,
                     stride_eb, stride_eh, seqlen_q, heads_q,
-                    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, ALIGN: tl.constexpr):
-    """``Delta[b, h, i] = sum_d dO[b, i, h, d] * O[b, i, h, d]`` (float32)."""
+                    HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, ALIGN: tl.constexpr):
+    """``Delta[b, h, i] = sum_d dO[b, i, h, d] * O[b, i, h, d]`` (float32; ``d`` over the value head dim)."""
     stride_ob, stride_os, stride_oh = _aligned(stride_ob, stride_os, stride_oh, ALIGN)
     stride_db, stride_ds, stride_dh = _aligned(stride_db, stride_ds, stride_dh, ALIGN)
     m0 = tl.program_id(0) * BLOCK_M
@@ -345,9 +349,9 @@ def _bwd_preprocess(Out, DO, Delta, stride_ob, stride_os, stride_oh, stride_db, 
     batch = (pid_bh // heads_q).to(tl.int64)
     head = (pid_bh % heads_q).to(tl.int64)
     o = _load_rows(Out + batch * stride_ob + head * stride_oh + m0.to(tl.int64) * stride_os, stride_os,
-                   seqlen_q - m0, BLOCK_M, HEAD_DIM, BLOCK_D, True)
+                   seqlen_q - m0, BLOCK_M, HEAD_DIM_V, BLOCK_DV, True)
     do = _load_rows(DO + batch * stride_db + head * stride_dh + m0.to(tl.int64) * stride_ds, stride_ds,
-                    seqlen_q - m0, BLOCK_M, HEAD_DIM, BLOCK_D, True)
+                    seqlen_q - m0, BLOCK_M, HEAD_DIM_V, BLOCK_DV, True)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     rows = tl.arange(0, BLOCK_M)
     tl.store(Delta + batch * stride_eb + head * stride_eh + m0 + rows, delta, mask=rows < seqlen_q - m0)
@@ -356,9 +360,9 @@ def _bwd_preprocess(Out, DO, Delta, stride_ob, stride_os, stride_oh, stride_db, 
 @triton.jit
 def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, m0, start, end, len_q, len_k, window,
               sm_scale2, cap_scale, cap2, seed, bh, q_start, k_start, drop_p, drop_scale,
-              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-              DROPOUT: tl.constexpr, MASKED: tl.constexpr):
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+              SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr):
     rows = m0 + tl.arange(0, BLOCK_M)
     pos = rows[:, None] + (len_k - len_q)  # key position of each query row (bottom-right aligned)
     for start_n in range(start, end, BLOCK_N):
@@ -366,7 +370,7 @@ def _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, m0, 
         n_left = len_k - start_n
         k = _load_rows(k_base + start_n.to(tl.int64) * stride_ks, stride_ks, n_left, BLOCK_N, HEAD_DIM, BLOCK_D,
                        MASKED)
-        v = _load_rows(v_base + start_n.to(tl.int64) * stride_vs, stride_vs, n_left, BLOCK_N, HEAD_DIM, BLOCK_D,
+        v = _load_rows(v_base + start_n.to(tl.int64) * stride_vs, stride_vs, n_left, BLOCK_N, HEAD_DIM_V, BLOCK_DV,
                        MASKED)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         s, t = scores(qk, sm_scale2, cap_scale, cap2, SOFTCAP)
@@ -396,7 +400,8 @@ def _attn_bwd_dq(
     stride_lb, stride_lh,
     seqlen_q, seqlen_k, heads_q, group, window,
     sm_scale, sm_scale2, cap_scale, cap2, drop_p, drop_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, SEGMENTS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr, ALIGN: tl.constexpr,
 ):
@@ -418,7 +423,7 @@ def _attn_bwd_dq(
     q = _load_rows(Q + batch64 * stride_qb + head64 * stride_qh + row0 * stride_qs, stride_qs, len_q - m0,
                    BLOCK_M, HEAD_DIM, BLOCK_D, True)
     do = _load_rows(DO + batch64 * stride_db + head64 * stride_dh + row0 * stride_ds, stride_ds, len_q - m0,
-                    BLOCK_M, HEAD_DIM, BLOCK_D, True)
+                    BLOCK_M, HEAD_DIM_V, BLOCK_DV, True)
     rows = tl.arange(0, BLOCK_M)
     stat = batch64 * stride_lb + head64 * stride_lh + q_start + m0 + rows
     lse2 = tl.load(Lse + stat, mask=rows < len_q - m0, other=0.0) * LOG2E
@@ -432,13 +437,16 @@ def _attn_bwd_dq(
     lo, p1_end, full_lo, full_hi, hi = _kv_range(m0, len_q, len_k, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
     dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, m0, lo, p1_end, len_q, len_k,
                    window, sm_scale2, cap_scale, cap2, seed, bh, q_start, k_start, drop_p, drop_scale, HEAD_DIM,
-                   BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION, DROPOUT, MASKED=True)
+                   BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_M, BLOCK_N, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION, DROPOUT,
+                   MASKED=True)
     dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, m0, full_lo, full_hi, len_q, len_k,
                    window, sm_scale2, cap_scale, cap2, seed, bh, q_start, k_start, drop_p, drop_scale, HEAD_DIM,
-                   BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION, DROPOUT, MASKED=False)
+                   BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_M, BLOCK_N, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION, DROPOUT,
+                   MASKED=False)
     dq = _dq_inner(dq, q, do, lse2, delta, k_base, v_base, stride_ks, stride_vs, m0, full_hi, hi, len_q, len_k,
                    window, sm_scale2, cap_scale, cap2, seed, bh, q_start, k_start, drop_p, drop_scale, HEAD_DIM,
-                   BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION, DROPOUT, MASKED=True)
+                   BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_M, BLOCK_N, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION, DROPOUT,
+                   MASKED=True)
     # s = scale * q.k  =>  dq = scale * dS @ K
     dq = dq * sm_scale
     _store_rows(DQ + batch64 * stride_gb + head64 * stride_gh + row0 * stride_gs, stride_gs, len_q - m0, dq,
@@ -481,9 +489,10 @@ def _dkdv_tile(dk, dv, k, v, q, do, lse2, delta, rows, cols, off, window, sm_sca
 @triton.jit
 def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_ds, n0, start, end,
                 len_q, len_k, window, sm_scale2, cap_scale, cap2, seed, bh, q_start, k_start, drop_p, drop_scale,
-                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                DROPOUT: tl.constexpr, MASKED: tl.constexpr, WANT_DK: tl.constexpr, WANT_DV: tl.constexpr):
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr, MASKED: tl.constexpr,
+                WANT_DK: tl.constexpr, WANT_DV: tl.constexpr):
     """Query rows past ``len_q`` load as zeros (q = dO = lse = delta = 0) and contribute exactly 0, so only the
     masked phases check bounds."""
     cols = n0 + tl.arange(0, BLOCK_N)
@@ -494,8 +503,8 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, 
         m_left = len_q - start_m
         q = _load_rows(q_base + start_m.to(tl.int64) * stride_qs, stride_qs, m_left, BLOCK_M, HEAD_DIM, BLOCK_D,
                        MASKED)
-        do = _load_rows(do_base + start_m.to(tl.int64) * stride_ds, stride_ds, m_left, BLOCK_M, HEAD_DIM, BLOCK_D,
-                        MASKED)
+        do = _load_rows(do_base + start_m.to(tl.int64) * stride_ds, stride_ds, m_left, BLOCK_M, HEAD_DIM_V,
+                        BLOCK_DV, MASKED)
         if MASKED:
             lse2 = tl.load(lse_base + start_m + offs_m, mask=offs_m < m_left, other=0.0) * LOG2E
             delta = tl.load(delta_base + start_m + offs_m, mask=offs_m < m_left, other=0.0)
@@ -511,7 +520,7 @@ def _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, 
 @triton.jit
 def _dkdv_inner_ws(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, stride_lh, n0, lo, hi, group,
                    len_q, len_k, window, sm_scale2, cap_scale, cap2, seed, bh0, q_start, k_start, drop_p, drop_scale,
-                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    DROPOUT: tl.constexpr, WANT_DK: tl.constexpr, WANT_DV: tl.constexpr):
     """Warp-specialized form: one loop over (query head of the group, query tile), masked throughout, Q/dO through
@@ -524,7 +533,7 @@ def _dkdv_inner_ws(dk, dv, k, v, q_desc, do_desc, lse_base, delta_base, stride_l
         g = it // n_tiles
         start_m = lo + (it - g * n_tiles) * BLOCK_M
         q = q_desc.load([g, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
-        do = do_desc.load([g, start_m, 0]).reshape(BLOCK_M, BLOCK_D)
+        do = do_desc.load([g, start_m, 0]).reshape(BLOCK_M, BLOCK_DV)
         rows = start_m + offs_m
         stat = g.to(tl.int64) * stride_lh + rows
         lse2 = tl.load(lse_base + stat, mask=rows < len_q, other=0.0) * LOG2E
@@ -540,14 +549,15 @@ def _dkdv_heads(dk, dv, Q, K, V, DO, Lse, Delta, batch64, kv_head, q_start, krow
                 stride_qs, stride_qh, stride_qb, stride_ks, stride_kh, stride_kb, stride_vs, stride_vh, stride_vb,
                 stride_ds, stride_dh, stride_db, stride_lb, stride_lh, group, window,
                 lo, p1_end, full_lo, full_hi, hi, sm_scale2, cap_scale, cap2, seed, bh0, k_start, drop_p, drop_scale,
-                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                DROPOUT: tl.constexpr, WANT_DK: tl.constexpr, WANT_DV: tl.constexpr):
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr,
+                SOFTCAP: tl.constexpr, DOT_PRECISION: tl.constexpr, DROPOUT: tl.constexpr, WANT_DK: tl.constexpr,
+                WANT_DV: tl.constexpr):
     """Pointer-load form: K/V tile in registers, three query-tile phases per head of the group."""
     k = _load_rows(K + batch64 * stride_kb + kv_head.to(tl.int64) * stride_kh + krow0 * stride_ks, stride_ks,
                    len_k - n0, BLOCK_N, HEAD_DIM, BLOCK_D, True)
     v = _load_rows(V + batch64 * stride_vb + kv_head.to(tl.int64) * stride_vh + krow0 * stride_vs, stride_vs,
-                   len_k - n0, BLOCK_N, HEAD_DIM, BLOCK_D, True)
+                   len_k - n0, BLOCK_N, HEAD_DIM_V, BLOCK_DV, True)
     # Every query head of the group reads this KV head: accumulate all of them here (no atomics).
     for g in range(0, group):
         head64 = (kv_head * group + g).to(tl.int64)
@@ -558,16 +568,16 @@ def _dkdv_heads(dk, dv, Q, K, V, DO, Lse, Delta, batch64, kv_head, q_start, krow
         delta_base = Delta + batch64 * stride_lb + head64 * stride_lh + q_start
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_ds, n0, lo,
                              p1_end, len_q, len_k, window, sm_scale2, cap_scale, cap2, seed, bh0 + g,
-                             q_start, k_start, drop_p, drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL,
-                             WINDOW, SOFTCAP, DOT_PRECISION, DROPOUT, True, WANT_DK, WANT_DV)
+                             q_start, k_start, drop_p, drop_scale, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_M,
+                             BLOCK_N, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION, DROPOUT, True, WANT_DK, WANT_DV)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_ds, n0, full_lo,
                              full_hi, len_q, len_k, window, sm_scale2, cap_scale, cap2, seed, bh0 + g,
-                             q_start, k_start, drop_p, drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL,
-                             WINDOW, SOFTCAP, DOT_PRECISION, DROPOUT, False, WANT_DK, WANT_DV)
+                             q_start, k_start, drop_p, drop_scale, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_M,
+                             BLOCK_N, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION, DROPOUT, False, WANT_DK, WANT_DV)
         dk, dv = _dkdv_inner(dk, dv, k, v, q_base, do_base, lse_base, delta_base, stride_qs, stride_ds, n0, full_hi,
                              hi, len_q, len_k, window, sm_scale2, cap_scale, cap2, seed, bh0 + g,
-                             q_start, k_start, drop_p, drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL,
-                             WINDOW, SOFTCAP, DOT_PRECISION, DROPOUT, True, WANT_DK, WANT_DV)
+                             q_start, k_start, drop_p, drop_scale, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_M,
+                             BLOCK_N, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION, DROPOUT, True, WANT_DK, WANT_DV)
     return dk, dv
 
 
@@ -583,7 +593,8 @@ def _attn_bwd_dkdv(
     stride_lb, stride_lh,
     seqlen_q, seqlen_k, heads_kv, group, window,
     sm_scale, sm_scale2, cap_scale, cap2, drop_p, drop_scale,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr, SEGMENTS: tl.constexpr,
     DOT_PRECISION: tl.constexpr, WARP_SPEC: tl.constexpr, DROPOUT: tl.constexpr, ALIGN: tl.constexpr,
     WANT_DK: tl.constexpr = True, WANT_DV: tl.constexpr = True,
@@ -605,7 +616,7 @@ def _attn_bwd_dkdv(
     batch64 = batch.to(tl.int64)
     krow0 = (k_start + n0).to(tl.int64)
     dk = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=tl.float32)
-    dv = tl.full([BLOCK_N, BLOCK_D], 0.0, dtype=tl.float32)
+    dv = tl.full([BLOCK_N, BLOCK_DV], 0.0, dtype=tl.float32)
     lo, p1_end, full_lo, full_hi, hi = _q_range(n0, len_q, len_k, window, BLOCK_M, BLOCK_N, CAUSAL, WINDOW)
     seed = tl.load(Seed) if DROPOUT else 0
     bh0 = (batch * heads_kv + kv_head) * group  # batch * heads_q + the group's first query head
@@ -616,7 +627,7 @@ def _attn_bwd_dkdv(
         rows_k = tl.maximum(len_k, 1)
         k = tl.make_tensor_descriptor(k_seg, [rows_k, HEAD_DIM], [stride_ks, 1], [BLOCK_N, BLOCK_D]).load(
             [tl.where(n0 < len_k, n0, rows_k), 0])
-        v = tl.make_tensor_descriptor(v_seg, [rows_k, HEAD_DIM], [stride_vs, 1], [BLOCK_N, BLOCK_D]).load(
+        v = tl.make_tensor_descriptor(v_seg, [rows_k, HEAD_DIM_V], [stride_vs, 1], [BLOCK_N, BLOCK_DV]).load(
             [tl.where(n0 < len_k, n0, rows_k), 0])
         head0 = (kv_head * group).to(tl.int64)
         qrow0 = q_start.to(tl.int64)
@@ -624,27 +635,28 @@ def _attn_bwd_dkdv(
         q_desc = tl.make_tensor_descriptor(Q + batch64 * stride_qb + head0 * stride_qh + qrow0 * stride_qs,
                                            [group, rows_q, HEAD_DIM], [stride_qh, stride_qs, 1], [1, BLOCK_M, BLOCK_D])
         do_desc = tl.make_tensor_descriptor(DO + batch64 * stride_db + head0 * stride_dh + qrow0 * stride_ds,
-                                            [group, rows_q, HEAD_DIM], [stride_dh, stride_ds, 1], [1, BLOCK_M, BLOCK_D])
+                                            [group, rows_q, HEAD_DIM_V], [stride_dh, stride_ds, 1],
+                                            [1, BLOCK_M, BLOCK_DV])
         hi = tl.where(n0 < len_k, hi, lo)
         dk, dv = _dkdv_inner_ws(dk, dv, k, v, q_desc, do_desc, Lse + batch64 * stride_lb + head0 * stride_lh + q_start,
                                 Delta + batch64 * stride_lb + head0 * stride_lh + q_start, stride_lh, n0, lo, hi, group,
                                 len_q, len_k, window, sm_scale2, cap_scale, cap2, seed, bh0, q_start, k_start, drop_p,
-                                drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION,
+                                drop_scale, BLOCK_D, BLOCK_DV, BLOCK_M, BLOCK_N, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION,
                                 DROPOUT, WANT_DK, WANT_DV)
     else:
         dk, dv = _dkdv_heads(dk, dv, Q, K, V, DO, Lse, Delta, batch64, kv_head, q_start, krow0, n0, len_q, len_k,
                              stride_qs, stride_qh, stride_qb, stride_ks, stride_kh, stride_kb, stride_vs, stride_vh,
                              stride_vb, stride_ds, stride_dh, stride_db, stride_lb, stride_lh, group, window,
                              lo, p1_end, full_lo, full_hi, hi, sm_scale2, cap_scale, cap2, seed, bh0, k_start, drop_p,
-                             drop_scale, HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N, CAUSAL, WINDOW, SOFTCAP, DOT_PRECISION,
-                             DROPOUT, WANT_DK, WANT_DV)
+                             drop_scale, HEAD_DIM, BLOCK_D, HEAD_DIM_V, BLOCK_DV, BLOCK_M, BLOCK_N, CAUSAL, WINDOW,
+                             SOFTCAP, DOT_PRECISION, DROPOUT, WANT_DK, WANT_DV)
     if WANT_DK:
         dk = dk * sm_scale
         _store_rows(DK + batch64 * stride_gkb + kv_head.to(tl.int64) * stride_gkh + krow0 * stride_gks, stride_gks,
                     len_k - n0, dk, BLOCK_N, HEAD_DIM, BLOCK_D)
     if WANT_DV:
         _store_rows(DV + batch64 * stride_gvb + kv_head.to(tl.int64) * stride_gvh + krow0 * stride_gvs, stride_gvs,
-                    len_k - n0, dv, BLOCK_N, HEAD_DIM, BLOCK_D)
+                    len_k - n0, dv, BLOCK_N, HEAD_DIM_V, BLOCK_DV)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -673,19 +685,21 @@ def _ensure_scratch_allocator() -> None:
         triton.set_allocator(_scratch)
 
 
-def check_head_dim(head_dim: int, kernels: str = "flash") -> None:
-    """Raise a ValueError naming the supported set unless the Triton kernels can run ``head_dim``."""
+def check_head_dim(head_dim: int, kernels: str = "flash", name: str = "head_dim") -> None:
+    """Raise a ValueError naming the supported set unless the Triton kernels can run ``head_dim`` (``name``: what
+    the message calls it, e.g. the value head dim)."""
     if head_dim not in SUPPORTED_HEAD_DIMS:
         raise ValueError(
-            f"head_dim {head_dim} is not supported by the Triton {kernels} kernels: they support every multiple of "
+            f"{name} {head_dim} is not supported by the Triton {kernels} kernels: they support every multiple of "
             f"{HEAD_DIM_MULTIPLE} from {MIN_HEAD_DIM} to {MAX_HEAD_DIM}. Use attn_implementation='sdpa' or 'eager' "
             f"for this model, or HF_ATTN_PLUGIN_BACKEND=reference (plain PyTorch)."
         )
 
 
-def _check(q: torch.Tensor) -> None:
+def _check(q: torch.Tensor, v: torch.Tensor) -> None:
     """What the kernels can run (the inputs themselves are checked by :func:`hf_attn_plugin.ops.attention`)."""
     check_head_dim(q.shape[-1])
+    check_head_dim(v.shape[-1], name="value head_dim")
     if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"flash kernels support float16, bfloat16 and float32, got {q.dtype}")
 
@@ -726,11 +740,17 @@ def padded_stats(t: torch.Tensor) -> torch.Tensor:
 class _Launch:
     """Everything both directions derive from the shapes and the params (grid extents, flags, scales)."""
 
-    def __init__(self, q, k, params: AttentionParams):
+    def __init__(self, q, k, v, params: AttentionParams):
         self.batch, self.seqlen_q, self.heads_q, self.head_dim = q.shape
-        self.seqlen_k, self.heads_kv = k.shape[1], k.shape[2]
+        self.seqlen_k, self.heads_kv, self.head_dim_v = k.shape[1], k.shape[2], v.shape[-1]
         self.group = self.heads_q // self.heads_kv
         self.block_d = max(next_power_of_2(self.head_dim), 16)
+        self.block_dv = max(next_power_of_2(self.head_dim_v), 16)
+        # Launch configs are picked by the wider of the two: every kernel holds tiles of both widths (forward: Q, K
+        # [., D] and V, the accumulator [., Dv]; dQ: Q, K, dQ and dO, V; dK/dV: K, Q, dK and V, dO, dV), and the
+        # configs of a bucket are sized for tiles of its width everywhere, so they fit (shared memory, registers)
+        # whichever of D and Dv is the smaller. Dv == D: the bucket of D, as before.
+        self.config_d = max(self.block_d, self.block_dv)
         self.segmented = params.segments is not None
         if self.segmented:
             self.segments = params.segments.to(device=q.device, dtype=torch.int32).contiguous()
@@ -760,9 +780,9 @@ class _Launch:
 
     def flags(self):
         return dict(
-            HEAD_DIM=self.head_dim, BLOCK_D=self.block_d, CAUSAL=self.causal, WINDOW=self.window > 0,
-            SOFTCAP=self.softcap > 0, SEGMENTS=self.segmented, DOT_PRECISION=self.dot_precision,
-            DROPOUT=self.dropout,
+            HEAD_DIM=self.head_dim, BLOCK_D=self.block_d, HEAD_DIM_V=self.head_dim_v, BLOCK_DV=self.block_dv,
+            CAUSAL=self.causal, WINDOW=self.window > 0, SOFTCAP=self.softcap > 0, SEGMENTS=self.segmented,
+            DOT_PRECISION=self.dot_precision, DROPOUT=self.dropout,
         )
 
     def key(self, dtype, sinks=False):
@@ -773,7 +793,7 @@ class _Launch:
 
 
 def flash_attn_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params: AttentionParams):
-    """Returns ``(out [B, Sq, Hq, D] in q.dtype, lse [B, Hq, Sq] float32, natural log)``.
+    """Returns ``(out [B, Sq, Hq, Dv] in q.dtype, lse [B, Hq, Sq] float32, natural log)`` (``Dv``: v's head dim).
 
     ``params.dropout_p > 0``: attention dropout with the mask :func:`dropout_mask` gives for ``params.seed`` (an
     int64 tensor on the device, from :func:`hf_attn_plugin.ops.dropout_seed`); the backward must get the same seed.
@@ -782,15 +802,15 @@ def flash_attn_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params
     variant of the Gluon Hopper forward (``gluon_fwd.py``) where it supports the call, else the key's best Triton
     config (``pick(..., triton_only=True)``). Both give the same contract (lse natural log), so the backward does
     not depend on which ran (its dK/dV pass makes the same choice between Triton and ``gluon_bwd.py``)."""
-    _check(q)
+    _check(q, v)
     q, k, v = _unit_last(q), tma_ready(k), tma_ready(v)
-    L = _Launch(q, k, params)
+    L = _Launch(q, k, v, params)
     sinks = params.sinks
     buffers = []  # out, lse of the Triton kernel (the Gluon one allocates its own)
 
     def outputs():
         if not buffers:
-            buffers.append(_alloc(q.shape, q, q.dtype, zero=L.segmented))
+            buffers.append(_alloc((*q.shape[:3], L.head_dim_v), q, q.dtype, zero=L.segmented))
             buffers.append(_alloc((L.batch, L.heads_q, L.seqlen_q), q, torch.float32, zero=L.segmented))
         return buffers
 
@@ -825,15 +845,15 @@ def flash_attn_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params
         )
 
     key = L.key(q.dtype, sinks is not None)
-    cfg = configs.pick("fwd", L.block_d, key, launch)
+    cfg = configs.pick("fwd", L.config_d, key, launch)
     triton_only = False
     if cfg.gluon >= 0:
         if gluon_unsupported() is None:
             return launch(cfg)
         # The key's entry names a Gluon kernel that cannot run this call: the key's best Triton config instead.
         triton_only = True
-        cfg = configs.pick("fwd", L.block_d, key, launch, triton_only=True)
-    configs.launch_fitting("fwd", L.block_d, key, cfg, launch, triton_only=triton_only)
+        cfg = configs.pick("fwd", L.config_d, key, launch, triton_only=True)
+    configs.launch_fitting("fwd", L.config_d, key, cfg, launch, triton_only=triton_only)
     out, lse = outputs()
     return out, lse
 
@@ -854,6 +874,8 @@ def _gluon_unsupported(q, k, v, params: AttentionParams, backward: bool = False)
     """Why the Gluon forward (``backward``: the Gluon dK/dV kernel) cannot run this call (None: it can). Gluon is
     imported only for compiled CUDA calls: never under the interpreter or for CPU tensors."""
     kernel = "Gluon dK/dV kernel" if backward else "Gluon forward"
+    if v.shape[-1] != q.shape[-1]:  # (its tiles and descriptors have one head dim)
+        return f"the {kernel} has one head dim for q, k and v (this call: {q.shape[-1]}, value {v.shape[-1]})"
     if configs.interpreting() or not q.is_cuda:
         return f"the {kernel} runs compiled on CUDA only"
     if not configs.gluon_enabled():
@@ -881,14 +903,14 @@ def flash_attn_backward(
 
     dK/dV: the launch config's kernel: Triton, or with ``gluon`` >= 0 the Gluon Hopper kernel (``gluon_bwd.py``)
     where it supports the call, else the key's best Triton config (as the forward). dQ: always Triton."""
-    _check(q)
+    _check(q, v)
     # every tensor the kernels read or write has 16-byte aligned strides (their ALIGN hint; TMA needs it too)
     q, k, v, out = tma_ready(q), tma_ready(k), tma_ready(v), tma_ready(out)
     dout = tma_ready(dout.contiguous())  # a grad of sum() has stride 0
     align = 16 // q.element_size()
     _ensure_scratch_allocator()  # autograd runs the backward in its own thread (Triton's allocator is per thread)
     lse = padded_stats(lse)  # (lse and delta share the stats layout: the Triton kernels read both with lse's strides)
-    L = _Launch(q, k, params)
+    L = _Launch(q, k, v, params)
     sinks = params.sinks
     # dq for rows outside every segment and dk/dv for keys outside every segment are never written. Contiguous,
     # whatever the inputs' layout: what the op returns (a transposed q would otherwise cost a copy of dq).
@@ -902,13 +924,13 @@ def flash_attn_backward(
 
     # delta = rowsum(dO * O); rows outside every segment have O = 0, hence delta = 0.
     delta = stats_buffer(L.batch, L.heads_q, L.seqlen_q, q.device)
-    pre = configs.candidates("bwd_pre", L.block_d)[0]
+    pre = configs.candidates("bwd_pre", L.block_dv)[0]  # its tiles are [BLOCK_M, Dv] (O and dO) only
     _bwd_preprocess[(cdiv(L.seqlen_q, pre.block_m), L.batch * L.heads_q)](
         out, dout, delta,
         *out.stride()[:3],
         *dout.stride()[:3],
         *delta.stride()[:2], L.seqlen_q, L.heads_q,
-        HEAD_DIM=L.head_dim, BLOCK_D=L.block_d, BLOCK_M=pre.block_m, ALIGN=align, num_warps=pre.num_warps,
+        HEAD_DIM_V=L.head_dim_v, BLOCK_DV=L.block_dv, BLOCK_M=pre.block_m, ALIGN=align, num_warps=pre.num_warps,
     )
     # scalar arguments of both kernels, by keyword (each launch adds its own head count)
     common = dict(seqlen_q=L.seqlen_q, seqlen_k=L.seqlen_k, group=L.group, window=L.window, sm_scale=L.scale,
@@ -959,12 +981,12 @@ def flash_attn_backward(
         return kernel
 
     key = L.key(q.dtype)
-    cfg = configs.pick("bwd_dkdv", L.block_d, key, launch_dkdv)
+    cfg = configs.pick("bwd_dkdv", L.config_d, key, launch_dkdv)
     triton_only = cfg.gluon >= 0 and gluon_unsupported() is not None
     if triton_only:  # the key's entry names the Gluon dK/dV kernel, which cannot run this call: best Triton config
-        cfg = configs.pick("bwd_dkdv", L.block_d, key, launch_dkdv, triton_only=True)
-    configs.launch_fitting("bwd_dkdv", L.block_d, key, cfg, launch_dkdv, triton_only=triton_only)
-    configs.launch_fitting("bwd_dq", L.block_d, key, configs.pick("bwd_dq", L.block_d, key, launch_dq), launch_dq)
+        cfg = configs.pick("bwd_dkdv", L.config_d, key, launch_dkdv, triton_only=True)
+    configs.launch_fitting("bwd_dkdv", L.config_d, key, cfg, launch_dkdv, triton_only=triton_only)
+    configs.launch_fitting("bwd_dq", L.config_d, key, configs.pick("bwd_dq", L.config_d, key, launch_dq), launch_dq)
 
     dsinks = None
     if sinks is not None:
