@@ -12,7 +12,7 @@
 #   generate    bench_generate.py, B=1, dynamic and compiled static routes  ~150 s
 #   decode      bench_decode.py (decode kernels beside SDPA)                ~120 s
 #   tune        tune_tables.py for D 64/128/256 (writes $OUT/tune/sm90.json) ~200 s
-#   tune_fwd    tune_tables.py, forward only at D 128/64, S 4k..512 (Gluon and Triton candidates), with --merge
+#   tune_fwd    tune_tables.py, forward only at D 128/64, S 16k..512 (Gluon and Triton candidates), with --merge
 #               ($OUT/tune/sm90.merged.json; budget TUNE_BUDGET s, default 150) ~200 s
 #   tune_dkdv256  tune_tables.py, dK/dV only at D 256 (every candidate's time in the log; $OUT/tune/sm90.merged.json
 #               is the shipped table with these entries put in) ~60 s
@@ -54,7 +54,7 @@ for stage in "$@"; do
     decode) python benchmarks/bench_decode.py --out "$RES" > "$OUT/decode.log" 2>&1 ;;
     tune) python benchmarks/tune_tables.py --out "$OUT/tune" --dims 64,128,256 --budget-s 200 > "$OUT/tune.log" 2>&1 ;;
     tune_fwd) HF_ATTN_PLUGIN_VERBOSE=1 python benchmarks/tune_tables.py --out "$OUT/tune" --dims 128,64 \
-                --seqs 4096,2048,1024,512 --kinds fwd --merge --budget-s ${TUNE_BUDGET:-150} > "$OUT/tune.log" 2>&1 ;;
+                --seqs 16384,8192,4096,2048,1024,512 --kinds fwd --merge --budget-s ${TUNE_BUDGET:-150} > "$OUT/tune.log" 2>&1 ;;
     tune_dkdv256) HF_ATTN_PLUGIN_VERBOSE=1 python benchmarks/tune_tables.py --out "$OUT/tune" --dims 256 \
                     --seqs 4096,1024 --groups 1,4 --causal 1,0 --kinds bwd_dkdv --merge > "$OUT/tune.log" 2>&1 ;;
     probe_b1) python benchmarks/probe_b1_host.py > "$OUT/probe_b1.log" 2>&1 ;;
