@@ -362,9 +362,9 @@ def default_num_splits(num_programs: int, max_context: int, device: torch.device
       would stream B=1 x 4k keys, 8.4 MB at D=64 bf16, in 2 us);
     * pieces of :data:`LONG_PIECE_KEYS` over the capacity: the long sequences of a skewed batch that
       fills the GPU (the kernel cuts them to the batch's typical length; NOTES_paged.md);
-    * never a piece shorter than ``min_split_keys`` (GPU decode configs: 128 keys, two 64-key tiles, so
-      the two-stage pipeline still overlaps one tile's loads with the other's math), at most
-      :data:`MAX_SPLITS`.
+    * never a piece shorter than ``min_split_keys`` (GPU decode configs: 128 keys: two 64-key tiles at
+      D 128/256, one 128-key tile at D <= 64, whose default measured faster even so: NOTES_decode.md), at
+      most :data:`MAX_SPLITS`.
 
     H200, 32/8 heads: B=1 x 576 keys: 4 (the kernel uses 3 pieces of 192 keys: 24 programs); B=1 x 4k:
     32 (256 programs of 128 keys); B=1 x 32k: 64 (512 programs of 512 keys); B=16 x 4k: 5 (the kernel
