@@ -10,7 +10,9 @@ split): its M rows are ``BLOCK_Q`` query tokens x ``HEAD_PAD`` query heads of on
 (``row = token * HEAD_PAD + head``), so every K/V tile is loaded once for the whole group. Decode
 uses ``BLOCK_Q = 1`` (the group's heads padded to >= 16 rows for ``tl.dot``). Keys are walked in
 tiles of ``BLOCK_N`` positions; each position finds its page through the block table, so a tile may
-span several pages or part of one. With ``num_splits > 1`` (split-K) the grid has room for that many
+span several pages or part of one (each tile loads the next tile's page numbers, so that Triton's pipeliner
+can multi-buffer the K/V loads). A contiguous cache seen as pages of one position (the decode route,
+:mod:`hf_attn_plugin.decode_ops`) has no table: the kernel computes the pages. With ``num_splits > 1`` (split-K) the grid has room for that many
 contiguous pieces per query tile; how many a sequence actually uses is decided in the kernel from
 the lengths in ``seq_lens`` (see :func:`_piece_tiles`): long sequences of a skewed batch are cut
 finely, sequences of a uniform batch that already fills the GPU stay whole. Each piece writes a
