@@ -126,7 +126,7 @@ def plugin_splits(q, k) -> int:
     """The plugin's split-K grid for this call (the route's plan), q/k in the flash layout."""
     rows = decode_ops._virtual_pool_rows(k, k)
     index = decode_ops._index_tensors(q.shape[0], q.shape[1], k.shape[1], None, q.device)
-    return decode_ops._new_plan(q, k, rows, index, 0).launch(True, False, False, False).num_splits
+    return decode_ops._new_plan(q, k, k, rows, index, 0).launch(True, False, False, False).num_splits
 
 
 def loop_us(fn, calls=50) -> float:

@@ -58,11 +58,12 @@ def main() -> None:
                                               enable_gqa=True).transpose(1, 2)
 
         def plan_for(cfg, table: bool, num_splits: int = 0):
-            plan = decode_ops._new_plan(q, k, rows_per_seq, index, num_splits)
+            plan = decode_ops._new_plan(q, k, v, rows_per_seq, index, num_splits)
             if table:  # the route before: an arange block table (the pool's pages are positions)
-                starts = torch.arange(0, batch * rows_per_seq, rows_per_seq, dtype=torch.int32, device=q.device)
+                rows = rows_per_seq[0]  # (K and V share it here)
+                starts = torch.arange(0, batch * rows, rows, dtype=torch.int32, device=q.device)
                 bt = starts[:, None] + torch.arange(ctx, dtype=torch.int32, device=q.device)[None, :]
-                plan = paged.Plan(plan.q_shape, q.dtype, q.device, ((batch - 1) * rows_per_seq + ctx, 1, hkv, dim),
+                plan = paged.Plan(plan.q_shape, q.dtype, q.device, ((batch - 1) * rows + ctx, 1, hkv, dim),
                                   bt, plan.seq_lens, None, 1, None, 0, cfg)
             else:
                 plan.config = cfg
@@ -83,7 +84,7 @@ def main() -> None:
                   flush=True)
 
         print(f"B={batch} ctx={ctx} {hq}/{hkv} D={dim}  K+V {kv_bytes / 1e6:.1f} MB", flush=True)
-        shipped = decode_ops._new_plan(q, k, rows_per_seq, index, 0).launch(True, False, False, False).cfg
+        shipped = decode_ops._new_plan(q, k, v, rows_per_seq, index, 0).launch(True, False, False, False).cfg
         record("table", lambda p=plan_for(shipped, True): decode_ops._launch(q, k, v, rows_per_seq, p, params))
         record("shipped", lambda p=plan_for(None, False): decode_ops._launch(q, k, v, rows_per_seq, p, params))
         for bn, stages, splits in itertools.product((64, 128), (2, 3, 4), (0, 32, 128) if batch == 1 else (0,)):

@@ -11,7 +11,9 @@ tile and splits long contexts over programs, so this module lets it read the con
 * the pool is ``k`` itself seen as ``[num_pages, 1, Hkv, D]`` pages of one position, page stride = the
   position stride ``ss`` (``k.as_strided``: no copy). Position ``j`` of batch row ``b`` starts at
   ``b * sb + j * ss`` = page ``b * (sb / ss) + j``: the kernel computes it (a plan without block table,
-  ``rows = sb / ss``) instead of loading it from a table;
+  ``rows = sb / ss``) instead of loading it from a table. ``v`` likewise, with its own strides, ``sb / ss`` and
+  head dim (multi-head latent attention: DeepSeek's K is 192 wide and ``[B, Hkv, Sk]``-major in the cache, V 128
+  wide and ``[B, Sk, Hkv]``-major);
 * ``seq_lens`` = ``Sk`` (or each row's ``k_end``), ``k_starts`` = each row's first real key (left padding).
 
 The kernel's semantics (queries bottom-right aligned at ``seq_len``, keys before ``k_start`` ignored, causal,
@@ -80,28 +82,29 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, 
         return False
     if q.dtype not in _KERNEL_DTYPES or backend_for(q.device) != "triton":
         return False
-    if v.shape[-1] != k.shape[-1]:  # a value head dim of its own (MLA): the paged kernel has one head dim
-        return False
     if key_segments is not None and key_segments.shape[0] != q.shape[0]:
         return False
     return _virtual_pool_rows(k, v) is not None
 
 
-def _virtual_pool_rows(k: torch.Tensor, v: torch.Tensor) -> int | None:
-    """``sb / ss`` (pages per batch row) when ``k`` and ``v`` can both be read as virtual pools, else None."""
-    batch, seqlen_k = k.shape[0], k.shape[1]
-    if k.stride(-1) != 1 or v.stride(-1) != 1 or k.stride(1) <= 0 or k.stride(1) != v.stride(1):
+def _virtual_pool_rows(k: torch.Tensor, v: torch.Tensor) -> tuple[int, int] | None:
+    """``(rows_k, rows_v)``: ``sb / ss`` (pages per batch row) of ``k`` and of ``v`` when both can be read as virtual
+    pools, else None. Their head dims and strides may differ (MLA)."""
+    rows = _rows(k), _rows(v)
+    # Page (b * rows + j) is position j of row b: every page the kernel reads is a valid position of its tensor,
+    # so the pool views (as_strided, which checks its bounds) lie inside their storage.
+    return None if None in rows else rows
+
+
+def _rows(t: torch.Tensor) -> int | None:
+    """Pages per batch row of ``t`` ``[B, Sk, Hkv, D]`` seen as pages of one position (None: not addressable)."""
+    batch, seqlen_k = t.shape[0], t.shape[1]
+    ss = t.stride(1)
+    if t.stride(-1) != 1 or ss <= 0:
         return None
-    ss = k.stride(1)
-    if batch > 1:
-        if k.stride(0) % ss or k.stride(0) != v.stride(0):
-            return None
-        rows = k.stride(0) // ss
-    else:
-        rows = seqlen_k
-    # Page (b * rows + j) is position j of row b: every page the kernel reads is a valid position of the tensor,
-    # so the pool view (as_strided, which checks its bounds) lies inside the storage.
-    return rows
+    if batch == 1:
+        return seqlen_k
+    return t.stride(0) // ss if t.stride(0) % ss == 0 else None
 
 
 def _pool(t: torch.Tensor, num_pages: int) -> torch.Tensor:
@@ -125,13 +128,17 @@ def _index_tensors(batch: int, seqlen_q: int, seqlen_k: int, key_segments: torch
     return seq_lens, cu_seqlens_q, k_starts
 
 
-def _new_plan(q: torch.Tensor, k: torch.Tensor, rows: int, index: tuple, num_splits: int):
-    """The kernels' :class:`~hf_attn_plugin.kernels.paged.Plan` for a call (``index``: :func:`_index_tensors`)."""
+def _new_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: tuple[int, int], index: tuple,
+              num_splits: int):
+    """The kernels' :class:`~hf_attn_plugin.kernels.paged.Plan` for a call (``rows``: :func:`_virtual_pool_rows`,
+    ``index``: :func:`_index_tensors`)."""
     batch, seqlen_q, heads_q, head_dim = q.shape
     seq_lens, cu_seqlens_q, k_starts = index
-    pool_shape = ((batch - 1) * rows + k.shape[1], 1, k.shape[2], k.shape[3])
+    pool_shape = ((batch - 1) * rows[0] + k.shape[1], 1, k.shape[2], k.shape[3])
     return _kernels().Plan((batch * seqlen_q, heads_q, head_dim), q.dtype, q.device, pool_shape, None, seq_lens,
-                           cu_seqlens_q, seqlen_q, k_starts, num_splits, rows=rows, capacity=k.shape[1])
+                           cu_seqlens_q, seqlen_q, k_starts, num_splits, rows=rows[0], rows_v=rows[1],
+                           capacity=k.shape[1],
+                           head_dim_v=v.shape[-1])
 
 
 # Eager: the last step's plan (index tensors, launch geometry, split-K buffers), shared by every layer of the step:
@@ -141,14 +148,15 @@ def _new_plan(q: torch.Tensor, k: torch.Tensor, rows: int, index: tuple, num_spl
 _LAST_PLAN: list = [None]  # (key, weakref to the segments or None, plan)
 
 
-def _step_plan(q: torch.Tensor, k: torch.Tensor, rows: int, key_segments: torch.Tensor | None, num_splits: int):
-    key = (threading.get_ident(), q.shape, k.shape, rows, q.dtype, q.device, num_splits)
+def _step_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: tuple[int, int],
+               key_segments: torch.Tensor | None, num_splits: int):
+    key = (threading.get_ident(), q.shape, k.shape, v.shape[-1], rows, q.dtype, q.device, num_splits)
     entry = _LAST_PLAN[0]
     if entry is not None and entry[0] == key and (entry[1] is None if key_segments is None
                                                   else entry[1] is not None and entry[1]() is key_segments):
         return entry[2]
     index = _index_tensors(q.shape[0], q.shape[1], k.shape[1], key_segments, q.device)
-    plan = _new_plan(q, k, rows, index, num_splits)
+    plan = _new_plan(q, k, v, rows, index, num_splits)
     _LAST_PLAN[0] = (key, None if key_segments is None else weakref.ref(key_segments), plan)
     return plan
 
@@ -167,19 +175,19 @@ def _kernels():
 _PAGED = None
 
 
-def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: int, plan, params) -> torch.Tensor:
-    """The paged kernel on the virtual pools of ``k``/``v`` (``rows`` pages per batch row) with the call's
-    ``plan`` (:func:`_new_plan`); a contiguous ``[B, Sq, Hq, D]`` output."""
+def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: tuple[int, int], plan, params) -> torch.Tensor:
+    """The paged kernel on the virtual pools of ``k``/``v`` (``rows``: their pages per batch row) with the call's
+    ``plan`` (:func:`_new_plan`); a contiguous ``[B, Sq, Hq, Dv]`` output."""
     if q.device.type == "cuda" and q.device.index != torch.cuda.current_device():
         with torch.cuda.device(q.device):  # Triton launches on the current device (layers spread by device_map)
             return _launch(q, k, v, rows, plan, params)
     batch, seqlen_q, heads_q, head_dim = q.shape
-    num_pages = (batch - 1) * rows + k.shape[1]
     q3 = q.reshape(batch * seqlen_q, heads_q, head_dim)  # a view for decode (Sq = 1); a small copy otherwise
     if not q3.is_contiguous():
         q3 = q3.contiguous()
-    out = _kernels().run(q3, _pool(k, num_pages), _pool(v, num_pages), plan, params)
-    return out.view(batch, seqlen_q, heads_q, head_dim)
+    k_pool, v_pool = (_pool(t, (batch - 1) * r + t.shape[1]) for t, r in ((k, rows[0]), (v, rows[1])))
+    out = _kernels().run(q3, k_pool, v_pool, plan, params)
+    return out.view(batch, seqlen_q, heads_q, v.shape[-1])
 
 
 @torch.library.custom_op("hf_attn_plugin::decode_attention", mutates_args=(), tags=(torch.Tag.needs_exact_strides,))
@@ -192,26 +200,27 @@ def _decode_op(
     k_starts: Optional[torch.Tensor],
     sinks: Optional[torch.Tensor],
     rows: int,
+    rows_v: int,
     scale: float,
     causal: bool,
     window: int,
     softcap: float,
     num_splits: int,
 ) -> torch.Tensor:
-    if _virtual_pool_rows(k, v) != rows:
+    if _virtual_pool_rows(k, v) != (rows, rows_v):
         raise RuntimeError(
-            f"hf_attn_plugin::decode_attention: the call was traced for K/V with {rows} positions per batch "
+            f"hf_attn_plugin::decode_attention: the call was traced for K/V with {rows}/{rows_v} positions per batch "
             f"row, but K/V arrived with strides {tuple(k.stride())} / {tuple(v.stride())} (shape {tuple(k.shape)}): "
             "the compiler changed their layout. Please report this; HF_ATTN_PLUGIN_DECODE=0 avoids the route."
         )
-    plan = _new_plan(q, k, rows, (seq_lens, cu_seqlens_q, k_starts), num_splits)
-    return _launch(q, k, v, rows, plan, AttentionParams(scale, causal, window, softcap, sinks))
+    plan = _new_plan(q, k, v, (rows, rows_v), (seq_lens, cu_seqlens_q, k_starts), num_splits)
+    return _launch(q, k, v, (rows, rows_v), plan, AttentionParams(scale, causal, window, softcap, sinks))
 
 
 @_decode_op.register_fake
-def _(q, k, v, seq_lens, cu_seqlens_q, k_starts, sinks, rows, scale, causal, window, softcap,
+def _(q, k, v, seq_lens, cu_seqlens_q, k_starts, sinks, rows, rows_v, scale, causal, window, softcap,
       num_splits):
-    return q.new_empty(q.shape)
+    return q.new_empty((*q.shape[:3], v.shape[-1]))
 
 
 def attention(
@@ -224,7 +233,8 @@ def attention(
     num_splits: int = 0,
     **options,
 ) -> torch.Tensor:
-    """Attention of ``q`` ``[B, Sq, Hq, D]`` over the cache ``k``/``v`` ``[B, Sk, Hkv, D]``; ``[B, Sq, Hq, D]``.
+    """Attention of ``q`` ``[B, Sq, Hq, D]`` over the cache ``k`` ``[B, Sk, Hkv, D]`` / ``v`` ``[B, Sk, Hkv, Dv]``;
+    ``[B, Sq, Hq, Dv]``.
 
     Only for calls :func:`applies` admits. ``params``: an :class:`~hf_attn_plugin.ops.AttentionParams` (the
     integration's), or its keywords (``scale``, ``causal``, ``window``, ``softcap``, ``sinks``); its ``segments``
@@ -236,7 +246,7 @@ def attention(
     rows = _virtual_pool_rows(k, v)
     if not torch.compiler.is_compiling() and all(type(t) in _PLAIN for t in (q, k, v, params.sinks, key_segments)):
         # eager, plain tensors: launch directly (the op boundary is only for tracers), the step's plan memoised
-        return _launch(q, k, v, rows, _step_plan(q, k, rows, key_segments, num_splits), params)
+        return _launch(q, k, v, rows, _step_plan(q, k, v, rows, key_segments, num_splits), params)
     seq_lens, cu_seqlens_q, k_starts = _index_tensors(q.shape[0], q.shape[1], k.shape[1], key_segments, q.device)
-    return _decode_op(q, k, v, seq_lens, cu_seqlens_q, k_starts, params.sinks, rows, params.scale,
+    return _decode_op(q, k, v, seq_lens, cu_seqlens_q, k_starts, params.sinks, *rows, params.scale,
                       params.causal, params.window, params.softcap, num_splits)

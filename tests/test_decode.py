@@ -25,12 +25,12 @@ from hf_attn_plugin.integration.masks import segments_from_key_mask  # noqa: E40
 from .helpers import DEVICE as DEV, needs_kernels  # noqa: E402
 
 
-def _cache_tensors(batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, dtype, device=DEV):
+def _cache_tensors(batch, seqlen_q, seqlen_k, heads_q, heads_kv, head_dim, dtype, device=DEV, head_dim_v=None):
     """What transformers passes, in the flash layout: q from rotary ([B, H, S, D] memory, transposed), K/V from
-    the cache's torch.cat ([B, Hkv, Sk, D] memory, transposed)."""
+    the cache's torch.cat ([B, Hkv, Sk, D] memory, transposed; V ``head_dim_v`` wide: MLA)."""
     q = torch.randn(batch, heads_q, seqlen_q, head_dim, dtype=dtype, device=device).transpose(1, 2)
     k = torch.randn(batch, heads_kv, seqlen_k, head_dim, dtype=dtype, device=device).transpose(1, 2)
-    v = torch.randn(batch, heads_kv, seqlen_k, head_dim, dtype=dtype, device=device).transpose(1, 2)
+    v = torch.randn(batch, heads_kv, seqlen_k, head_dim_v or head_dim, dtype=dtype, device=device).transpose(1, 2)
     return q, k, v
 
 
@@ -49,7 +49,7 @@ def _check(q, k, v, *, segments=None, causal=True, window=None, softcap=None, si
     want, _ = reference.attention_reference(
         q.double(), k.double(), v.double(), scale=scale, causal=causal, window=window, softcap=softcap,
         sinks=None if sinks is None else sinks.double(), segments=segments)
-    assert got.shape == q.shape and got.dtype == q.dtype
+    assert got.shape == (*q.shape[:3], v.shape[-1]) and got.dtype == q.dtype
     atol = tol or (2e-5 if q.dtype == torch.float32 else 2e-3)
     torch.testing.assert_close(got.double(), want, atol=atol, rtol=atol)
     return got
@@ -86,6 +86,49 @@ def test_many_splits_match_reference(triton_backend, seqlen_q):
     for _layer in range(2):
         q, k, v = _cache_tensors(batch, seqlen_q, seqlen_k, 8, 2, 16, torch.float32)
         _check(q, k, v, segments=segments, sinks=sinks, num_splits=8)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dims", [(24, 16), (16, 40), (72, 32)], ids=["d24_dv16", "d16_dv40", "d72_dv32"])
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2)], ids=["mha", "gqa4"])
+@pytest.mark.parametrize("seqlen_q,num_splits", [(1, 1), (1, 3), (3, 3)])
+def test_value_head_dim_of_its_own_matches_reference(triton_backend, dims, heads, seqlen_q, num_splits):
+    """Multi-head latent attention (DeepSeek: K 192 wide, V 128): V, the output and the split-K partials are the value
+    head dim wide, with left padding, sinks, a window and softcap; a layer without them after it."""
+    head_dim, head_dim_v = dims
+    batch, seqlen_k = 2, 120
+    q, k, v = _cache_tensors(batch, seqlen_q, seqlen_k, *heads, head_dim, torch.float32, head_dim_v=head_dim_v)
+    segments = _left_padding_segments(batch, seqlen_q, seqlen_k)
+    sinks = torch.randn(heads[0], device=DEV)
+    _check(q, k, v, segments=segments, sinks=sinks, window=50, softcap=5.0, num_splits=num_splits)
+    _check(q, k, v, num_splits=num_splits)
+
+
+@needs_kernels
+def test_value_sliced_from_a_wider_buffer_is_read_with_its_own_head_dim(triton_backend):
+    """V sliced to fewer columns of a buffer with K's position stride: the kernel must read V (and write the output)
+    Dv wide. Before the decode route knew a value head dim it read such a V with K's head dim (the sliced-off
+    columns), and then refused it."""
+    q = torch.randn(2, 1, 4, 32, device=DEV)
+    k = torch.randn(2, 20, 2, 32, device=DEV)
+    v = torch.randn(2, 20, 2, 32, device=DEV)[..., :16]
+    assert k.stride(1) == v.stride(1)
+    _check(q, k, v, num_splits=2)
+
+
+@needs_kernels
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_value_in_another_layout_than_key(triton_backend, num_splits):
+    """DeepSeek-V3's cache under transformers: K from torch.cat is [B, Hkv, Sk, D] in memory, V is the value half of
+    the kv projection's [B, Sk, Hkv, 32] output (positions-major, 16 of 32 columns): each is addressed with its own
+    pages per batch row (K: Hkv * Sk, V: Sk)."""
+    batch, seqlen_k, heads, head_dim, head_dim_v = 3, 40, 4, 24, 16
+    q = torch.randn(batch, heads, 1, head_dim, device=DEV).transpose(1, 2)
+    k = torch.randn(batch, heads, seqlen_k, head_dim, device=DEV).transpose(1, 2)
+    v = torch.randn(batch, seqlen_k, heads, 2 * head_dim_v, device=DEV)[..., head_dim_v:]
+    assert decode_ops._virtual_pool_rows(k, v) == (heads * seqlen_k, seqlen_k)
+    _check(q, k, v, num_splits=num_splits)
+    _check(q, k, v, segments=_left_padding_segments(batch, 1, seqlen_k), num_splits=num_splits)
 
 
 @needs_kernels
@@ -159,12 +202,8 @@ def test_applies_only_where_exact(triton_backend, monkeypatch):
     q, k, v = _cache_tensors(2, 1, 20, 4, 2, 16, torch.float64)
     assert not decode_ops.applies(q, k, v, causal=True, sinks=None, key_segments=None)  # no fp64 kernels
     q, k, v = _cache_tensors(2, 1, 20, 4, 2, 16, torch.float32)
-    assert not decode_ops.applies(q, k.contiguous(), v, causal=True, sinks=None, key_segments=None)  # k, v differ
-    # a value head dim of its own (MLA) whose positions happen to have k's stride: the paged kernel has one head dim
-    v_half = torch.randn(2, 20, 2, 16, dtype=torch.float32, device=DEV)[..., :8]
-    k_full = torch.randn(2, 20, 2, 16, dtype=torch.float32, device=DEV)
-    assert k_full.stride(1) == v_half.stride(1)
-    assert not decode_ops.applies(q, k_full, v_half, causal=True, sinks=None, key_segments=None)
+    assert decode_ops.applies(q, k.contiguous(), v, causal=True, sinks=None, key_segments=None)  # own layouts: fine
+    assert not decode_ops.applies(q, k, v[..., ::2], causal=True, sinks=None, key_segments=None)  # v's last stride 2
     monkeypatch.setenv("HF_ATTN_PLUGIN_DECODE", "0")
     assert not decode_ops.applies(**_route_args())
 
@@ -187,8 +226,8 @@ def test_virtual_pool_is_a_view_with_the_cache_contents():
     """Page b * rows + j of the pool is position j of batch row b (no copy: same storage)."""
     batch, seqlen_k, heads_kv, head_dim = 3, 11, 2, 8
     k = torch.randn(batch, heads_kv, seqlen_k, head_dim).transpose(1, 2)
-    rows = decode_ops._virtual_pool_rows(k, k)
-    assert rows == heads_kv * seqlen_k
+    rows, rows_v = decode_ops._virtual_pool_rows(k, k)
+    assert rows == rows_v == heads_kv * seqlen_k
     num_pages = (batch - 1) * rows + seqlen_k
     pool = decode_ops._pool(k, num_pages)
     assert pool.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
@@ -200,7 +239,7 @@ def test_virtual_pool_is_a_view_with_the_cache_contents():
 def test_unaddressable_layouts_are_refused():
     """Layouts the virtual pool cannot address keep the flash path."""
     inside = torch.randn(2, 8, 2, 16)[:, :5]  # a slice of a longer [B, S, H, D] buffer: addressable
-    assert decode_ops._virtual_pool_rows(inside, inside) == 8
+    assert decode_ops._virtual_pool_rows(inside, inside) == (8, 8)
     strided = torch.randn(2, 6, 2, 16)[:, :, :, ::2]  # last stride 2
     assert decode_ops._virtual_pool_rows(strided, strided) is None
     uneven = torch.randn(2 * 7 * 16).as_strided((2, 3, 1, 16), (7 * 16 - 8, 16, 16, 1))  # sb not a multiple of ss
@@ -278,6 +317,18 @@ def test_a_step_with_segments_after_one_without_gets_its_own_plan(triton_backend
 
 
 @needs_kernels
+def test_decode_op_registration_value_head_dim(triton_backend):
+    """The traced path's fake implementation gives the output the value head dim (MLA)."""
+    batch, seqlen_q, seqlen_k = 2, 1, 20
+    q, k, v = _cache_tensors(batch, seqlen_q, seqlen_k, 4, 2, 16, torch.float32, head_dim_v=24)
+    rows = decode_ops._virtual_pool_rows(k, v)
+    index = decode_ops._index_tensors(batch, seqlen_q, seqlen_k, None, q.device)
+    args = (q, k, v, *index, None, *rows, 0.25, True, 0, 0.0, 0)
+    torch.library.opcheck(decode_ops._decode_op, args)
+    assert decode_ops._decode_op(*args).shape == (batch, seqlen_q, 4, 24)
+
+
+@needs_kernels
 def test_decode_op_registration(triton_backend):
     """The traced path's op: schema, fake implementation (shape, strides) and AOT dispatch agree with the real one."""
     batch, seqlen_q, seqlen_k = 2, 3, 20
@@ -285,7 +336,7 @@ def test_decode_op_registration(triton_backend):
     rows = decode_ops._virtual_pool_rows(k, v)
     index = decode_ops._index_tensors(batch, seqlen_q, seqlen_k, _left_padding_segments(batch, seqlen_q, seqlen_k),
                                       q.device)
-    args = (q, k, v, *index, None, rows, 0.25, True, 0, 0.0, 0)
+    args = (q, k, v, *index, None, *rows, 0.25, True, 0, 0.0, 0)
     torch.library.opcheck(decode_ops._decode_op, args)
     want = decode_ops.attention(q, k, v, scale=0.25, key_segments=_left_padding_segments(batch, seqlen_q, seqlen_k))
     torch.testing.assert_close(decode_ops._decode_op(*args), want)
@@ -298,7 +349,7 @@ def test_decode_op_refuses_a_layout_its_table_was_not_built_for():
     rows = decode_ops._virtual_pool_rows(k, v)
     index = decode_ops._index_tensors(2, 1, 20, None, q.device)
     with pytest.raises(RuntimeError, match="changed their layout"):
-        decode_ops._decode_op(q, k.contiguous(), v.contiguous(), *index, None, rows, 0.25, True, 0, 0.0, 0)
+        decode_ops._decode_op(q, k.contiguous(), v.contiguous(), *index, None, *rows, 0.25, True, 0, 0.0, 0)
 
 
 # --------------------------------------------------------------------------- through the attention function
@@ -392,6 +443,16 @@ def test_gpu_llama_1b_heads_bf16(batch, seqlen_q, seqlen_k):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("batch,seqlen_k,heads,dims", [(1, 32768 + 5, (16, 16), (192, 128)),
+                                                      (4, 4096 + 3, (32, 8), (128, 64))], ids=["deepseek", "gqa4"])
+def test_gpu_value_head_dim_of_its_own_bf16(batch, seqlen_k, heads, dims):
+    """MLA shapes (DeepSeek-V2/V3: K 192 wide, V 128, one KV head per query head) and a GQA pair, split-K at B=1."""
+    q, k, v = _cache_tensors(batch, 1, seqlen_k, *heads, dims[0], torch.bfloat16, head_dim_v=dims[1])
+    _check(q, k, v, tol=2e-2)
+    _check(q, k, v, segments=_left_padding_segments(batch, 1, seqlen_k), tol=2e-2)
+
+
+@pytest.mark.gpu
 def test_gpu_decode_step_copies_no_cache():
     """One decode call allocates its output and split-K partials only: nothing of the cache's size."""
     q, k, v = _cache_tensors(1, 1, 32768, 32, 8, 64, torch.bfloat16)
@@ -419,7 +480,7 @@ def test_gpu_decode_op_never_syncs_and_replays_in_a_cuda_graph(seqlen_k):
 
     def traced_step():
         index = decode_ops._index_tensors(batch, 1, seqlen_k, segments, q.device)
-        return decode_ops._decode_op(q, k, v, *index, None, rows, 0.125, True, 0, 0.0, 0)
+        return decode_ops._decode_op(q, k, v, *index, None, *rows, 0.125, True, 0, 0.0, 0)
 
     traced_step()  # compile the kernels
     torch.cuda.synchronize()

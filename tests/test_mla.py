@@ -20,7 +20,7 @@ if not torch.cuda.is_available():  # must precede the first @triton.jit import
 
 from transformers import DataCollatorWithFlattening  # noqa: E402
 
-from hf_attn_plugin import ops, reference  # noqa: E402
+from hf_attn_plugin import decode_ops, ops, reference  # noqa: E402
 from hf_attn_plugin.kernels.host import next_power_of_2  # noqa: E402
 from hf_attn_plugin.ops import AttentionParams  # noqa: E402
 
@@ -272,16 +272,16 @@ def _greedy_tokens_match(ours, eager, cache, device="cpu"):
     assert got.shape == want.shape and torch.equal(got, want)
 
 
-def _spy_flash_op(monkeypatch) -> list:
-    """Record ``(q.shape, v.shape)`` of every call the integration makes to the flash op."""
+def _spy_flash_op(monkeypatch, module=ops, name="attention_trusted") -> list:
+    """Record ``(q.shape, v.shape)`` of every call the integration makes to the flash op (or to ``module.name``)."""
     seen = []
-    real = ops.attention_trusted
+    real = getattr(module, name)
 
     def spy(q, k, v, *args, **kwargs):
         seen.append((tuple(q.shape), tuple(v.shape)))
         return real(q, k, v, *args, **kwargs)
 
-    monkeypatch.setattr(ops, "attention_trusted", spy)
+    monkeypatch.setattr(module, name, spy)
     return seen
 
 
@@ -297,7 +297,7 @@ def test_deepseek_v3_matches_eager(reference_backend, monkeypatch):
 
 def test_deepseek_v3_triton_kernels_match_eager(triton_backend, flash_cpu, monkeypatch):
     """Through the Triton kernels (interpreter, fp32): padded batch and gradients, packed sequences, and greedy
-    decoding, whose single-token steps the flash op serves (the decode route has one head dim)."""
+    decoding, whose single-token steps the decode route serves (the paged kernel reads V with its own head dim)."""
     ours, eager = make_pair(deepseek_v3())
     _logits_and_grads_match(ours, eager, 1e-4, 1e-4, 1e-3)  # tests/test_models.py's Triton tolerances
     features = [{"input_ids": torch.randint(1, 128, (n,)).tolist()} for n in (5, 8, 3)]
@@ -307,9 +307,9 @@ def test_deepseek_v3_triton_kernels_match_eager(triton_backend, flash_cpu, monke
         packed = ours.eval()(**batch, use_cache=False).logits[0]
         separate = torch.cat([eager.eval()(torch.tensor([f["input_ids"]])).logits[0] for f in features])
     torch.testing.assert_close(packed, separate, atol=1e-4, rtol=1e-4)
-    seen = _spy_flash_op(monkeypatch)
+    seen = _spy_flash_op(monkeypatch, decode_ops, "attention")
     _greedy_tokens_match(ours, eager, "dynamic")
-    assert any(q[1] == 1 for q, _ in seen)  # decode steps ran the flash op
+    assert any(q[1] == 1 and v[-1] == 16 for q, v in seen), seen  # decode steps ran the decode route
 
 
 # ---------------------------------------------------------------------------------------------- GPU

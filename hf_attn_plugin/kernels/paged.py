@@ -131,17 +131,18 @@ def _piece_tiles(seq_lens_ptr, num_seqs, target_pieces, min_split_tiles, BLOCK_N
 
 # The block-table row stride of the decode route over a contiguous cache is its key count; the split counts follow the
 # capacity (primitives.LENGTH_ARGS).
-@triton.jit(do_not_specialize_on_alignment=("stride_bt", "num_splits", "min_split_tiles", "target_pieces"))
+@triton.jit(do_not_specialize_on_alignment=("stride_bt", "stride_bv", "num_splits", "min_split_tiles",
+                                             "target_pieces"))
 def _paged_attention_kernel(
     q_ptr, k_pool_ptr, v_pool_ptr, out_ptr, part_out_ptr, part_lse_ptr, done_ptr,
     block_tables_ptr, seq_lens_ptr, k_starts_ptr, cu_seqlens_q_ptr, sinks_ptr,
     stride_qt, stride_qh, stride_ot, stride_oh,
     stride_kp, stride_ks, stride_kh, stride_vp, stride_vs, stride_vh,
-    stride_bt,
+    stride_bt, stride_bv,
     sm_scale2, cap_scale, cap2, window, num_splits, min_split_tiles, target_pieces,
     GROUP: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, PAGE_SIZE: tl.constexpr, SPLIT_K: tl.constexpr,
-    VARLEN: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, SPLIT_K: tl.constexpr, VARLEN: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     SINKS: tl.constexpr, HAS_K_STARTS: tl.constexpr, DOT_PRECISION: tl.constexpr, MERGE_S: tl.constexpr,
     TABLE: tl.constexpr, GROUP_PAD: tl.constexpr,
 ):
@@ -177,6 +178,8 @@ def _paged_attention_kernel(
     pos = seq_len - num_q + tok  # key position of each query row (bottom-right aligned)
     d = tl.arange(0, BLOCK_D)
     d_ok = d < HEAD_DIM
+    dv = tl.arange(0, BLOCK_DV)  # V, the output and the partials are HEAD_DIM_V wide (MLA: not HEAD_DIM)
+    dv_ok = dv < HEAD_DIM_V
     token = (q_first + tok).to(tl.int64)
 
     # Keys this query tile may see, [lo, hi), cut into `pieces` <= num_splits runs of whole BLOCK_N tiles
@@ -202,7 +205,7 @@ def _paged_attention_kernel(
     start = (tile_lo + split * tiles_per_split) * BLOCK_N
     end = tl.minimum(start + tiles_per_split * BLOCK_N, hi)
     whole = pieces <= 1  # one piece: its program writes the final output itself, as without split-K
-    if SPLIT_K:  # partials [T, Hq, num_splits, (D)]: normalised output and base-2 log-sum-exp
+    if SPLIT_K:  # partials [T, Hq, num_splits, (Dv)]: normalised output and base-2 log-sum-exp
         part = (token * (GROUP * tl.num_programs(1)) + head) * num_splits + split
         if (split > 0) & (whole | (split >= pieces)):  # no piece: lse -inf marks it (tests count the pieces)
             tl.store(part_lse_ptr + part, tl.full([BLOCK_M], float("-inf"), tl.float32), mask=row_ok)
@@ -212,9 +215,10 @@ def _paged_attention_kernel(
                 mask=row_ok[:, None] & d_ok[None, :], other=0.0)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
     table = block_tables_ptr + seq.to(tl.int64) * stride_bt  # TABLE: the sequence's row of the block table
-    first_page = seq.to(tl.int64) * stride_bt  # no TABLE: pages of one position, sequence `seq`'s first
+    first_page = seq.to(tl.int64) * stride_bt  # no TABLE: pages of one position, sequence `seq`'s first (K's;
+    first_page_v = seq.to(tl.int64) * stride_bv  # V's: the same position, its own numbering, e.g. another layout)
     if TABLE:  # the first tile's pages; each iteration loads the next tile's, so that K/V addresses never wait on a
         # load of their own iteration and the pipeliner multi-buffers them (it keeps one buffer otherwise)
         j = start + tl.arange(0, BLOCK_N)
@@ -222,18 +226,19 @@ def _paged_attention_kernel(
     for k0 in range(start, end, BLOCK_N):
         j = k0 + tl.arange(0, BLOCK_N)
         j_ok = j < end
-        if TABLE:
+        if TABLE:  # K and V pools share the block table
             page = next_page.to(tl.int64)
             next_page = tl.load(table + (j + BLOCK_N) // PAGE_SIZE, mask=j + BLOCK_N < end, other=0)
+            page_v = page
             in_page = j % PAGE_SIZE
         else:  # position j is page first_page + j: addresses without a dependent load
             page = first_page + j
+            page_v = first_page_v + j
             in_page = 0
-        kv_mask = j_ok[:, None] & d_ok[None, :]
         k = tl.load(k_pool_ptr + (page * stride_kp + in_page * stride_ks + kv_head * stride_kh)[:, None] + d[None, :],
-                    mask=kv_mask, other=0.0)
-        v = tl.load(v_pool_ptr + (page * stride_vp + in_page * stride_vs + kv_head * stride_vh)[:, None] + d[None, :],
-                    mask=kv_mask, other=0.0)
+                    mask=j_ok[:, None] & d_ok[None, :], other=0.0)
+        v = tl.load(v_pool_ptr + (page_v * stride_vp + in_page * stride_vs + kv_head * stride_vh)[:, None]
+                    + dv[None, :], mask=j_ok[:, None] & dv_ok[None, :], other=0.0)
         qk = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
         s, _ = scores(qk, sm_scale2, cap_scale, cap2, SOFTCAP)
         s = mask_scores(s, pos[:, None], j[None, :], k_start, end, window, CHECK_START=HAS_K_STARTS,
@@ -244,15 +249,15 @@ def _paged_attention_kernel(
 
     if not SPLIT_K:
         out = _normalize(acc, m_i, l_i, sinks_ptr, head, row_ok, SINKS)
-        _store_out(out_ptr, out, token, head, d, row_ok, d_ok, stride_ot, stride_oh)
+        _store_out(out_ptr, out, token, head, dv, row_ok, dv_ok, stride_ot, stride_oh)
     elif whole:  # final output (lse = +inf in split 0 marks a row left whole)
         out = _normalize(acc, m_i, l_i, sinks_ptr, head, row_ok, SINKS)
-        _store_out(out_ptr, out, token, head, d, row_ok, d_ok, stride_ot, stride_oh)
+        _store_out(out_ptr, out, token, head, dv, row_ok, dv_ok, stride_ot, stride_oh)
         tl.store(part_lse_ptr + part, tl.full([BLOCK_M], float("inf"), tl.float32), mask=row_ok)
     else:
         out, lse = finish_softmax(acc, m_i, l_i)
         tl.store(part_lse_ptr + part, lse, mask=row_ok)
-        tl.store(part_out_ptr + part[:, None] * HEAD_DIM + d[None, :], out, mask=row_ok[:, None] & d_ok[None, :])
+        tl.store(part_out_ptr + part[:, None] * HEAD_DIM_V + dv[None, :], out, mask=row_ok[:, None] & dv_ok[None, :])
         # The last of the pieces to finish merges them. The barrier orders every thread's partials before the
         # counter's release (one thread's acq_rel atomic); its result reaches all threads through shared memory
         # after that thread's acquire, so the merge reads every piece's partials (from L2: .cg).
@@ -262,7 +267,7 @@ def _paged_attention_kernel(
             tl.atomic_xchg(done_ptr + slot, 0, sem="relaxed", scope="gpu")  # zero for the next launch / replay
             _merge_pieces(part_out_ptr, part_lse_ptr, out_ptr, sinks_ptr, (q_first + q_tile * BLOCK_Q).to(tl.int64),
                           tl.minimum(BLOCK_Q, num_q - q_tile * BLOCK_Q), kv_head * GROUP, GROUP * tl.num_programs(1),
-                          num_splits, pieces, stride_ot, stride_oh, GROUP, GROUP_PAD, HEAD_DIM, BLOCK_D, MERGE_S,
+                          num_splits, pieces, stride_ot, stride_oh, GROUP, GROUP_PAD, HEAD_DIM_V, BLOCK_DV, MERGE_S,
                           SINKS)
 
 
@@ -277,32 +282,32 @@ def _store_out(out_ptr, out, token, head, d, row_ok, d_ok, stride_ot, stride_oh)
 @triton.jit
 def _merge_pieces(part_out_ptr, part_lse_ptr, out_ptr, sinks_ptr, first_token, num_tokens, first_head, heads_q,
                   num_splits, pieces, stride_ot, stride_oh, GROUP: tl.constexpr, GROUP_PAD: tl.constexpr,
-                  HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, MERGE_S: tl.constexpr, SINKS: tl.constexpr):
+                  HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr, MERGE_S: tl.constexpr, SINKS: tl.constexpr):
     """Merge splits ``0 .. pieces-1`` of the tile's query rows (``num_tokens`` tokens x ``GROUP`` heads) into ``out``.
 
     One token at a time, the group's heads together: ``MERGE_S`` splits of every head per step loaded at once
-    (``[GROUP_PAD, MERGE_S, D]``: one round trip to L2 per step; the merge is the launch's serial tail), folded
+    (``[GROUP_PAD, MERGE_S, Dv]``: one round trip to L2 per step; the merge is the launch's serial tail), folded
     in split order with the online-softmax rescale: the result does not depend on which program runs it. Per
     split: ``2^lse * out`` is that piece's unnormalised sum, so ``acc = sum_s 2^(lse_s - m) * out_s`` and
     ``l = sum_s 2^(lse_s - m)`` are the whole row's, scaled by ``2^-m``.
     """
     g = tl.arange(0, GROUP_PAD)
     s = tl.arange(0, MERGE_S)
-    d = tl.arange(0, BLOCK_D)
+    d = tl.arange(0, BLOCK_DV)
     g_ok = g < GROUP
-    d_ok = d < HEAD_DIM
+    d_ok = d < HEAD_DIM_V
     head = first_head + g
     for t in range(0, num_tokens):
         token = first_token + t
         part0 = (token * heads_q + head) * num_splits  # [GROUP_PAD]: each head's split 0
         m = tl.full([GROUP_PAD], float("-inf"), tl.float32)
         l = tl.zeros([GROUP_PAD], tl.float32)
-        acc = tl.zeros([GROUP_PAD, BLOCK_D], tl.float32)
+        acc = tl.zeros([GROUP_PAD, BLOCK_DV], tl.float32)
         for s0 in range(0, pieces, MERGE_S):
             part = part0[:, None] + (s0 + s)[None, :]  # [GROUP_PAD, MERGE_S]
             ok = g_ok[:, None] & (s0 + s < pieces)[None, :]
             lse = tl.load(part_lse_ptr + part, mask=ok, other=float("-inf"), cache_modifier=".cg")
-            o = tl.load(part_out_ptr + part[:, :, None] * HEAD_DIM + d[None, None, :],
+            o = tl.load(part_out_ptr + part[:, :, None] * HEAD_DIM_V + d[None, None, :],
                         mask=ok[:, :, None] & d_ok[None, None, :], other=0.0, cache_modifier=".cg")
             m_new = tl.maximum(m, tl.max(lse, 1))
             m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that saw no key: lse -inf, out 0
@@ -403,28 +408,37 @@ class Plan:
     ``config``: force a launch config (tests, tuning).
 
     ``block_tables`` ``None``: no table, the pool is a contiguous cache seen as pages of one position
-    (:mod:`hf_attn_plugin.decode_ops`): position ``j`` of sequence ``b`` is page ``b * rows + j``, for ``capacity``
-    positions per sequence. The kernel computes the page instead of loading it.
+    (:mod:`hf_attn_plugin.decode_ops`): position ``j`` of sequence ``b`` is page ``b * rows + j`` of the K pool and
+    ``b * rows_v + j`` of the V pool (``rows_v`` 0: ``rows``), for ``capacity`` positions per sequence. The kernel
+    computes the pages instead of loading them.
+
+    ``head_dim_v``: the value pool's head dim where it differs from ``D`` (multi-head latent attention: DeepSeek's
+    192 and 128); the output is then ``(T, Hq, head_dim_v)``. The launch config is picked by the wider of the two
+    (as the flash kernels pick theirs).
     """
 
     __slots__ = ("q_shape", "dtype", "device", "page_size", "heads_kv", "block_tables", "seq_lens", "cu_seqlens_q",
                  "max_seqlen_q", "k_starts", "num_splits", "config", "decode", "group", "head_pad", "launches",
-                 "table_stride", "capacity")
+                 "table_stride", "table_stride_v", "capacity", "head_dim_v")
 
     def __init__(self, q_shape: tuple, dtype: torch.dtype, device: torch.device, pool_shape: tuple,
                  block_tables: torch.Tensor, seq_lens: torch.Tensor, cu_seqlens_q: torch.Tensor | None,
                  max_seqlen_q: int, k_starts: torch.Tensor | None, num_splits: int = 0,
-                 config: configs.Config | None = None, *, rows: int = 0, capacity: int = 0):
+                 config: configs.Config | None = None, *, rows: int = 0, rows_v: int = 0, capacity: int = 0,
+                 head_dim_v: int = 0):
         num_tokens, heads_q, head_dim = q_shape
         check_head_dim(head_dim, "paged")  # the flash kernels' set: pointer loads here, same tl.dot limits
+        self.head_dim_v = head_dim_v or head_dim
+        check_head_dim(self.head_dim_v, "paged", name="value head_dim")
         self.q_shape, self.dtype, self.device = tuple(q_shape), dtype, device
         self.page_size, self.heads_kv = pool_shape[1], pool_shape[2]
         if block_tables is None:
             if self.page_size != 1 or rows <= 0 or capacity <= 0:
                 raise ValueError("a Plan without block tables needs pages of one position, rows and capacity > 0")
-            self.table_stride, self.capacity = rows, capacity
+            self.table_stride, self.table_stride_v, self.capacity = rows, rows_v or rows, capacity
         else:
             self.table_stride, self.capacity = block_tables.stride(0), block_tables.shape[1] * self.page_size
+            self.table_stride_v = self.table_stride  # (unused: V reads K's pages)
         self.block_tables, self.seq_lens, self.cu_seqlens_q = block_tables, seq_lens, cu_seqlens_q
         self.max_seqlen_q, self.k_starts, self.num_splits, self.config = max_seqlen_q, k_starts, num_splits, config
         self.decode = cu_seqlens_q is None
@@ -456,7 +470,7 @@ class _Launch:
         num_seqs, capacity = plan.seq_lens.shape[0], plan.capacity
         max_q = plan.max_seqlen_q
         self.cfg = cfg = plan.config or configs.pick(
-            "paged_decode" if plan.decode else "paged_prefill", next_power_of_2(head_dim),
+            "paged_decode" if plan.decode else "paged_prefill", next_power_of_2(max(head_dim, plan.head_dim_v)),
             dict(dtype=plan.dtype, causal=causal, seq_q=1 if plan.decode else max_q, seq_k=capacity,
                  group=plan.group, window=window, softcap=softcap, sinks=sinks))
         self.block_q = 1 if plan.decode else max(1, cfg.block_m // plan.head_pad)
@@ -472,7 +486,7 @@ class _Launch:
         self.target_pieces = max(1, -(-fill // (plan.heads_kv * num_q_tiles)))
         self.part_out = self.part_lse = self.done = None
         if num_splits > 1 and num_tokens and num_seqs:
-            self.part_out = torch.empty(num_tokens, heads_q, num_splits, head_dim, device=plan.device,
+            self.part_out = torch.empty(num_tokens, heads_q, num_splits, plan.head_dim_v, device=plan.device,
                                         dtype=torch.float32)
             self.part_lse = torch.empty(num_tokens, heads_q, num_splits, device=plan.device, dtype=torch.float32)
             # finished pieces per (sequence, KV head, query tile); the merging program puts its count back to 0
@@ -480,7 +494,8 @@ class _Launch:
 
 
 def run(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, plan: Plan, params) -> torch.Tensor:
-    """Attention of ``q`` ``[T, Hq, D]`` (the plan's shape and dtype) over one layer's pools; ``[T, Hq, D]``.
+    """Attention of ``q`` ``[T, Hq, D]`` (the plan's shape and dtype) over one layer's pools; ``[T, Hq, Dv]``
+    (``Dv``: the plan's ``head_dim_v``, ``D`` unless the value pool's head dim differs).
 
     ``params``: the layer's attention parameters (``scale``, ``causal``, ``window`` and ``softcap`` with 0 or
     ``None`` meaning off, ``sinks`` ``[Hq]`` or ``None``).
@@ -496,16 +511,18 @@ def _run(q, k_pool, v_pool, plan: Plan, scale: float, causal: bool, window: int,
 def _split(q, k_pool, v_pool, plan: Plan, scale: float, causal: bool, window: int, softcap: float, sinks):
     """The attention kernel's one launch: ``(out, launch)``; ``launch`` is ``None`` when nothing ran (no tokens).
 
-    ``out`` is final. With ``launch.part_out`` set (split-K), the partials ``[T, Hq, S, D]`` / ``launch.part_lse``
+    ``out`` is final. With ``launch.part_out`` set (split-K), the partials ``[T, Hq, S, Dv]`` / ``launch.part_lse``
     ``[T, Hq, S]`` the kernel merged are left for inspection: rows whose ``part_lse[..., 0]`` is ``+inf`` were one
     piece, an lse of ``-inf`` in every row of a split marks a split without a piece. (Tests count the pieces here.)
     """
-    out = torch.empty_like(q)
+    if v_pool.shape[-1] != plan.head_dim_v:
+        raise ValueError(f"the value pool's head dim {v_pool.shape[-1]} is not the plan's {plan.head_dim_v}")
+    out = q.new_empty(*q.shape[:2], plan.head_dim_v)
     num_seqs = plan.seq_lens.shape[0]
     if plan.q_shape[0] == 0 or num_seqs == 0:
         return out, None
     launch = plan.launch(causal, window > 0, softcap > 0, sinks is not None)
-    cfg, head_dim = launch.cfg, plan.q_shape[2]
+    cfg, head_dim, head_dim_v = launch.cfg, plan.q_shape[2], plan.head_dim_v
     split_k = launch.part_out is not None
     dummy = plan.seq_lens
     part_out, part_lse, done = (launch.part_out, launch.part_lse, launch.done) if split_k else (out, out, dummy)
@@ -516,14 +533,16 @@ def _split(q, k_pool, v_pool, plan: Plan, scale: float, causal: bool, window: in
         plan.cu_seqlens_q if plan.cu_seqlens_q is not None else dummy,
         sinks if sinks is not None else dummy,
         *q.stride()[:2], *out.stride()[:2], *k_pool.stride()[:3], *v_pool.stride()[:3], plan.table_stride,
+        plan.table_stride_v,
         *score_scales(scale, softcap), int(window), launch.num_splits, launch.min_split_tiles,
         launch.target_pieces,
         GROUP=plan.group, HEAD_PAD=plan.head_pad, BLOCK_Q=launch.block_q, BLOCK_N=cfg.block_n,
-        HEAD_DIM=head_dim, BLOCK_D=next_power_of_2(head_dim), PAGE_SIZE=plan.page_size, SPLIT_K=split_k,
+        HEAD_DIM=head_dim, BLOCK_D=next_power_of_2(head_dim), HEAD_DIM_V=head_dim_v,
+        BLOCK_DV=next_power_of_2(head_dim_v), PAGE_SIZE=plan.page_size, SPLIT_K=split_k,
         VARLEN=not plan.decode, CAUSAL=causal, WINDOW=window > 0, SOFTCAP=softcap > 0,
         SINKS=sinks is not None, HAS_K_STARTS=plan.k_starts is not None,
         DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        MERGE_S=_merge_splits(plan.group, head_dim), TABLE=plan.block_tables is not None,
+        MERGE_S=_merge_splits(plan.group, head_dim_v), TABLE=plan.block_tables is not None,
         GROUP_PAD=next_power_of_2(plan.group),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
