@@ -15,7 +15,8 @@ specialised, ``tp``: two-pass dK/dV). This is how the two-pass dK/dV candidates 
 decode route's contiguous cache, else a block-table pool): its shared memory shows how many K/V buffers Triton's
 pipeliner keeps (``num_stages - 1`` once no K/V address waits on a load of its own iteration; NOTES_decode.md).
 
-    /work/venv36/bin/python benchmarks/compile_flash.py --kind paged_decode --dim 128 --page-size 16 --configs "16,64,4,3"
+    /work/venv36/bin/python benchmarks/compile_flash.py --kind paged_decode --dim 128 --page-size 16 \
+        --configs "16,64,4,3"
 """
 
 from __future__ import annotations

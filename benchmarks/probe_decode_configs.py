@@ -14,6 +14,12 @@ Times are CUDA-graph replays (``do_bench_cudagraph`` median, the compiled static
 ``copy_frac`` = K+V bytes / time over the device's copy bandwidth (same process).
 
     python benchmarks/probe_decode_configs.py --out DIR [--sweep]     # ~1 min, with --sweep ~3 min on an H200
+    python benchmarks/probe_decode_configs.py --out DIR --mla         # DeepSeek shapes: decode route vs flash path
+
+``--mla``: multi-head latent attention shapes instead (DeepSeek-V2/V3: K 192 wide, V 128, one KV head per query
+head; the cache laid out as transformers' DeepSeek attention leaves it: K ``[B, H, S]``-major, V the value half of
+the kv projection's ``[B, S, H, 256]`` output): the decode route (``route``), the flash path it replaced for these
+calls (``flash``), and SDPA with its default backend choice (``sdpa``), each checked against SDPA's math backend.
 """
 
 from __future__ import annotations
@@ -35,17 +41,24 @@ SHAPES = [  # batch, context, query heads, KV heads, head dim
     (1, 32768, 32, 8, 64), (1, 4096, 32, 8, 64), (16, 32768, 32, 8, 64), (64, 4096, 32, 8, 64),
     (1, 32768, 32, 8, 128), (16, 4096, 32, 8, 128),
 ]
+MLA_SHAPES = [  # batch, context, heads (query = KV), head dim, value head dim
+    (1, 4096, 16, 192, 128), (1, 32768, 16, 192, 128), (16, 4096, 16, 192, 128), (64, 2048, 16, 192, 128),
+]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None)
     ap.add_argument("--sweep", action="store_true", help="the contiguous route's tiles x stages x split grids too")
+    ap.add_argument("--mla", action="store_true", help="DeepSeek (MLA) shapes: decode route vs flash path vs SDPA")
     args = ap.parse_args()
     print_device()
     copy_gbps = copy_bandwidth() / 1e9
     meta = run_meta("date", "device")
     rows = []
+    if args.mla:
+        mla_rows(rows, meta, copy_gbps)
+        SHAPES.clear()
     for batch, ctx, hq, hkv, dim in SHAPES:
         q = torch.randn(batch, 1, hq, dim, device="cuda", dtype=torch.bfloat16)
         k, v = (torch.randn(batch, hkv, ctx, dim, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
@@ -114,6 +127,40 @@ def main() -> None:
         record("sdpa_cudnn", lambda: _cudnn(q, k, v))
     if args.out:
         write_rows(f"{args.out}/decode_configs.csv", rows)
+
+
+def mla_rows(rows: list, meta: dict, copy_gbps: float, device="cuda", dtype=torch.bfloat16, shapes=MLA_SHAPES,
+             bench=bench_ms) -> None:
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from hf_attn_plugin import ops
+
+    for batch, ctx, heads, dim, dim_v in shapes:
+        q = torch.randn(batch, heads, 1, dim, device=device, dtype=dtype).transpose(1, 2)
+        k = torch.randn(batch, heads, ctx, dim, device=device, dtype=dtype).transpose(1, 2)
+        v = torch.randn(batch, ctx, heads, 2 * dim_v, device=device, dtype=dtype)[..., dim_v:]
+        kv_bytes = (k.numel() + v.numel()) * k.element_size()
+        params = AttentionParams.create(dim, causal=True)
+        q4, k4, v4 = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
+        with sdpa_kernel(SDPBackend.MATH):
+            want = F.scaled_dot_product_attention(q4.float(), k4.float(), v4.float()).transpose(1, 2)
+        impls = {"route": lambda: decode_ops.attention(q, k, v, params),
+                 "flash": lambda: ops.attention_trusted(q, k, v, params),
+                 "sdpa": lambda: F.scaled_dot_product_attention(q4, k4, v4).transpose(1, 2)}
+        print(f"MLA B={batch} ctx={ctx} {heads} heads D={dim} Dv={dim_v}  K+V {kv_bytes / 1e6:.1f} MB", flush=True)
+        for name, fn in impls.items():
+            try:
+                err = (fn().float() - want).abs().max().item()
+                ms = bench(fn, cuda_graph=True)
+            except Exception as exc:  # noqa: BLE001  (an implementation without a kernel here is a result)
+                print(f"  {name}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+                continue
+            gbps = kv_bytes / ms / 1e6
+            rows.append(dict(meta, batch=batch, ctx=ctx, heads_q=heads, heads_kv=heads, head_dim=dim,
+                             head_dim_v=dim_v, impl=f"mla_{name}", us=round(1e3 * ms, 2), gbps=round(gbps, 1),
+                             copy_frac=round(gbps / copy_gbps, 3), max_err=err))
+            print(f"  {name:>6}: {1e3 * ms:8.2f} us  {gbps:7.0f} GB/s  {gbps / copy_gbps:.3f} of copy  err {err:.2e}",
+                  flush=True)
 
 
 def _cudnn(q, k, v):

@@ -11,6 +11,9 @@
 #   cold_start  bench_cold_start.py: plugin, cold Triton cache, 2k new tokens; eager/sdpa/plugin warm, 600 ~180 s
 #   generate    bench_generate.py, B=1, dynamic and compiled static routes  ~150 s
 #   decode      bench_decode.py (decode kernels beside SDPA)                ~120 s
+#   decode_probe  probe_decode_configs.py: decode route, block-table path and SDPA cuDNN per shape, then --mla
+#               (DeepSeek shapes: decode route vs the flash path vs SDPA) ~90 s
+#   generate16  bench_generate.py at B=16, dynamic and compiled static routes, sdpa and plugin (issue 17 item 2) ~150 s
 #   tune        tune_tables.py for D 64/128/256 (writes $OUT/tune/sm90.json) ~200 s
 #   tune_fwd    tune_tables.py, forward only at D 128/64, S 16k..512 (Gluon and Triton candidates), with --merge
 #               ($OUT/tune/sm90.merged.json; budget TUNE_BUDGET s, default 150) ~200 s
@@ -52,9 +55,14 @@ for stage in "$@"; do
                     --new 600 ) > "$OUT/cold_start.log" 2>&1 ;;
     generate) python benchmarks/bench_generate.py --out "$RES" --routes dynamic static > "$OUT/generate.log" 2>&1 ;;
     decode) python benchmarks/bench_decode.py --out "$RES" > "$OUT/decode.log" 2>&1 ;;
+    decode_probe) ( mkdir -p "$OUT/mla" && python benchmarks/probe_decode_configs.py --out "$RES" &&
+                    python benchmarks/probe_decode_configs.py --out "$OUT/mla" --mla ) > "$OUT/decode_probe.log" 2>&1 ;;
+    generate16) python benchmarks/bench_generate.py --out "$RES" --routes dynamic static --batch 16 \
+                  --impls sdpa plugin > "$OUT/generate16.log" 2>&1 ;;
     tune) python benchmarks/tune_tables.py --out "$OUT/tune" --dims 64,128,256 --budget-s 200 > "$OUT/tune.log" 2>&1 ;;
     tune_fwd) HF_ATTN_PLUGIN_VERBOSE=1 python benchmarks/tune_tables.py --out "$OUT/tune" --dims 128,64 \
-                --seqs 16384,8192,4096,2048,1024,512 --kinds fwd --merge --budget-s ${TUNE_BUDGET:-150} > "$OUT/tune.log" 2>&1 ;;
+                --seqs 16384,8192,4096,2048,1024,512 --kinds fwd --merge --budget-s ${TUNE_BUDGET:-150} \
+                > "$OUT/tune.log" 2>&1 ;;
     tune_dkdv256) HF_ATTN_PLUGIN_VERBOSE=1 python benchmarks/tune_tables.py --out "$OUT/tune" --dims 256 \
                     --seqs 4096,1024 --groups 1,4 --causal 1,0 --kinds bwd_dkdv --merge > "$OUT/tune.log" 2>&1 ;;
     probe_b1) python benchmarks/probe_b1_host.py > "$OUT/probe_b1.log" 2>&1 ;;

@@ -10,12 +10,13 @@ split): its M rows are ``BLOCK_Q`` query tokens x ``HEAD_PAD`` query heads of on
 (``row = token * HEAD_PAD + head``), so every K/V tile is loaded once for the whole group. Decode
 uses ``BLOCK_Q = 1`` (the group's heads padded to >= 16 rows for ``tl.dot``). Keys are walked in
 tiles of ``BLOCK_N`` positions; each position finds its page through the block table, so a tile may
-span several pages or part of one (each tile loads the next tile's page numbers, so that Triton's pipeliner
-can multi-buffer the K/V loads). A contiguous cache seen as pages of one position (the decode route,
-:mod:`hf_attn_plugin.decode_ops`) has no table: the kernel computes the pages. With ``num_splits > 1`` (split-K) the grid has room for that many
-contiguous pieces per query tile; how many a sequence actually uses is decided in the kernel from
-the lengths in ``seq_lens`` (see :func:`_piece_tiles`): long sequences of a skewed batch are cut
-finely, sequences of a uniform batch that already fills the GPU stay whole. Each piece writes a
+span several pages or part of one (each tile loads the next tile's page numbers, so that Triton's
+pipeliner can multi-buffer the K/V loads). A contiguous cache seen as pages of one position (the decode
+route, :mod:`hf_attn_plugin.decode_ops`) has no table: the kernel computes the pages. V may have a head
+dim of its own (``HEAD_DIM_V``: multi-head latent attention). With ``num_splits > 1`` (split-K) the
+grid has room for that many contiguous pieces per query tile; how many a sequence actually uses is
+decided in the kernel from the lengths in ``seq_lens`` (see :func:`_piece_tiles`): long sequences of a
+skewed batch are cut finely, sequences of a uniform batch that already fills the GPU stay whole. Each piece writes a
 normalised partial output and its log-sum-exp and counts itself done on a per-(sequence, KV head,
 query tile) counter; the last piece to finish merges all of them (and the sinks) in split order
 (:func:`_merge_pieces`: the result does not depend on which piece is last) and puts the counter
@@ -142,7 +143,8 @@ def _paged_attention_kernel(
     sm_scale2, cap_scale, cap2, window, num_splits, min_split_tiles, target_pieces,
     GROUP: tl.constexpr, HEAD_PAD: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, HEAD_DIM_V: tl.constexpr, BLOCK_DV: tl.constexpr,
-    PAGE_SIZE: tl.constexpr, SPLIT_K: tl.constexpr, VARLEN: tl.constexpr, CAUSAL: tl.constexpr, WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
+    PAGE_SIZE: tl.constexpr, SPLIT_K: tl.constexpr, VARLEN: tl.constexpr, CAUSAL: tl.constexpr,
+    WINDOW: tl.constexpr, SOFTCAP: tl.constexpr,
     SINKS: tl.constexpr, HAS_K_STARTS: tl.constexpr, DOT_PRECISION: tl.constexpr, MERGE_S: tl.constexpr,
     TABLE: tl.constexpr, GROUP_PAD: tl.constexpr,
 ):
