@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import re
 
 import torch
@@ -48,12 +49,10 @@ class _NoGPU:
         return torch.device("cpu")
 
 
-def compile_launches(kind: str, cfg, *, dim: int, heads_q: int, heads_kv: int, seqlen: int, causal: bool,
-                     softcap: float = 0.0, dtype=torch.bfloat16):
-    """``[(kernel name, CompiledKernel)]`` of one forward (``kind == "fwd"``) or backward call with ``cfg`` forced."""
-    from hf_attn_plugin.kernels import configs, flash
-    from hf_attn_plugin.kernels.params import AttentionParams
-
+@contextlib.contextmanager
+def compiling_only():
+    """Within: every Triton launch compiles for sm_90 instead of running (the stand-in driver); yields the list the
+    launches append ``(kernel name, CompiledKernel)`` to."""
     compiled, run = [], jit.JITFunction.run
 
     def compile_only(self, *args, grid, warmup, **kwargs):
@@ -63,20 +62,33 @@ def compile_launches(kind: str, cfg, *, dim: int, heads_q: int, heads_kv: int, s
 
     driver.set_active(_NoGPU())
     jit.JITFunction.run = compile_only
+    try:
+        yield compiled
+    finally:
+        jit.JITFunction.run = run
+
+
+def compile_launches(kind: str, cfg, *, dim: int, heads_q: int, heads_kv: int, seqlen: int, causal: bool,
+                     softcap: float = 0.0, dtype=torch.bfloat16):
+    """``[(kernel name, CompiledKernel)]`` of one forward (``kind == "fwd"``) or backward call with ``cfg`` forced."""
+    from hf_attn_plugin.kernels import configs, flash
+    from hf_attn_plugin.kernels.params import AttentionParams
+
     real_candidates = configs.candidates
     configs.candidates = lambda k, block_d: (cfg,) if k == kind else real_candidates(k, block_d)[:1]
     flash._gluon_check = lambda *a, **k: (lambda: "compiling the Triton kernels")
     try:
-        q = torch.randn(1, seqlen, heads_q, dim, dtype=dtype)
-        k, v = (torch.randn(1, seqlen, heads_kv, dim, dtype=dtype) for _ in range(2))
-        params = AttentionParams.create(dim, causal=causal, softcap=softcap)
-        if kind == "fwd":
-            flash.flash_attn_forward(q, k, v, params)
-        else:
-            flash.flash_attn_backward(torch.randn_like(q), q, k, v, torch.randn_like(q),
-                                      torch.zeros(1, heads_q, seqlen), params)
+        with compiling_only() as compiled:
+            q = torch.randn(1, seqlen, heads_q, dim, dtype=dtype)
+            k, v = (torch.randn(1, seqlen, heads_kv, dim, dtype=dtype) for _ in range(2))
+            params = AttentionParams.create(dim, causal=causal, softcap=softcap)
+            if kind == "fwd":
+                flash.flash_attn_forward(q, k, v, params)
+            else:
+                flash.flash_attn_backward(torch.randn_like(q), q, k, v, torch.randn_like(q),
+                                          torch.zeros(1, heads_q, seqlen), params)
     finally:
-        jit.JITFunction.run, configs.candidates = run, real_candidates
+        configs.candidates = real_candidates
     return compiled
 
 
@@ -89,16 +101,7 @@ def compile_paged(cfg, *, dim: int, heads_q: int, heads_kv: int, seqlen: int, pa
     from hf_attn_plugin.kernels import paged
     from hf_attn_plugin.kernels.params import AttentionParams
 
-    compiled, run = [], jit.JITFunction.run
-
-    def compile_only(self, *args, grid, warmup, **kwargs):
-        kernel = run(self, *args, grid=grid, warmup=True, **kwargs)
-        compiled.append((self.fn.__name__, kernel))
-        return kernel
-
-    driver.set_active(_NoGPU())
-    jit.JITFunction.run = compile_only
-    try:
+    with compiling_only() as compiled:
         batch = 4
         q = torch.randn(batch, heads_q, dim, dtype=dtype)
         seq_lens = torch.full((batch,), seqlen, dtype=torch.int32)
@@ -112,8 +115,6 @@ def compile_paged(cfg, *, dim: int, heads_q: int, heads_kv: int, seqlen: int, pa
             plan = paged.Plan(q.shape, dtype, q.device, pool.shape, None, seq_lens, None, 1, None, 8, cfg,
                               rows=seqlen, capacity=seqlen)
         paged.run(q, pool, pool, plan, AttentionParams.create(dim, causal=True))
-    finally:
-        jit.JITFunction.run = run
     return compiled
 
 
