@@ -111,9 +111,9 @@ def compile_paged(cfg, *, dim: int, heads_q: int, heads_kv: int, seqlen: int, pa
             tables = torch.arange(pages, dtype=torch.int32).view(batch, -1)
             plan = paged.Plan(q.shape, dtype, q.device, pool.shape, tables, seq_lens, None, 1, None, 8, cfg)
         else:
-            pool = torch.randn(batch * seqlen, 1, heads_kv, dim, dtype=dtype)
-            plan = paged.Plan(q.shape, dtype, q.device, pool.shape, None, seq_lens, None, 1, None, 8, cfg,
-                              rows=seqlen, capacity=seqlen)
+            pool = torch.randn(batch, seqlen, heads_kv, dim, dtype=dtype)  # the cache itself: pages of one position
+            plan = paged.Plan(q.shape, dtype, q.device, (batch * seqlen, 1, heads_kv, dim), None, seq_lens, None, 1,
+                              None, 8, cfg, rows=seqlen, capacity=seqlen)
         paged.run(q, pool, pool, plan, AttentionParams.create(dim, causal=True))
     return compiled
 

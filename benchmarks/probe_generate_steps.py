@@ -52,7 +52,7 @@ def summary(steps):
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--new", type=int, default=256)
-    parser.add_argument("--static-new", type=int, default=64)
+    parser.add_argument("--static-new", type=int, default=64, help="new tokens on the compiled route (0: skip it)")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--impls", nargs="+", default=["eager", "sdpa", "plugin", "plugin_nodecode"])
     parser.add_argument("--profile", nargs="*", default=["plugin"], help="impls to cProfile on the plain route")
@@ -88,7 +88,7 @@ def main():
 
     torch._logging.set_logs(perf_hints=True, recompiles=True, graph_breaks=True)
     logging.getLogger("torch._inductor").setLevel(logging.WARNING)
-    for impl in [i for i in ("sdpa", "plugin") if i in impls]:
+    for impl in [i for i in ("sdpa", "plugin") if i in impls and args.static_new]:
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
         kw = dict(cache_implementation="static", compile_config=CompileConfig(fullgraph=True))

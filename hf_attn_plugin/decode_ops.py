@@ -8,10 +8,9 @@ few SMs. The paged kernel (:mod:`hf_attn_plugin.kernels.paged`) packs the query 
 tile and splits long contexts over programs, so this module lets it read the contiguous cache in place, as a
 *virtual pool*:
 
-* the pool is ``k`` itself seen as ``[num_pages, 1, Hkv, D]`` pages of one position, page stride = the
-  position stride ``ss`` (``k.as_strided``: no copy). Position ``j`` of batch row ``b`` starts at
-  ``b * sb + j * ss`` = page ``b * (sb / ss) + j``: the kernel computes it (a plan without block table,
-  ``rows = sb / ss``) instead of loading it from a table. ``v`` likewise, with its own strides, ``sb / ss`` and
+* the pool is ``k`` itself, pages of one position with page stride = the position stride ``ss`` (no copy, no
+  view). Position ``j`` of batch row ``b`` starts at ``b * sb + j * ss`` = page ``b * (sb / ss) + j``: the kernel
+  computes it (a plan without block table, ``rows = sb / ss``) instead of loading it from a table. ``v`` likewise, with its own strides, ``sb / ss`` and
   head dim (multi-head latent attention: DeepSeek's K is 192 wide and ``[B, Hkv, Sk]``-major in the cache, V 128
   wide and ``[B, Sk, Hkv]``-major);
 * ``seq_lens`` = ``Sk`` (or each row's ``k_end``), ``k_starts`` = each row's first real key (left padding).
@@ -91,26 +90,19 @@ def _virtual_pool_rows(k: torch.Tensor, v: torch.Tensor) -> tuple[int, int] | No
     """``(rows_k, rows_v)``: ``sb / ss`` (pages per batch row) of ``k`` and of ``v`` when both can be read as virtual
     pools, else None. Their head dims and strides may differ (MLA)."""
     rows = _rows(k), _rows(v)
-    # Page (b * rows + j) is position j of row b: every page the kernel reads is a valid position of its tensor,
-    # so the pool views (as_strided, which checks its bounds) lie inside their storage.
+    # Page (b * rows + j) is position j of row b: every page the kernel reads (j < the row's length <= Sk) is a
+    # valid position of its tensor.
     return None if None in rows else rows
 
 
 def _rows(t: torch.Tensor) -> int | None:
     """Pages per batch row of ``t`` ``[B, Sk, Hkv, D]`` seen as pages of one position (None: not addressable)."""
-    batch, seqlen_k = t.shape[0], t.shape[1]
-    ss = t.stride(1)
-    if t.stride(-1) != 1 or ss <= 0:
+    sb, ss, _, sd = t.stride()  # one call (each stride(i) is a call: this runs twice per layer and step)
+    if sd != 1 or ss <= 0:
         return None
-    if batch == 1:
-        return seqlen_k
-    return t.stride(0) // ss if t.stride(0) % ss == 0 else None
-
-
-def _pool(t: torch.Tensor, num_pages: int) -> torch.Tensor:
-    """``t`` ``[B, Sk, Hkv, D]`` as a pool ``[num_pages, 1, Hkv, D]`` of one-position pages (a view)."""
-    ss = t.stride(1)
-    return t.as_strided((num_pages, 1, t.shape[2], t.shape[3]), (ss, ss, t.stride(2), 1), t.storage_offset())
+    if t.shape[0] == 1:
+        return t.shape[1]
+    return sb // ss if sb % ss == 0 else None
 
 
 # --------------------------------------------------------------------------- index tensors and the step's plan
@@ -185,8 +177,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: tuple[int, 
     q3 = q.reshape(batch * seqlen_q, heads_q, head_dim)  # a view for decode (Sq = 1); a small copy otherwise
     if not q3.is_contiguous():
         q3 = q3.contiguous()
-    k_pool, v_pool = (_pool(t, (batch - 1) * r + t.shape[1]) for t, r in ((k, rows[0]), (v, rows[1])))
-    out = _kernels().run(q3, k_pool, v_pool, plan, params)
+    out = _kernels().run(q3, k, v, plan, params)  # a plan without table reads the caches as pools
     return out.view(batch, seqlen_q, heads_q, v.shape[-1])
 
 

@@ -158,6 +158,9 @@ def spy_launches(monkeypatch, module, name: str, record) -> None:
     kernel = getattr(module, name)
 
     class Spy:
+        def __getattr__(self, attr):  # arg_names and the like: the kernel's
+            return getattr(kernel, attr)
+
         def __getitem__(self, grid):
             def launch(*args, **kwargs):
                 record(args, kwargs)

@@ -222,18 +222,18 @@ def test_applies_never_with_grad_or_reference_backend(triton_backend, monkeypatc
     assert not decode_ops.applies(q.detach(), k, v, causal=True, sinks=None, key_segments=None)
 
 
-def test_virtual_pool_is_a_view_with_the_cache_contents():
-    """Page b * rows + j of the pool is position j of batch row b (no copy: same storage)."""
+def test_virtual_pool_pages_are_the_cache_positions():
+    """Page b * rows + j at the position stride from the cache's start is position j of batch row b: the kernel reads
+    the cache in place (no copy, no view)."""
     batch, seqlen_k, heads_kv, head_dim = 3, 11, 2, 8
     k = torch.randn(batch, heads_kv, seqlen_k, head_dim).transpose(1, 2)
     rows, rows_v = decode_ops._virtual_pool_rows(k, k)
     assert rows == rows_v == heads_kv * seqlen_k
     num_pages = (batch - 1) * rows + seqlen_k
-    pool = decode_ops._pool(k, num_pages)
-    assert pool.untyped_storage().data_ptr() == k.untyped_storage().data_ptr()
+    ss = k.stride(1)  # the page stride the kernel is given
+    pool = k.as_strided((num_pages, heads_kv, head_dim), (ss, k.stride(2), 1), k.storage_offset())
     pages = torch.arange(batch)[:, None] * rows + torch.arange(seqlen_k)[None, :]  # the kernel's page numbers
-    gathered = pool[pages][:, :, 0]  # [B, Sk, Hkv, D]
-    assert torch.equal(gathered, k)
+    assert torch.equal(pool[pages], k)
 
 
 def test_unaddressable_layouts_are_refused():
@@ -450,6 +450,31 @@ def test_gpu_value_head_dim_of_its_own_bf16(batch, seqlen_k, heads, dims):
     q, k, v = _cache_tensors(batch, 1, seqlen_k, *heads, dims[0], torch.bfloat16, head_dim_v=dims[1])
     _check(q, k, v, tol=2e-2)
     _check(q, k, v, segments=_left_padding_segments(batch, 1, seqlen_k), tol=2e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_layers_after_the_first_relaunch_the_compiled_kernel():
+    """The layers of a step share a plan; the first launch goes through Triton's JIT, the others launch its compiled
+    kernel directly (host time). A query whose start is not 16-byte aligned is another specialization: Triton's path
+    again, then relaunched too. Every output against the reference."""
+    batch, seqlen_k = 4, 700
+    plans = []
+    for _layer in range(3):
+        q, k, v = _cache_tensors(batch, 1, seqlen_k, 32, 8, 64, torch.bfloat16)
+        _check(q, k, v, tol=2e-2)
+        plan = decode_ops._LAST_PLAN[0][2]
+        plans.append(plan)
+    assert plans[0] is plans[1] is plans[2]
+    (launch,) = plan.launches.values()
+    assert len(launch.kernel.compiled) == 1
+    # q sliced one element into a buffer: its data pointer moves 2 bytes (not 16-byte aligned)
+    for _layer in range(2):
+        q, k, v = _cache_tensors(batch, 1, seqlen_k, 32, 8, 64, torch.bfloat16)
+        shifted = torch.empty(q.numel() + 1, dtype=q.dtype, device=q.device)[1:].view(q.shape)
+        shifted.copy_(q)
+        assert shifted.data_ptr() % 16 != 0
+        _check(shifted, k, v, tol=2e-2)
+    assert decode_ops._LAST_PLAN[0][2] is plan and len(launch.kernel.compiled) == 2
 
 
 @pytest.mark.gpu

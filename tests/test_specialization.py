@@ -11,6 +11,7 @@ choosing a compiled variant, for sm_90, on the host: no GPU needed) and require 
 from __future__ import annotations
 
 import os
+import types
 
 import pytest
 import torch
@@ -19,7 +20,7 @@ if not torch.cuda.is_available():  # must precede the first @triton.jit: the int
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from hf_attn_plugin import decode_ops, ops  # noqa: E402
-from hf_attn_plugin.kernels import flash, paged  # noqa: E402
+from hf_attn_plugin.kernels import flash, host, paged  # noqa: E402
 
 from .helpers import DEVICE, needs_kernels, spy_launches  # noqa: E402
 
@@ -104,3 +105,117 @@ def test_gluon_kernels_are_one_variant_for_every_length(monkeypatch):
     torch.cuda.synchronize()
     for spy in (fwd, bwd):
         assert len(spy.keys) == 3 and len(set(spy.keys)) == 1, spy.keys
+
+
+# --------------------------------------------------------------------------- relaunches of a compiled kernel
+class _FakeCompiled:
+    """Stands in for Triton's CompiledKernel: records the launcher calls."""
+
+    function, packed_metadata = "function", "packed"
+
+    def __init__(self):
+        self.calls = []
+
+    def launch_metadata(self, grid, stream, *args):
+        return None
+
+    def run(self, *args):
+        self.calls.append(args)
+
+
+_FakeCompiled.__name__ = "CompiledKernel"
+
+
+class _FakeKernel:
+    """Stands in for a JITFunction: ``kernel[grid](...)`` compiles (counted) and returns a fresh fake kernel."""
+
+    arg_names = ["x_ptr", "n", "scale", "BLOCK"]
+
+    def __init__(self):
+        self.jit_launches = []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.jit_launches.append((grid, args, kwargs))
+            return _FakeCompiled()
+
+        return launch
+
+
+def test_relauncher_reuses_a_compiled_kernel_only_for_the_same_specialization(monkeypatch):
+    """The first launch of each (dtype, 16-byte alignment, integer value) combination goes through the JIT; a repeat
+    launches the kernel it returned, with every argument (constexprs last), the stream and Triton's hooks."""
+    monkeypatch.setattr(host, "_RELAUNCH", True)
+    monkeypatch.setattr(host, "_RUNTIME", types.SimpleNamespace(launch_enter_hook="enter", launch_exit_hook="exit"))
+    monkeypatch.setattr(host, "_current_stream", lambda index: 1000 + index)
+    device = [0]
+    monkeypatch.setattr(host, "_current_device", lambda: device[0])
+    kernel = _FakeKernel()
+    relauncher = host.Relauncher(kernel, dict(BLOCK=64), num_warps=4, num_stages=2)
+    buffer = torch.zeros(64)
+    x, shifted = buffer[:16], buffer[1:17]  # 4 bytes apart: not 16-byte aligned
+    assert shifted.data_ptr() % 16 != 0
+
+    relauncher.launch((2, 1, 1), (x, 32, 0.5))
+    assert len(kernel.jit_launches) == 1
+    grid, args, kwargs = kernel.jit_launches[0]
+    assert grid == (2, 1, 1) and args == (x, 32, 0.5) and kwargs == dict(BLOCK=64, num_warps=4, num_stages=2)
+    (compiled,) = relauncher.compiled.values()
+
+    relauncher.launch((3, 1, 1), (buffer[16:32], 32, 0.5))  # another aligned tensor, another grid: relaunch
+    assert len(kernel.jit_launches) == 1
+    (call,) = compiled.calls
+    assert call[:9] == (3, 1, 1, 1000, "function", "packed", None, "enter", "exit")
+    assert call[9].data_ptr() == buffer[16:32].data_ptr() and call[10:] == (32, 0.5, 64)
+
+    for args in ((shifted, 32, 0.5), (x.double(), 32, 0.5), (x, 48, 0.5), (x, 1, 0.5), (x, 32, 0.25)):
+        relauncher.launch((2, 1, 1), args)  # misaligned, another dtype, integer, float: the JIT each time
+    assert len(kernel.jit_launches) == 6 and len(compiled.calls) == 1
+    device[0] = 1  # the same arguments with another device current: that device's own kernel, then relaunched there
+    for _ in range(2):
+        relauncher.launch((2, 1, 1), (x, 32, 0.5))
+    assert len(kernel.jit_launches) == 7 and len(compiled.calls) == 1
+    assert relauncher.compiled[1, host.relaunch_key((x, 32, 0.5))].calls[0][3] == 1001
+
+
+def test_relauncher_keeps_nothing_where_relaunching_is_unsupported(monkeypatch):
+    """The interpreter (or an unknown Triton) returns no CompiledKernel: every launch goes through the JIT."""
+    monkeypatch.setattr(host, "_RELAUNCH", False)
+    kernel = _FakeKernel()
+    relauncher = host.Relauncher(kernel, dict(BLOCK=64))
+    for _ in range(3):
+        relauncher.launch((1, 1, 1), (torch.zeros(4), 8, 1.0))
+    assert len(kernel.jit_launches) == 3 and not relauncher.compiled
+
+
+def test_relauncher_requires_the_constexprs_last():
+    with pytest.raises(ValueError, match="last parameters"):
+        host.Relauncher(_FakeKernel(), dict(n=3))
+
+
+@needs_kernels
+def test_relauncher_key_is_finer_than_tritons_specialization(monkeypatch, triton_backend):
+    """Arguments with one relaunch key have one Triton specialization key (sm_90's binder), for the decode kernel's
+    real arguments with their tensors moved off 16-byte alignment and their integers changed class one at a time."""
+    binder = _binder(paged._paged_attention_kernel)
+    launches = []
+    spy_launches(monkeypatch, paged, "_paged_attention_kernel", lambda args, kwargs: launches.append((args, kwargs)))
+    q = torch.randn(2, 1, 4, 16, device=DEVICE)
+    k, v = (torch.randn(2, 2, 40, 16, device=DEVICE).transpose(1, 2) for _ in range(2))
+    decode_ops.attention(q, k, v, scale=0.25, causal=True, num_splits=3)
+    (args, kwargs), = launches
+
+    variants = [args]
+    for i, a in enumerate(args):
+        if isinstance(a, torch.Tensor) and a.dtype in (torch.float32, torch.int32):
+            moved = torch.empty(a.numel() + 1, dtype=a.dtype, device=a.device)[1:]
+            variants.append(args[:i] + (moved,) + args[i + 1:])
+        elif isinstance(a, int):
+            for value in (1, 16, 17):
+                variants.append(args[:i] + (value,) + args[i + 1:])
+    seen = {}
+    for variant in variants:
+        _, specialization, _ = binder(*variant, **kwargs)
+        seen.setdefault(host.relaunch_key(variant), set()).add(repr(specialization))
+    assert all(len(s) == 1 for s in seen.values())
+    assert len({s for specs in seen.values() for s in specs}) > 1  # the variants do reach other specializations

@@ -59,7 +59,8 @@ def plugin_attention(
     call = describe_call(module, query, key, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
     dtype = _compute_dtype(q, k)
-    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)  # no-ops in the common case
+    if not q.dtype == k.dtype == v.dtype == dtype:  # the common case: one dtype (a no-op .to costs host time)
+        q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
     # Decode and short chunks over a cache (inference): the GQA-packed split-K kernel reads the cache in place.
     # Segments here come from the key mask unless cu_seq_lens_q packed sequences (position_ids need Sq == Sk).
     key_segments = call.segments if kwargs.get("cu_seq_lens_q") is None else None

@@ -1,16 +1,27 @@
-"""Host-side helpers of kernel launches: integer arithmetic in plain Python, and TMA-ready tensors.
+"""Host-side helpers of kernel launches: integer arithmetic in plain Python, TMA-ready tensors, and re-launches of
+kernels Triton has already compiled.
 
 ``triton.next_power_of_2`` and ``triton.cdiv`` are ``constexpr_function`` objects (Triton >= 3.4): usable inside
 kernels, but a host call goes through a wrapper that unwraps every argument, ~3-13 us a call against ~0.2 us for
 the arithmetic. A decode step calls the launch code once per layer, several times each: these are the same
 functions without the wrapper (same results for every non-negative integer).
+
+:class:`Relauncher`: ``kernel[grid](...)`` (``JITFunction.run``) binds every argument, computes its specialization
+(pointer alignment, integer classes) in ~30 calls, builds a cache key and looks the kernel up before it launches:
+~35 us of host time per launch on the H200's host, where a decode step's whole attention kernel runs in ~5 us
+(NOTES_decode.md). The layers of a decode step launch one kernel with one set of constexprs and the same
+integers; only the tensors change. A :class:`Relauncher` keeps the ``CompiledKernel`` the first launch returned
+under a key of the runtime arguments (each tensor's dtype and 16-byte alignment, every other argument's value: a
+finer key than Triton's own specialization) and launches it again directly, through the same launcher and hooks
+that ``JITFunction.run`` ends with.
 """
 
 from __future__ import annotations
 
 import torch
+import triton
 
-__all__ = ["cdiv", "next_power_of_2", "tma_ready"]
+__all__ = ["Relauncher", "cdiv", "next_power_of_2", "relaunch_key", "tma_ready"]
 
 
 def next_power_of_2(n: int) -> int:
@@ -29,3 +40,81 @@ def tma_ready(x: torch.Tensor) -> torch.Tensor:
     aligned = x.data_ptr() % 16 == 0 and all(st * size % 16 == 0 for st in x.stride()[:-1])
     # a fresh allocation (contiguous() would return a misaligned but contiguous view unchanged)
     return x if aligned and x.stride(-1) == 1 else x.clone(memory_format=torch.contiguous_format)
+
+
+def _relaunch_supported() -> bool:
+    """Whether this Triton's ``CompiledKernel`` launches as ``JITFunction.run`` does in Triton 3.6-3.x (the call
+    :meth:`Relauncher.launch` makes). Anything else (the interpreter, another major version) keeps the plain path."""
+    try:
+        from triton import knobs
+        from triton.compiler import CompiledKernel
+    except ImportError:
+        return False
+    major, minor = (int(x) for x in triton.__version__.split(".")[:2])
+    return (3, 6) <= (major, minor) < (4, 0) and hasattr(knobs, "runtime") and hasattr(CompiledKernel, "run")
+
+
+_RELAUNCH = None  # _relaunch_supported(), read on first use (importing triton.compiler early is not free)
+_RUNTIME = None  # triton.knobs.runtime (its launch hooks), once relaunching is supported
+
+
+def relaunch_key(args: tuple) -> tuple:
+    """Each tensor's dtype and 16-byte alignment, every other argument as it is: equal keys, equal specializations
+    (Triton specializes pointers by dtype and alignment, integers by value class, nothing else)."""
+    return tuple([(a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else a for a in args])
+
+
+def _current_device() -> int:
+    """The device Triton launches on (its driver's current device), as ``JITFunction.run`` reads it."""
+    from triton.runtime import driver
+
+    return driver.active.get_current_device()
+
+
+def _current_stream(device: int) -> int:
+    from triton.runtime import driver
+
+    return driver.active.get_current_stream(device)
+
+
+class Relauncher:
+    """Launches of one Triton kernel with fixed constexprs and launch options (one per decode plan and feature set).
+
+    ``constexprs``: the kernel's constexpr parameters by name, which must all follow its runtime parameters;
+    ``options``: ``num_warps``, ``num_stages``. :meth:`launch` takes the runtime arguments in signature order.
+    """
+
+    __slots__ = ("kernel", "constexprs", "tail", "options", "compiled")
+
+    def __init__(self, kernel, constexprs: dict, **options):
+        if list(constexprs) != kernel.arg_names[len(kernel.arg_names) - len(constexprs):]:
+            raise ValueError(f"constexprs {list(constexprs)} are not the last parameters of {kernel.arg_names}")
+        self.kernel, self.constexprs, self.options = kernel, constexprs, options
+        self.tail = tuple(constexprs.values())  # the launcher takes every parameter, constexprs included
+        self.compiled: dict = {}  # runtime-argument key -> CompiledKernel
+
+    def launch(self, grid: tuple, args: tuple) -> None:
+        """``kernel[grid](*args, **constexprs, **options)``, relaunched where it already ran with this key. As with
+        Triton's own launches, the kernel runs on the current device's current stream (a kernel is loaded per
+        device: the device is part of the key)."""
+        device = _current_device() if self.compiled else None
+        key = device, relaunch_key(args)
+        kernel = self.compiled.get(key)
+        if kernel is None:
+            kernel = self.kernel[grid](*args, **self.constexprs, **self.options)
+            global _RELAUNCH, _RUNTIME
+            if _RELAUNCH is None:
+                _RELAUNCH = _relaunch_supported()
+                if _RELAUNCH:
+                    from triton import knobs
+
+                    _RUNTIME = knobs.runtime
+            if _RELAUNCH and type(kernel).__name__ == "CompiledKernel":  # not a future, not the interpreter's None
+                self.compiled[_current_device(), key[1]] = kernel
+            return
+        stream = _current_stream(device)
+        args += self.tail
+        runtime = _RUNTIME
+        kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata,
+                   kernel.launch_metadata(grid, stream, *args), runtime.launch_enter_hook, runtime.launch_exit_hook,
+                   *args)

@@ -44,7 +44,7 @@ import triton.language as tl
 from . import configs
 from .configs import INTERPRET_SPLIT_PROGRAMS
 from .flash import check_head_dim
-from .host import cdiv, next_power_of_2  # plain Python: triton's are ~3-13 us wrapped calls on the host
+from .host import Relauncher, cdiv, next_power_of_2  # plain Python: triton's are ~3-13 us wrapped calls on the host
 from .primitives import LOG2E, finish_softmax, mask_scores, online_softmax_step, score_scales, scores
 
 __all__ = ["Plan", "write_kv", "run", "paged_attention", "default_num_splits"]
@@ -409,10 +409,11 @@ class Plan:
     of :func:`paged_attention` (``cu_seqlens_q`` ``None``: decode). ``num_splits`` 0: :func:`default_num_splits`;
     ``config``: force a launch config (tests, tuning).
 
-    ``block_tables`` ``None``: no table, the pool is a contiguous cache seen as pages of one position
-    (:mod:`hf_attn_plugin.decode_ops`): position ``j`` of sequence ``b`` is page ``b * rows + j`` of the K pool and
-    ``b * rows_v + j`` of the V pool (``rows_v`` 0: ``rows``), for ``capacity`` positions per sequence. The kernel
-    computes the pages instead of loading them.
+    ``block_tables`` ``None``: no table; the "pools" :func:`run` takes are then the caches ``[B, Sk, H_kv, D]``
+    themselves (:mod:`hf_attn_plugin.decode_ops`), read as pages of one position (page stride: the position stride):
+    position ``j`` of sequence ``b`` is page ``b * rows + j`` of the K cache and ``b * rows_v + j`` of the V cache
+    (``rows_v`` 0: ``rows``; ``rows`` = batch stride / position stride), for ``capacity`` positions per sequence.
+    The kernel computes the pages instead of loading them. ``pool_shape`` is then ``(pages, 1, H_kv, D)``.
 
     ``head_dim_v``: the value pool's head dim where it differs from ``D`` (multi-head latent attention: DeepSeek's
     192 and 128); the output is then ``(T, Hq, head_dim_v)``. The launch config is picked by the wider of the two
@@ -465,7 +466,7 @@ class _Launch:
     """Config, query tile, split-K grid and partial buffers of a :class:`Plan` for one set of features."""
 
     __slots__ = ("cfg", "block_q", "num_splits", "grid", "min_split_tiles", "target_pieces", "part_out", "part_lse",
-                 "done")
+                 "done", "kernel")
 
     def __init__(self, plan: Plan, causal: bool, window: bool, softcap: bool, sinks: bool):
         num_tokens, heads_q, head_dim = plan.q_shape
@@ -493,6 +494,15 @@ class _Launch:
             self.part_lse = torch.empty(num_tokens, heads_q, num_splits, device=plan.device, dtype=torch.float32)
             # finished pieces per (sequence, KV head, query tile); the merging program puts its count back to 0
             self.done = torch.zeros(num_seqs * plan.heads_kv * num_q_tiles, device=plan.device, dtype=torch.int32)
+        self.kernel = Relauncher(_paged_attention_kernel, dict(
+            GROUP=plan.group, HEAD_PAD=plan.head_pad, BLOCK_Q=self.block_q, BLOCK_N=cfg.block_n, HEAD_DIM=head_dim,
+            BLOCK_D=next_power_of_2(head_dim), HEAD_DIM_V=plan.head_dim_v, BLOCK_DV=next_power_of_2(plan.head_dim_v),
+            PAGE_SIZE=plan.page_size, SPLIT_K=self.part_out is not None, VARLEN=not plan.decode, CAUSAL=causal,
+            WINDOW=window, SOFTCAP=softcap, SINKS=sinks, HAS_K_STARTS=plan.k_starts is not None,
+            DOT_PRECISION="ieee" if plan.dtype == torch.float32 else "tf32",
+            MERGE_S=_merge_splits(plan.group, plan.head_dim_v), TABLE=plan.block_tables is not None,
+            GROUP_PAD=next_power_of_2(plan.group),
+        ), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def run(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, plan: Plan, params) -> torch.Tensor:
@@ -524,30 +534,23 @@ def _split(q, k_pool, v_pool, plan: Plan, scale: float, causal: bool, window: in
     if plan.q_shape[0] == 0 or num_seqs == 0:
         return out, None
     launch = plan.launch(causal, window > 0, softcap > 0, sinks is not None)
-    cfg, head_dim, head_dim_v = launch.cfg, plan.q_shape[2], plan.head_dim_v
-    split_k = launch.part_out is not None
     dummy = plan.seq_lens
-    part_out, part_lse, done = (launch.part_out, launch.part_lse, launch.done) if split_k else (out, out, dummy)
-    _paged_attention_kernel[launch.grid](
+    part_out, part_lse, done = (launch.part_out, launch.part_lse, launch.done) if launch.part_out is not None else (
+        out, out, dummy)
+    if plan.block_tables is None:  # the caches [B, Sk, H, D] themselves: a page is a position
+        k_strides = k_pool.stride(1), k_pool.stride(1), k_pool.stride(2)
+        v_strides = v_pool.stride(1), v_pool.stride(1), v_pool.stride(2)
+    else:
+        k_strides, v_strides = k_pool.stride()[:3], v_pool.stride()[:3]
+    launch.kernel.launch(launch.grid, (
         q, k_pool, v_pool, out, part_out, part_lse, done,
         plan.block_tables if plan.block_tables is not None else dummy, plan.seq_lens,
         plan.k_starts if plan.k_starts is not None else dummy,
         plan.cu_seqlens_q if plan.cu_seqlens_q is not None else dummy,
         sinks if sinks is not None else dummy,
-        *q.stride()[:2], *out.stride()[:2], *k_pool.stride()[:3], *v_pool.stride()[:3], plan.table_stride,
-        plan.table_stride_v,
-        *score_scales(scale, softcap), int(window), launch.num_splits, launch.min_split_tiles,
-        launch.target_pieces,
-        GROUP=plan.group, HEAD_PAD=plan.head_pad, BLOCK_Q=launch.block_q, BLOCK_N=cfg.block_n,
-        HEAD_DIM=head_dim, BLOCK_D=next_power_of_2(head_dim), HEAD_DIM_V=head_dim_v,
-        BLOCK_DV=next_power_of_2(head_dim_v), PAGE_SIZE=plan.page_size, SPLIT_K=split_k,
-        VARLEN=not plan.decode, CAUSAL=causal, WINDOW=window > 0, SOFTCAP=softcap > 0,
-        SINKS=sinks is not None, HAS_K_STARTS=plan.k_starts is not None,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        MERGE_S=_merge_splits(plan.group, head_dim_v), TABLE=plan.block_tables is not None,
-        GROUP_PAD=next_power_of_2(plan.group),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+        *q.stride()[:2], *out.stride()[:2], *k_strides, *v_strides, plan.table_stride, plan.table_stride_v,
+        *score_scales(scale, softcap), int(window), launch.num_splits, launch.min_split_tiles, launch.target_pieces,
+    ))
     return out, launch
 
 
