@@ -503,15 +503,16 @@ def guide_section() -> str:
 
 
 def _generate_guide() -> list:
-    """Single-stream generate() (the latest run in generate_single_stream.csv, per route) and the decode step
-    (decode_kernels.csv, per batch): plugin against the fastest other implementation."""
+    """Single-stream generate() (per route, batch and prompt: its latest run in generate_single_stream.csv) and the
+    decode step (decode_kernels.csv, per batch): plugin against the fastest other implementation."""
     rows = []
     single = read("generate_single_stream.csv")
-    latest = single[-1]["code"] if single else None
-    runs = dict.fromkeys((r["route"], r["batch"], r["prompt"]) for r in single if r["code"] == latest)
-    for route, batch, prompt in runs:
+    latest = {}  # (route, batch, prompt) -> the code label of its last rows
+    for r in single:
+        latest[r["route"], r["batch"], r["prompt"]] = r["code"]
+    for (route, batch, prompt), code in sorted(latest.items(), key=lambda kv: (int(kv[0][1]), kv[0][0])):
         here = {r["impl"]: float(r["tok_s"]) for r in single
-                if r["code"] == latest and (r["route"], r["batch"], r["prompt"]) == (route, batch, prompt)}
+                if r["code"] == code and (r["route"], r["batch"], r["prompt"]) == (route, batch, prompt)}
         ours = max((k for k in here if k.startswith("plugin")), key=here.get, default=None)
         others = {k: v for k, v in here.items() if not k.startswith("plugin")}
         if ours and others:
