@@ -22,6 +22,9 @@
 #   probe_steps probe_generate_steps.py (B=1 per-step clocks, plain and compiled static routes, dynamo counters)
 #               ~240 s
 #   probe_b1    probe_b1_host.py (B=1 generate(): eager/plugin/sdpa interleaved in one process) ~60 s
+#   steps16     probe_generate_steps.py at B=16 then B=1, plain route only (per-step medians, cProfile of plugin) ~120 s
+#   static_prefill  probe_static_prefill.py: the prefill alone on the dynamic and static routes, sdpa vs plugin, B=1
+#               and 16, with torch.profiler tables (issue 17 item 2: the static route's prefill gap) ~90 s
 #   prefix      bench_generate_batch.py --shared-prefix 1024 (128 requests, KV pages with/without sharing) ~90 s
 #   sliding     bench_generate_batch.py --sliding-window 256 (windowed/global layers: KV memory, tok/s) ~90 s
 #   engine      bench_generate_batch.py: our engine vs engine="transformers" vs sdpa, two samples each ~120 s
@@ -67,6 +70,10 @@ for stage in "$@"; do
                     --seqs 4096,1024 --groups 1,4 --causal 1,0 --kinds bwd_dkdv --merge > "$OUT/tune.log" 2>&1 ;;
     probe_b1) python benchmarks/probe_b1_host.py > "$OUT/probe_b1.log" 2>&1 ;;
     probe_steps) python benchmarks/probe_generate_steps.py > "$OUT/probe_steps.log" 2>&1 ;;
+    steps16) ( cd benchmarks && python probe_generate_steps.py --batch 16 --impls sdpa plugin --profile plugin \
+                 --new 128 --static-new 0 && python probe_generate_steps.py --batch 1 --impls sdpa plugin eager \
+                 --profile --new 128 --static-new 0 ) > "$OUT/steps16.log" 2>&1 ;;
+    static_prefill) python benchmarks/probe_static_prefill.py > "$OUT/static_prefill.log" 2>&1 ;;
     prefix) python benchmarks/bench_generate_batch.py --out "$RES" --shared-prefix 1024 --new-tokens 32 \
               > "$OUT/prefix.log" 2>&1 ;;
     sliding) python benchmarks/bench_generate_batch.py --out "$RES" --sliding-window 256 --new-tokens 64 \
