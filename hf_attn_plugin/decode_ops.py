@@ -10,9 +10,9 @@ tile and splits long contexts over programs, so this module lets it read the con
 
 * the pool is ``k`` itself, pages of one position with page stride = the position stride ``ss`` (no copy, no
   view). Position ``j`` of batch row ``b`` starts at ``b * sb + j * ss`` = page ``b * (sb / ss) + j``: the kernel
-  computes it (a plan without block table, ``rows = sb / ss``) instead of loading it from a table. ``v`` likewise, with its own strides, ``sb / ss`` and
-  head dim (multi-head latent attention: DeepSeek's K is 192 wide and ``[B, Hkv, Sk]``-major in the cache, V 128
-  wide and ``[B, Sk, Hkv]``-major);
+  computes it (a plan without block table, ``rows = sb / ss``) instead of loading it from a table. ``v`` likewise,
+  with its own strides, ``sb / ss`` and head dim (multi-head latent attention: DeepSeek's K is 192 wide and
+  ``[B, Hkv, Sk]``-major in the cache, V 128 wide and ``[B, Sk, Hkv]``-major);
 * ``seq_lens`` = ``Sk`` (or each row's ``k_end``), ``k_starts`` = each row's first real key (left padding).
 
 The kernel's semantics (queries bottom-right aligned at ``seq_len``, keys before ``k_start`` ignored, causal,
