@@ -129,8 +129,7 @@ def _new_plan(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, rows: tuple[int
     pool_shape = ((batch - 1) * rows[0] + k.shape[1], 1, k.shape[2], k.shape[3])
     return _kernels().Plan((batch * seqlen_q, heads_q, head_dim), q.dtype, q.device, pool_shape, None, seq_lens,
                            cu_seqlens_q, seqlen_q, k_starts, num_splits, rows=rows[0], rows_v=rows[1],
-                           capacity=k.shape[1],
-                           head_dim_v=v.shape[-1])
+                           capacity=k.shape[1], head_dim_v=v.shape[-1])
 
 
 # Eager: the last step's plan (index tensors, launch geometry, split-K buffers), shared by every layer of the step:

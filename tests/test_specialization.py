@@ -11,7 +11,6 @@ choosing a compiled variant, for sm_90, on the host: no GPU needed) and require 
 from __future__ import annotations
 
 import os
-import types
 
 import pytest
 import torch
@@ -109,18 +108,13 @@ def test_gluon_kernels_are_one_variant_for_every_length(monkeypatch):
 
 # --------------------------------------------------------------------------- relaunches of a compiled kernel
 class _FakeCompiled:
-    """Stands in for Triton's CompiledKernel: records the launcher calls."""
-
-    function, packed_metadata = "function", "packed"
+    """Stands in for Triton's CompiledKernel: ``compiled[grid](*args, stream=...)`` records the launch."""
 
     def __init__(self):
         self.calls = []
 
-    def launch_metadata(self, grid, stream, *args):
-        return None
-
-    def run(self, *args):
-        self.calls.append(args)
+    def __getitem__(self, grid):
+        return lambda *args, stream=None: self.calls.append((grid, stream, args))
 
 
 _FakeCompiled.__name__ = "CompiledKernel"
@@ -144,9 +138,8 @@ class _FakeKernel:
 
 def test_relauncher_reuses_a_compiled_kernel_only_for_the_same_specialization(monkeypatch):
     """The first launch of each (dtype, 16-byte alignment, integer value) combination goes through the JIT; a repeat
-    launches the kernel it returned, with every argument (constexprs last), the stream and Triton's hooks."""
+    launches the kernel it returned, with every argument (constexprs last) on the current device's stream."""
     monkeypatch.setattr(host, "_RELAUNCH", True)
-    monkeypatch.setattr(host, "_RUNTIME", types.SimpleNamespace(launch_enter_hook="enter", launch_exit_hook="exit"))
     monkeypatch.setattr(host, "_current_stream", lambda index: 1000 + index)
     device = [0]
     monkeypatch.setattr(host, "_current_device", lambda: device[0])
@@ -164,9 +157,9 @@ def test_relauncher_reuses_a_compiled_kernel_only_for_the_same_specialization(mo
 
     relauncher.launch((3, 1, 1), (buffer[16:32], 32, 0.5))  # another aligned tensor, another grid: relaunch
     assert len(kernel.jit_launches) == 1
-    (call,) = compiled.calls
-    assert call[:9] == (3, 1, 1, 1000, "function", "packed", None, "enter", "exit")
-    assert call[9].data_ptr() == buffer[16:32].data_ptr() and call[10:] == (32, 0.5, 64)
+    ((grid, stream, args),) = compiled.calls
+    assert grid == (3, 1, 1) and stream == 1000
+    assert args[0].data_ptr() == buffer[16:32].data_ptr() and args[1:] == (32, 0.5, 64)
 
     for args in ((shifted, 32, 0.5), (x.double(), 32, 0.5), (x, 48, 0.5), (x, 1, 0.5), (x, 32, 0.25)):
         relauncher.launch((2, 1, 1), args)  # misaligned, another dtype, integer, float: the JIT each time
@@ -175,7 +168,7 @@ def test_relauncher_reuses_a_compiled_kernel_only_for_the_same_specialization(mo
     for _ in range(2):
         relauncher.launch((2, 1, 1), (x, 32, 0.5))
     assert len(kernel.jit_launches) == 7 and len(compiled.calls) == 1
-    assert relauncher.compiled[1, host.relaunch_key((x, 32, 0.5))].calls[0][3] == 1001
+    assert relauncher.compiled[1, host.relaunch_key((x, 32, 0.5))].calls[0][1] == 1001
 
 
 def test_relauncher_keeps_nothing_where_relaunching_is_unsupported(monkeypatch):

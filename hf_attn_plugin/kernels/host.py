@@ -12,8 +12,8 @@ functions without the wrapper (same results for every non-negative integer).
 (NOTES_decode.md). The layers of a decode step launch one kernel with one set of constexprs and the same
 integers; only the tensors change. A :class:`Relauncher` keeps the ``CompiledKernel`` the first launch returned
 under a key of the runtime arguments (each tensor's dtype and 16-byte alignment, every other argument's value: a
-finer key than Triton's own specialization) and launches it again directly, through the same launcher and hooks
-that ``JITFunction.run`` ends with.
+finer key than Triton's own specialization) and launches it again directly (``compiled[grid](...)``: the same
+launcher and hooks that ``JITFunction.run`` ends with).
 """
 
 from __future__ import annotations
@@ -43,19 +43,17 @@ def tma_ready(x: torch.Tensor) -> torch.Tensor:
 
 
 def _relaunch_supported() -> bool:
-    """Whether this Triton's ``CompiledKernel`` launches as ``JITFunction.run`` does in Triton 3.6-3.x (the call
-    :meth:`Relauncher.launch` makes). Anything else (the interpreter, another major version) keeps the plain path."""
+    """Whether this Triton's ``CompiledKernel`` launches itself (``compiled[grid](*args, stream=...)``, the call
+    ``JITFunction.run`` ends with, in Triton 3.6-3.x). Any other version keeps the plain path."""
     try:
-        from triton import knobs
         from triton.compiler import CompiledKernel
     except ImportError:
         return False
     major, minor = (int(x) for x in triton.__version__.split(".")[:2])
-    return (3, 6) <= (major, minor) < (4, 0) and hasattr(knobs, "runtime") and hasattr(CompiledKernel, "run")
+    return (3, 6) <= (major, minor) < (4, 0) and hasattr(CompiledKernel, "__getitem__")
 
 
 _RELAUNCH = None  # _relaunch_supported(), read on first use (importing triton.compiler early is not free)
-_RUNTIME = None  # triton.knobs.runtime (its launch hooks), once relaunching is supported
 
 
 def relaunch_key(args: tuple) -> tuple:
@@ -97,24 +95,17 @@ class Relauncher:
         """``kernel[grid](*args, **constexprs, **options)``, relaunched where it already ran with this key. As with
         Triton's own launches, the kernel runs on the current device's current stream (a kernel is loaded per
         device: the device is part of the key)."""
+        # Entries exist only where relaunching works (a compiled GPU launch), so an empty table never asks the
+        # driver for a device (the interpreter has none).
         device = _current_device() if self.compiled else None
         key = device, relaunch_key(args)
         kernel = self.compiled.get(key)
-        if kernel is None:
-            kernel = self.kernel[grid](*args, **self.constexprs, **self.options)
-            global _RELAUNCH, _RUNTIME
-            if _RELAUNCH is None:
-                _RELAUNCH = _relaunch_supported()
-                if _RELAUNCH:
-                    from triton import knobs
-
-                    _RUNTIME = knobs.runtime
-            if _RELAUNCH and type(kernel).__name__ == "CompiledKernel":  # not a future, not the interpreter's None
-                self.compiled[_current_device(), key[1]] = kernel
+        if kernel is not None:
+            kernel[grid](*args, *self.tail, stream=_current_stream(device))  # Triton's launcher, hooks included
             return
-        stream = _current_stream(device)
-        args += self.tail
-        runtime = _RUNTIME
-        kernel.run(grid[0], grid[1], grid[2], stream, kernel.function, kernel.packed_metadata,
-                   kernel.launch_metadata(grid, stream, *args), runtime.launch_enter_hook, runtime.launch_exit_hook,
-                   *args)
+        kernel = self.kernel[grid](*args, **self.constexprs, **self.options)
+        global _RELAUNCH
+        if _RELAUNCH is None:
+            _RELAUNCH = _relaunch_supported()
+        if _RELAUNCH and type(kernel).__name__ == "CompiledKernel":  # not a future, not the interpreter's None
+            self.compiled[_current_device(), key[1]] = kernel
