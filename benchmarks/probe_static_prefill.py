@@ -61,6 +61,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda")
     parser.add_argument("--tiny", action="store_true", help="a 4-layer model (checks of this script on a CPU)")
+    parser.add_argument("--cprofile", type=int, default=0, metavar="N",
+                        help="also N prefills per case under cProfile: the top functions by own time (host time "
+                             "the op-level profiler does not see: Python between ops, Triton's launch path)")
     args = parser.parse_args()
     device = torch.device(args.device)
     print_device()
@@ -91,6 +94,20 @@ def main() -> None:
                 with profile(activities=activities) as prof:
                     prefill(model, prompt, cache, args.new)
                     sync(device)
+                if args.cprofile:
+                    import cProfile
+                    import pstats
+
+                    sync(device)
+                    host = cProfile.Profile()
+                    host.enable()
+                    for _ in range(args.cprofile):
+                        prefill(model, prompt, cache, args.new)
+                    sync(device)
+                    host.disable()
+                    print(f"--- cProfile, {args.cprofile} prefills (totals) ---")
+                    pstats.Stats(host).sort_stats("tottime").print_stats(22)
+                    pstats.Stats(host).sort_stats("cumulative").print_stats(r"hf_attn_plugin|sdpa_attention|triton", 14)
                 events = prof.key_averages()
                 waits = {e.key: e.count for e in events if e.key in WAITS}
                 print(f"waits on the device: {waits}")

@@ -453,10 +453,14 @@ def test_gpu_value_head_dim_of_its_own_bf16(batch, seqlen_k, heads, dims):
 
 
 @pytest.mark.gpu
-def test_gpu_layers_after_the_first_relaunch_the_compiled_kernel():
+def test_gpu_layers_after_the_first_relaunch_the_compiled_kernel(monkeypatch):
     """The layers of a step share a plan; the first launch goes through Triton's JIT, the others launch its compiled
     kernel directly (host time). A query whose start is not 16-byte aligned is another specialization: Triton's path
     again, then relaunched too. Every output against the reference."""
+    from hf_attn_plugin.kernels import host
+
+    monkeypatch.setattr(host, "_RELAUNCHERS", {})  # relaunchers are shared for the process: none from other tests
+    monkeypatch.setattr(decode_ops, "_LAST_PLAN", [None])
     batch, seqlen_k = 4, 700
     plans = []
     for _layer in range(3):

@@ -396,6 +396,30 @@ def test_gpu_two_pass_dkdv(flash_gpu, monkeypatch, D, case):
         monkeypatch.undo()
 
 
+@pytest.mark.gpu
+def test_gpu_layers_after_the_first_relaunch_the_compiled_kernels(flash_gpu, monkeypatch):
+    """Layers of one shape (a forward + backward per layer): the first launch of each Triton kernel goes through the
+    JIT, the next layers launch the kernel it compiled directly (host time: kernels/host.py). Other strides (q
+    transposed, as transformers hands it over) are a new key: the JIT once more. Every layer against the oracles."""
+    from hf_attn_plugin.kernels import host
+
+    monkeypatch.setenv("HF_ATTN_PLUGIN_GLUON", "0")  # the Triton kernels, whatever the tables name
+    monkeypatch.setattr(host, "_RELAUNCHERS", {})
+    names = ("_attn_fwd", "_bwd_preprocess", "_attn_bwd_dq", "_attn_bwd_dkdv")
+    jit = {name: 0 for name in names}
+    for name in names:
+        spy_launches(monkeypatch, flash_gpu, name, lambda args, kwargs, name=name: jit.__setitem__(name, jit[name] + 1))
+    case = dict(device="cuda", dtype=torch.bfloat16, D=64, Sq=300, Hq=8, Hkv=2, window=100, sinks=True)
+    run_case(flash_gpu, **case)
+    first = dict(jit)
+    assert all(first.values()), first
+    for _layer in range(2):
+        run_case(flash_gpu, **case)
+    assert jit == first
+    run_case(flash_gpu, q_transposed=True, **case)
+    assert jit["_attn_fwd"] == 2 * first["_attn_fwd"]
+
+
 @pytest.fixture
 def gluon_ran(monkeypatch):
     """The ``warp_spec`` of every Gluon forward launched (through flash_attn_forward's dispatch), with NaN-poisoned

@@ -186,29 +186,90 @@ def test_relauncher_requires_the_constexprs_last():
         host.Relauncher(_FakeKernel(), dict(n=3))
 
 
-@needs_kernels
-def test_relauncher_key_is_finer_than_tritons_specialization(monkeypatch, triton_backend):
-    """Arguments with one relaunch key have one Triton specialization key (sm_90's binder), for the decode kernel's
-    real arguments with their tensors moved off 16-byte alignment and their integers changed class one at a time."""
-    binder = _binder(paged._paged_attention_kernel)
+def test_relauncher_takes_constexprs_in_any_order_and_trailing_arguments_by_name(monkeypatch):
+    """Constexprs go to the launcher in signature order whatever the dict's order; runtime arguments given by name
+    are put in their signature slots, and a wrong set of names is refused."""
+    monkeypatch.setattr(host, "_RELAUNCH", True)
+    monkeypatch.setattr(host, "_current_stream", lambda index: 7)
+    monkeypatch.setattr(host, "_current_device", lambda: 0)
+    kernel = _FakeKernel()
+    kernel.arg_names = ["x_ptr", "n", "scale", "BLOCK", "FLAG"]
+    relauncher = host.Relauncher(kernel, dict(FLAG=True, BLOCK=64))
+    x = torch.zeros(16)
+    relauncher.launch((1, 1, 1), (x,), scale=0.5, n=32)
+    assert kernel.jit_launches[0][1] == (x, 32, 0.5)
+    relauncher.launch((1, 1, 1), (x, 32), scale=0.5)
+    (compiled,) = relauncher.compiled.values()
+    assert compiled.calls[0][2][1:] == (32, 0.5, 64, True)  # runtime arguments, then BLOCK, FLAG
+    with pytest.raises(TypeError, match="given by name"):
+        relauncher.launch((1, 1, 1), (x,), scale=0.5, m=32)
+
+
+def test_shared_relaunchers_are_one_per_kernel_constexprs_and_options(monkeypatch):
+    monkeypatch.setattr(host, "_RELAUNCHERS", {})
+    kernel, other = _FakeKernel(), _FakeKernel()
+    first = host.relauncher(kernel, dict(BLOCK=64), num_warps=4)
+    assert host.relauncher(kernel, dict(BLOCK=64), num_warps=4) is first
+    assert len({id(first), id(host.relauncher(kernel, dict(BLOCK=32), num_warps=4)),
+                id(host.relauncher(kernel, dict(BLOCK=64), num_warps=8)),
+                id(host.relauncher(other, dict(BLOCK=64), num_warps=4))}) == 4
+
+
+def test_relauncher_keeps_a_bounded_number_of_keys(monkeypatch):
+    """Lengths and strides are part of the key (training with varying lengths meets a new key per shape): the table
+    is emptied when full rather than growing without bound."""
+    monkeypatch.setattr(host, "_RELAUNCH", True)
+    monkeypatch.setattr(host, "_current_device", lambda: 0)
+    monkeypatch.setattr(host.Relauncher, "MAX_KEYS", 3)
+    relauncher = host.Relauncher(_FakeKernel(), dict(BLOCK=64))
+    for n in range(7):
+        relauncher.launch((1, 1, 1), (torch.zeros(4), n, 1.0))
+        assert 1 <= len(relauncher.compiled) <= 3
+    assert (0, host.relaunch_key((torch.zeros(4), 6, 1.0))) in relauncher.compiled
+
+
+def _flash_launches(monkeypatch):
+    """The Triton launches of one forward + backward with segments, sinks and dropout: {kernel: (args, kwargs)}."""
+    launches = {}
+    for name in ("_attn_fwd", "_bwd_preprocess", "_attn_bwd_dq", "_attn_bwd_dkdv"):
+        spy_launches(monkeypatch, flash, name, lambda args, kwargs, name=name: launches.setdefault(name, (args, kwargs)))
+    q, k, v = (torch.randn(2, 40, h, 16, device=DEVICE, requires_grad=True) for h in (4, 2, 2))
+    segments = torch.tensor([[0, 0, 30, 0, 35], [1, 5, 40, 0, 40]], dtype=torch.int32, device=DEVICE)
+    sinks = torch.zeros(4, device=DEVICE, requires_grad=True)
+    ops.attention(q, k, v, causal=True, segments=segments, sinks=sinks, dropout_p=0.1).sum().backward()
+    return {(flash, name): launch for name, launch in launches.items()}
+
+
+def _decode_launches(monkeypatch):
     launches = []
     spy_launches(monkeypatch, paged, "_paged_attention_kernel", lambda args, kwargs: launches.append((args, kwargs)))
     q = torch.randn(2, 1, 4, 16, device=DEVICE)
     k, v = (torch.randn(2, 2, 40, 16, device=DEVICE).transpose(1, 2) for _ in range(2))
     decode_ops.attention(q, k, v, scale=0.25, causal=True, num_splits=3)
-    (args, kwargs), = launches
+    return {(paged, "_paged_attention_kernel"): launches[0]}
 
-    variants = [args]
-    for i, a in enumerate(args):
-        if isinstance(a, torch.Tensor) and a.dtype in (torch.float32, torch.int32):
-            moved = torch.empty(a.numel() + 1, dtype=a.dtype, device=a.device)[1:]
-            variants.append(args[:i] + (moved,) + args[i + 1:])
-        elif isinstance(a, int):
-            for value in (1, 16, 17):
-                variants.append(args[:i] + (value,) + args[i + 1:])
-    seen = {}
-    for variant in variants:
-        _, specialization, _ = binder(*variant, **kwargs)
-        seen.setdefault(host.relaunch_key(variant), set()).add(repr(specialization))
-    assert all(len(s) == 1 for s in seen.values())
-    assert len({s for specs in seen.values() for s in specs}) > 1  # the variants do reach other specializations
+
+@needs_kernels
+@pytest.mark.parametrize("launches", [_decode_launches, _flash_launches], ids=["decode", "flash"])
+def test_relauncher_key_is_finer_than_tritons_specialization(monkeypatch, triton_backend, launches):
+    """Arguments with one relaunch key have one Triton specialization key (sm_90's binder), for each relaunched
+    kernel's real arguments with their tensors moved off 16-byte alignment and their integers changed class one at a
+    time."""
+    for (module, name), (args, kwargs) in launches(monkeypatch).items():
+        binder = _binder(getattr(module, name))
+        constexprs = [key for key in kwargs if key not in ("num_warps", "num_stages")]
+        assert len(args) + len(constexprs) == len(getattr(module, name).arg_names), name  # positional, then constexprs
+        variants = [args]
+        for i, a in enumerate(args):
+            if isinstance(a, torch.Tensor) and a.dtype in (torch.float32, torch.int32, torch.int64):
+                moved = torch.empty(a.numel() + 1, dtype=a.dtype, device=a.device)[1:]
+                variants.append(args[:i] + (moved,) + args[i + 1:])
+            elif isinstance(a, int):
+                for value in (1, 16, 17, 2**31 + 16):
+                    variants.append(args[:i] + (value,) + args[i + 1:])
+        seen = {}
+        for variant in variants:
+            _, specialization, _ = binder(*variant, **kwargs)
+            seen.setdefault(host.relaunch_key(variant), set()).add(repr(specialization))
+        assert all(len(s) == 1 for s in seen.values()), name
+        assert len({s for specs in seen.values() for s in specs}) > 1, name  # the variants reach other specializations

@@ -55,7 +55,7 @@ import triton.language as tl
 from triton.runtime import _allocation
 
 from . import configs
-from .host import cdiv, next_power_of_2, tma_ready
+from .host import cdiv, next_power_of_2, relauncher, tma_ready
 from .primitives import (LENGTH_ARGS, LN2, LOG2E, finish_softmax, mask_scores, online_softmax_step, score_scales,
                          scores, scores_grad)
 from .params import AttentionParams
@@ -831,7 +831,10 @@ def flash_attn_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params
             return gluon_fwd.gluon_attn_forward(q, k, v, params, warp_spec=cfg.gluon)
         out, lse = outputs()
         grid = (cdiv(L.max_q, cfg.block_m), L.n_seg * L.heads_q)
-        return _attn_fwd[grid](
+        kernel = relauncher(_attn_fwd, dict(
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SINKS=sinks is not None, WARP_SPEC=cfg.warp_spec, **L.flags(),
+        ), num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return kernel.launch(grid, (
             q, k, v, out, lse, L.segments, sinks_arg, L.seed,
             *q.stride()[:3],
             *k.stride()[:3],
@@ -840,9 +843,7 @@ def flash_attn_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, params
             *lse.stride()[:2],
             L.seqlen_q, L.seqlen_k, L.heads_q, L.group, L.window,
             L.sm_scale2, L.cap_scale, L.cap2, L.dropout_p, L.drop_scale,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, SINKS=sinks is not None, WARP_SPEC=cfg.warp_spec,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, **L.flags(),
-        )
+        ))
 
     key = L.key(q.dtype, sinks is not None)
     cfg = configs.pick("fwd", L.config_d, key, launch)
@@ -925,13 +926,13 @@ def flash_attn_backward(
     # delta = rowsum(dO * O); rows outside every segment have O = 0, hence delta = 0.
     delta = stats_buffer(L.batch, L.heads_q, L.seqlen_q, q.device)
     pre = configs.candidates("bwd_pre", L.block_dv)[0]  # its tiles are [BLOCK_M, Dv] (O and dO) only
-    _bwd_preprocess[(cdiv(L.seqlen_q, pre.block_m), L.batch * L.heads_q)](
+    relauncher(_bwd_preprocess, dict(HEAD_DIM_V=L.head_dim_v, BLOCK_DV=L.block_dv, BLOCK_M=pre.block_m, ALIGN=align),
+               num_warps=pre.num_warps).launch((cdiv(L.seqlen_q, pre.block_m), L.batch * L.heads_q), (
         out, dout, delta,
         *out.stride()[:3],
         *dout.stride()[:3],
         *delta.stride()[:2], L.seqlen_q, L.heads_q,
-        HEAD_DIM_V=L.head_dim_v, BLOCK_DV=L.block_dv, BLOCK_M=pre.block_m, ALIGN=align, num_warps=pre.num_warps,
-    )
+    ))
     # scalar arguments of both kernels, by keyword (each launch adds its own head count)
     common = dict(seqlen_q=L.seqlen_q, seqlen_k=L.seqlen_k, group=L.group, window=L.window, sm_scale=L.scale,
                   sm_scale2=L.sm_scale2, cap_scale=L.cap_scale, cap2=L.cap2, drop_p=L.dropout_p,
@@ -939,7 +940,9 @@ def flash_attn_backward(
 
     def launch_dq(cfg: configs.Config):
         grid = (cdiv(L.max_q, cfg.block_m), L.n_seg * L.heads_q)
-        return _attn_bwd_dq[grid](
+        kernel = relauncher(_attn_bwd_dq, dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, ALIGN=align, **L.flags()),
+                            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+        return kernel.launch(grid, (
             q, k, v, dout, lse, delta, dq, L.segments, L.seed,
             *q.stride()[:3],
             *k.stride()[:3],
@@ -947,10 +950,7 @@ def flash_attn_backward(
             *dout.stride()[:3],
             *dq.stride()[:3],
             *lse.stride()[:2],
-            heads_q=L.heads_q, **common,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            ALIGN=align, **L.flags(),
-        )
+        ), heads_q=L.heads_q, **common)
 
     gluon_unsupported = _gluon_check(q, k, v, params, backward=True)
 
@@ -965,7 +965,10 @@ def flash_attn_backward(
         grid = (cdiv(L.max_k, cfg.block_n), L.n_seg * L.heads_kv)
         # one launch for both, or (two_pass) dV then dK, each with a single accumulator
         for want_dk, want_dv in ((False, True), (True, False)) if cfg.two_pass else ((True, True),):
-            kernel = _attn_bwd_dkdv[grid](
+            kernel = relauncher(_attn_bwd_dkdv, dict(
+                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, WARP_SPEC=cfg.warp_spec, ALIGN=align, WANT_DK=want_dk,
+                WANT_DV=want_dv, **L.flags(),
+            ), num_warps=cfg.num_warps, num_stages=cfg.num_stages).launch(grid, (
                 q, k, v, dout, lse, delta, dk, dv, L.segments, L.seed,
                 *q.stride()[:3],
                 *k.stride()[:3],
@@ -974,10 +977,7 @@ def flash_attn_backward(
                 *dk.stride()[:3],
                 *dv.stride()[:3],
                 *lse.stride()[:2],
-                heads_kv=L.heads_kv, **common,
-                BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, WARP_SPEC=cfg.warp_spec, num_warps=cfg.num_warps,
-                num_stages=cfg.num_stages, ALIGN=align, WANT_DK=want_dk, WANT_DV=want_dv, **L.flags(),
-            )
+            ), heads_kv=L.heads_kv, **common)
         return kernel
 
     key = L.key(q.dtype)

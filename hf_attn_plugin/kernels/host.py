@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import triton
 
-__all__ = ["Relauncher", "cdiv", "next_power_of_2", "relaunch_key", "tma_ready"]
+__all__ = ["Relauncher", "cdiv", "next_power_of_2", "relaunch_key", "relauncher", "tma_ready"]
 
 
 def next_power_of_2(n: int) -> int:
@@ -76,25 +76,38 @@ def _current_stream(device: int) -> int:
 
 
 class Relauncher:
-    """Launches of one Triton kernel with fixed constexprs and launch options (one per decode plan and feature set).
+    """Launches of one Triton kernel with fixed constexprs and launch options (one per kernel, config and feature set).
 
-    ``constexprs``: the kernel's constexpr parameters by name, which must all follow its runtime parameters;
-    ``options``: ``num_warps``, ``num_stages``. :meth:`launch` takes the runtime arguments in signature order.
+    ``constexprs``: the kernel's constexpr parameters by name (any order), which must be exactly its last parameters;
+    ``options``: ``num_warps``, ``num_stages``. :meth:`launch` takes the runtime arguments in signature order, the
+    trailing ones optionally by keyword. Share instances through :func:`relauncher`: the compiled kernels live here.
     """
 
-    __slots__ = ("kernel", "constexprs", "tail", "options", "compiled")
+    __slots__ = ("kernel", "constexprs", "tail", "options", "compiled", "runtime_names")
+
+    MAX_KEYS = 1024  # distinct runtime-argument keys kept (lengths and strides are part of the key)
 
     def __init__(self, kernel, constexprs: dict, **options):
-        if list(constexprs) != kernel.arg_names[len(kernel.arg_names) - len(constexprs):]:
-            raise ValueError(f"constexprs {list(constexprs)} are not the last parameters of {kernel.arg_names}")
-        self.kernel, self.constexprs, self.options = kernel, constexprs, options
-        self.tail = tuple(constexprs.values())  # the launcher takes every parameter, constexprs included
+        names = list(kernel.arg_names)
+        first = len(names) - len(constexprs)
+        if set(constexprs) != set(names[first:]):
+            raise ValueError(f"constexprs {list(constexprs)} are not the last parameters of {names}")
+        self.kernel, self.options = kernel, options
+        self.constexprs = {name: constexprs[name] for name in names[first:]}  # signature order
+        self.tail = tuple(self.constexprs.values())  # the launcher takes every parameter, constexprs included
+        self.runtime_names = names[:first]
         self.compiled: dict = {}  # runtime-argument key -> CompiledKernel
 
-    def launch(self, grid: tuple, args: tuple) -> None:
-        """``kernel[grid](*args, **constexprs, **options)``, relaunched where it already ran with this key. As with
-        Triton's own launches, the kernel runs on the current device's current stream (a kernel is loaded per
-        device: the device is part of the key)."""
+    def launch(self, grid: tuple, args: tuple, **named):
+        """``kernel[grid](*args, **named, **constexprs, **options)``, relaunched where it already ran with this key;
+        returns the kernel Triton compiled (what ``kernel[grid](...)`` returns). As with Triton's own launches, the
+        kernel runs on the current device's current stream (a kernel is loaded per device: the device is part of
+        the key)."""
+        if named:
+            rest = self.runtime_names[len(args):]
+            if set(named) != set(rest):
+                raise TypeError(f"arguments {sorted(named)} given by name; the kernel's remaining ones are {rest}")
+            args = (*args, *(named[name] for name in rest))
         # Entries exist only where relaunching works (a compiled GPU launch), so an empty table never asks the
         # driver for a device (the interpreter has none).
         device = _current_device() if self.compiled else None
@@ -102,10 +115,26 @@ class Relauncher:
         kernel = self.compiled.get(key)
         if kernel is not None:
             kernel[grid](*args, *self.tail, stream=_current_stream(device))  # Triton's launcher, hooks included
-            return
+            return kernel
         kernel = self.kernel[grid](*args, **self.constexprs, **self.options)
         global _RELAUNCH
         if _RELAUNCH is None:
             _RELAUNCH = _relaunch_supported()
         if _RELAUNCH and type(kernel).__name__ == "CompiledKernel":  # not a future, not the interpreter's None
+            if len(self.compiled) >= self.MAX_KEYS:
+                self.compiled.clear()
             self.compiled[_current_device(), key[1]] = kernel
+        return kernel
+
+
+_RELAUNCHERS: dict = {}
+
+
+def relauncher(kernel, constexprs: dict, **options) -> Relauncher:
+    """The shared :class:`Relauncher` of ``kernel`` with these constexprs and options (one per combination, for the
+    life of the process: every launch of a combination after the first per runtime-argument key is a relaunch)."""
+    key = kernel, *constexprs.items(), *options.items()
+    found = _RELAUNCHERS.get(key)
+    if found is None:
+        found = _RELAUNCHERS[key] = Relauncher(kernel, constexprs, **options)
+    return found

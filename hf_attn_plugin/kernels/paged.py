@@ -44,7 +44,7 @@ import triton.language as tl
 from . import configs
 from .configs import INTERPRET_SPLIT_PROGRAMS
 from .flash import check_head_dim
-from .host import Relauncher, cdiv, next_power_of_2  # plain Python: triton's are ~3-13 us wrapped calls on the host
+from .host import cdiv, next_power_of_2, relauncher  # plain Python: triton's are ~3-13 us wrapped calls on the host
 from .primitives import LOG2E, finish_softmax, mask_scores, online_softmax_step, score_scales, scores
 
 __all__ = ["Plan", "write_kv", "run", "paged_attention", "default_num_splits"]
@@ -494,7 +494,7 @@ class _Launch:
             self.part_lse = torch.empty(num_tokens, heads_q, num_splits, device=plan.device, dtype=torch.float32)
             # finished pieces per (sequence, KV head, query tile); the merging program puts its count back to 0
             self.done = torch.zeros(num_seqs * plan.heads_kv * num_q_tiles, device=plan.device, dtype=torch.int32)
-        self.kernel = Relauncher(_paged_attention_kernel, dict(
+        self.kernel = relauncher(_paged_attention_kernel, dict(
             GROUP=plan.group, HEAD_PAD=plan.head_pad, BLOCK_Q=self.block_q, BLOCK_N=cfg.block_n, HEAD_DIM=head_dim,
             BLOCK_D=next_power_of_2(head_dim), HEAD_DIM_V=plan.head_dim_v, BLOCK_DV=next_power_of_2(plan.head_dim_v),
             PAGE_SIZE=plan.page_size, SPLIT_K=self.part_out is not None, VARLEN=not plan.decode, CAUSAL=causal,
