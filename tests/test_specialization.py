@@ -114,6 +114,7 @@ class _FakeCompiled:
         self.calls = []
 
     def __getitem__(self, grid):
+        grid[2]  # as Triton's runner, which reads three extents (IndexError for a 1-D or 2-D grid)
         return lambda *args, stream=None: self.calls.append((grid, stream, args))
 
 
@@ -198,8 +199,9 @@ def test_relauncher_takes_constexprs_in_any_order_and_trailing_arguments_by_name
     x = torch.zeros(16)
     relauncher.launch((1, 1, 1), (x,), scale=0.5, n=32)
     assert kernel.jit_launches[0][1] == (x, 32, 0.5)
-    relauncher.launch((1, 1, 1), (x, 32), scale=0.5)
+    relauncher.launch((4, 2), (x, 32), scale=0.5)  # a 2-D grid, as the flash kernels launch with
     (compiled,) = relauncher.compiled.values()
+    assert compiled.calls[0][0] == (4, 2, 1)
     assert compiled.calls[0][2][1:] == (32, 0.5, 64, True)  # runtime arguments, then BLOCK, FLAG
     with pytest.raises(TypeError, match="given by name"):
         relauncher.launch((1, 1, 1), (x,), scale=0.5, m=32)

@@ -113,8 +113,8 @@ class Relauncher:
         device = _current_device() if self.compiled else None
         key = device, relaunch_key(args)
         kernel = self.compiled.get(key)
-        if kernel is not None:
-            kernel[grid](*args, *self.tail, stream=_current_stream(device))  # Triton's launcher, hooks included
+        if kernel is not None:  # Triton's launcher, hooks included; it reads three grid extents (the JIT pads them)
+            kernel[(*grid, 1, 1)[:3]](*args, *self.tail, stream=_current_stream(device))
             return kernel
         kernel = self.kernel[grid](*args, **self.constexprs, **self.options)
         global _RELAUNCH
